@@ -1,0 +1,30 @@
+"""xent_fast: fast, checked cross-entropy-family losses on arrays.
+
+Numba-compiled batched kernels for softmax cross-entropy, binary cross-entropy, KL
+divergence, entropy and log-sum-exp, with gradients in the same pass, serial or
+threaded on the CPU.  ``xent_fast.reference`` holds the float64 NumPy oracle.
+
+Importing the package compiles nothing; kernels are compiled (or loaded from Numba's
+on-disk cache) on first use.  Call :func:`warmup` to pay that cost up front.
+"""
+
+from ._api import (binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy,
+                   entropy, kl_divergence, log_softmax, logsumexp, softmax,
+                   softmax_cross_entropy, softmax_kl_divergence)
+from ._warmup import warmup
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "entropy",
+    "kl_divergence",
+    "log_softmax",
+    "logsumexp",
+    "softmax",
+    "softmax_cross_entropy",
+    "softmax_kl_divergence",
+    "warmup",
+]

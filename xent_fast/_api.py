@@ -1,0 +1,641 @@
+"""NumPy-compatible front ends: validation, dtype policy, axis handling, reductions.
+
+Nothing here imports Numba: the CPU backend module is imported on the first call, so
+``import xent_fast`` stays cheap and compiles nothing.
+"""
+
+import math
+import operator
+
+import numpy as np
+from numpy.lib.array_utils import normalize_axis_index
+
+_BACKENDS = ("auto", "cpu", "parallel", "cuda")
+# Below this many elements a call runs serially: starting threads costs more than it saves.
+_PARALLEL_MIN_ELEMENTS = 1 << 16
+_ELEMENTWISE_BLOCK = 16384
+
+
+# ---------------------------------------------------------------------------- helpers
+def _backend_module():
+    from . import _backend_cpu
+
+    return _backend_cpu
+
+
+def _parallel(backend, size):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "cuda":
+        raise NotImplementedError(
+            "backend='cuda' is not available in this build of xent_fast; "
+            "use backend='cpu' or 'parallel'")
+    if backend == "auto":
+        return size >= _PARALLEL_MIN_ELEMENTS
+    return backend == "parallel"
+
+
+def _nblocks(n, parallel):
+    if not parallel:
+        return 1
+    return max(1, min(n, 8 * _backend_module().num_threads()))
+
+
+class _Float:
+    """An input array prepared for the kernels.
+
+    ``arr`` is what the kernels read (uint16 bits for half precision), ``hk`` the half
+    kind, ``dtype`` the array's own float dtype and ``out_dtype`` the result dtype.
+    """
+
+    __slots__ = ("arr", "hk", "dtype", "out_dtype", "source")
+
+    def __init__(self, value, name):
+        if hasattr(value, "__cuda_array_interface__") and not isinstance(value, np.ndarray):
+            raise TypeError(f"{name} is a GPU array; this build of xent_fast computes on "
+                            "the CPU only: copy it to the host first")
+        a = np.asarray(value)
+        self.source = a
+        kind = a.dtype.kind
+        if kind == "c":
+            raise TypeError(f"{name} must be real, got complex dtype {a.dtype}")
+        if a.dtype.name == "bfloat16" and a.dtype.itemsize == 2:
+            self.hk = 2
+        elif kind in "biu":
+            a = a.astype(np.float64)
+            self.hk = 0
+        elif kind == "f":
+            self.hk = 1 if a.dtype.itemsize == 2 else 0
+            if a.dtype.itemsize > 8:
+                a = a.astype(np.float64)
+        else:
+            raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+        if not a.dtype.isnative:
+            a = a.astype(a.dtype.newbyteorder("="))
+        self.dtype = a.dtype
+        self.out_dtype = np.dtype(np.float64 if a.dtype == np.float64 else np.float32)
+        self.arr = a.view(np.uint16) if self.hk else a
+
+    @property
+    def compute_dtype(self):
+        return self.out_dtype
+
+
+def _class_rows(a, axis, name):
+    """Move the class axis last and flatten the batch axes: (rows, C), batch shape."""
+    if a.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension (the class axis)")
+    ax = normalize_axis_index(operator.index(axis), a.ndim, msg_prefix="axis")
+    m = np.moveaxis(a, ax, -1)
+    # Kernels vectorise only over unit-stride rows: copy anything else once.
+    return np.ascontiguousarray(m.reshape(-1, m.shape[-1])), m.shape[:-1], ax
+
+
+def _grad_target(grad_out, logits, f, axis):
+    """The array the kernels write the gradient into, and a finisher to call after.
+
+    Writes go straight into ``grad_out`` when its rows can be viewed as (rows, C);
+    otherwise into a temporary that is copied back.
+    """
+    shape = f.source.shape
+    if grad_out is None:
+        g = np.empty(shape, f.dtype)
+        view, _, _ = _class_rows(g, axis, "grad_out")
+        return g, (view.view(np.uint16) if f.hk else view), None
+    if not isinstance(grad_out, np.ndarray):
+        raise TypeError("grad_out must be a NumPy array")
+    if grad_out.shape != shape:
+        raise ValueError(f"grad_out has shape {grad_out.shape}; it must have the logits' "
+                         f"shape {shape}")
+    if grad_out.dtype != f.dtype:
+        raise ValueError(f"grad_out has dtype {grad_out.dtype}; it must have the gradient "
+                         f"dtype {f.dtype}")
+    if not grad_out.flags.writeable:
+        raise ValueError("grad_out is read-only")
+    ax = normalize_axis_index(operator.index(axis), grad_out.ndim, msg_prefix="axis")
+    moved = np.moveaxis(grad_out, ax, -1)
+    same = grad_out is logits or (
+        np.shares_memory(grad_out, f.source)
+        and grad_out.__array_interface__["data"][0] == f.source.__array_interface__["data"][0]
+        and grad_out.strides == f.source.strides)
+    overlap = not same and np.shares_memory(grad_out, f.source)
+    try:
+        view = moved.reshape(-1, moved.shape[-1], copy=False)
+    except (ValueError, TypeError):
+        view = None
+    if view is None or overlap or not view.flags.c_contiguous:
+        tmp = np.empty(moved.shape, f.dtype)
+        tview = tmp.reshape(-1, moved.shape[-1])
+
+        def finish():
+            moved[...] = tmp
+
+        return grad_out, (tview.view(np.uint16) if f.hk else tview), finish
+    return grad_out, (view.view(np.uint16) if f.hk else view), None
+
+
+def _check_reduction(reduction, allowed=("none", "sum", "mean")):
+    if reduction not in allowed:
+        raise ValueError(f"reduction must be one of {allowed}, got {reduction!r}")
+
+
+def _reduce(rows, batch_shape, reduction, denominator, out_dtype):
+    if reduction == "none":
+        return rows.reshape(batch_shape).astype(out_dtype, copy=False)
+    total = float(np.sum(rows, dtype=np.float64))
+    if reduction == "sum":
+        return out_dtype.type(total)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return out_dtype.type(np.float64(total) / np.float64(denominator))
+
+
+def _scalar_option(value, name, lo=None, hi=None, lo_open=False):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(v) or (lo is not None and (v < lo or (lo_open and v == lo))) or (
+            hi is not None and v > hi):
+        lo_s = "(" if lo_open else "["
+        raise ValueError(f"{name} must be in {lo_s}{lo}, {hi if hi is not None else 'inf'}], "
+                         f"got {value!r}")
+    return v
+
+
+def _class_weight(weight, c, dtype, name="weight"):
+    if weight is None:
+        return np.ones(1, dtype), False, float(c)
+    w = np.asarray(weight)
+    if w.dtype.kind not in "biuf" or w.dtype.name == "bfloat16" and False:
+        raise TypeError(f"{name} must be a real array")
+    if w.shape != (c,):
+        raise ValueError(f"{name} must have shape ({c},) (one weight per class), "
+                         f"got {w.shape}")
+    w = np.ascontiguousarray(w, dtype=dtype)
+    return w, True, float(np.sum(w, dtype=np.float64))
+
+
+def _batch_value(rows, batch_shape, keepdims=False, axis=None, ndim=None):
+    out = rows.reshape(batch_shape)
+    if keepdims:
+        out = np.expand_dims(out, axis)
+    return out[()] if out.ndim == 0 else out
+
+
+# ---------------------------------------------------------------------------- building blocks
+def logsumexp(x, axis=-1, keepdims=False, *, backend="auto"):
+    """Log of the sum of exponentials along ``axis``, shifted by the row max.
+
+    ``log(sum(exp(x)))`` computed as ``m + log(sum(exp(x - m)))``, ``m = max(x)``.
+
+    Conventions: a row of all ``-inf`` (or an empty class axis) gives ``-inf``; any
+    ``+inf`` gives ``+inf``; NaN propagates.  Unlike ``scipy.special.logsumexp`` only one
+    axis is reduced and there is no ``b`` scaling.
+
+    Examples
+    --------
+    >>> float(logsumexp([0.0, 0.0]))  # log 2
+    0.6931471805599453
+    """
+    f = _Float(x, "x")
+    rows, batch, ax = _class_rows(f.arr, axis, "x")
+    out = np.empty(rows.shape[0], f.out_dtype)
+    par = _parallel(backend, rows.size)
+    _backend_module().run("logsumexp", par, rows, f.hk, out, _nblocks(rows.shape[0], par))
+    res = out.reshape(batch)
+    if keepdims:
+        res = np.expand_dims(res, ax)
+    return res[()] if res.ndim == 0 else res
+
+
+def _softmax_common(x, axis, log, backend):
+    f = _Float(x, "x")
+    rows, batch, ax = _class_rows(f.arr, axis, "x")
+    out = np.empty(rows.shape, f.out_dtype)
+    par = _parallel(backend, rows.size)
+    _backend_module().run("softmax", par, rows, f.hk, log, out, _nblocks(rows.shape[0], par))
+    return np.moveaxis(out.reshape(batch + (rows.shape[1],)), -1, ax)
+
+
+def softmax(x, axis=-1, *, backend="auto"):
+    """``exp(x - logsumexp(x))`` along ``axis``.
+
+    ``-inf`` entries give 0; a row of all ``-inf`` gives NaN (as SciPy).
+    """
+    return _softmax_common(x, axis, False, backend)
+
+
+def log_softmax(x, axis=-1, *, backend="auto"):
+    """``x - logsumexp(x)`` along ``axis``.
+
+    ``-inf`` entries give ``-inf``; a row of all ``-inf`` gives NaN (as SciPy).
+    """
+    return _softmax_common(x, axis, True, backend)
+
+
+def _log_base(base):
+    if base is None:
+        return 1.0
+    b = _scalar_option(base, "base", 0.0, None, lo_open=True)
+    if b == 1.0:
+        raise ValueError("base must not be 1")
+    return math.log(b)
+
+
+_DIST_MODES = {"entropy": 0, "cross_entropy": 1, "kl_divergence": 2}
+
+
+def _dist(p, q, axis, base, mode, backend):
+    fp = _Float(p, "p")
+    fq = _Float(q, "q") if q is not None else fp
+    if fq.source.shape != fp.source.shape:
+        raise ValueError(f"p and q must have the same shape, got {fp.source.shape} and "
+                         f"{fq.source.shape}")
+    scale = _log_base(base)
+    prow, batch, ax = _class_rows(fp.arr, axis, "p")
+    qrow, _, _ = _class_rows(fq.arr, axis, "q")
+    out = np.empty(prow.shape[0], np.float64)
+    bad = np.empty(prow.shape[0], np.int64)
+    par = _parallel(backend, prow.size)
+    _backend_module().run("dist", par, prow, fp.hk, qrow, fq.hk, mode, out, bad,
+                          _nblocks(prow.shape[0], par))
+    hits = np.flatnonzero(bad >= 0)
+    if hits.size:
+        i = int(hits[0])
+        j = int(bad[i])
+        c = prow.shape[1]
+        name, src = ("p", fp.source) if j < c else ("q", fq.source)
+        j = j % c if c else j
+        pos = _position(batch, ax, i, j)
+        raise ValueError(f"{name} must hold probabilities (>= 0, not NaN); "
+                         f"{name}[{pos}] = {src[pos]!r}")
+    if scale != 1.0:
+        out /= scale
+    res = out.astype(fp.out_dtype, copy=False).reshape(batch)
+    return res[()] if res.ndim == 0 else res
+
+
+def _position(batch, ax, i, j):
+    """Index tuple in the original array of row i (flattened batch), class j."""
+    idx = list(np.unravel_index(i, batch)) if batch else []
+    idx.insert(ax, j)
+    return tuple(int(v) for v in idx)
+
+
+def entropy(p, axis=-1, base=None, *, backend="auto"):
+    """Shannon entropy ``-sum(p log p)`` along ``axis``; ``0 log 0 = 0``.
+
+    ``p`` is used as given: unlike ``scipy.stats.entropy`` it is not renormalised, and the
+    reduction is along ``axis`` (default last), not axis 0.  ``base=2`` gives bits.
+    A negative or NaN probability raises ``ValueError``.
+
+    Examples
+    --------
+    >>> round(float(entropy([0.5, 0.5], base=2)), 3)  # a fair coin
+    1.0
+    >>> round(float(entropy([0.9, 0.1], base=2)), 3)  # a 90:10 coin
+    0.469
+    """
+    return _dist(p, None, axis, base, 0, backend)
+
+
+def cross_entropy(p, q, axis=-1, base=None, *, backend="auto"):
+    """Cross-entropy ``H(p, q) = -sum(p log q)`` along ``axis``.
+
+    Terms with ``p = 0`` are 0 even where ``q = 0``; ``p > 0`` with ``q = 0`` gives ``+inf``.
+
+    Examples
+    --------
+    >>> round(float(cross_entropy([0.8, 0.1, 0.1], [0.2, 0.2, 0.6])), 3)
+    1.5
+    """
+    return _dist(p, q, axis, base, 1, backend)
+
+
+def kl_divergence(p, q, axis=-1, base=None, *, backend="auto"):
+    """Kullback-Leibler divergence ``sum(p log(p/q)) = H(p, q) - H(p)`` along ``axis``.
+
+    Not SciPy's ``kl_div`` (which is elementwise ``p log(p/q) - p + q``).  ``0 log 0 = 0``;
+    ``p > 0`` with ``q = 0`` gives ``+inf``.
+
+    Examples
+    --------
+    >>> round(float(kl_divergence([0.8, 0.1, 0.1], [0.2, 0.2, 0.6])), 3)
+    0.861
+    """
+    return _dist(p, q, axis, base, 2, backend)
+
+
+# ---------------------------------------------------------------------------- softmax CE
+def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index=-100,
+                          label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
+                          return_grad=False, grad_out=None, backend="auto"):
+    """Softmax cross-entropy from logits, as ``torch.nn.functional.cross_entropy``.
+
+    Per row, with ``lse = logsumexp(y)``, ``y`` the (optionally soft-capped) logits and
+    target weights ``a_c``::
+
+        loss = sum_c a_c (lse - y_c) + z_loss * lse**2
+
+    Integer ``targets`` (the logits' shape without the class axis) give
+    ``a_c = (1 - eps) w_t [c = t] + eps/C w_c``; float targets of the logits' full shape
+    are probabilities ``p`` and give ``a_c = ((1 - eps) p_c + eps/C) w_c``
+    (``eps = label_smoothing``, ``w`` = ``weight`` or ones).
+
+    Reductions follow PyTorch: ``"mean"`` divides by the summed weight of the
+    non-ignored targets (by the number of rows for probability targets); an all-ignored
+    batch gives NaN for ``"mean"`` and 0 for ``"sum"``; ``"none"`` gives 0 for ignored
+    rows.  ``z_loss`` is added per row before the reduction.  ``softcap`` replaces the
+    logits by ``softcap * tanh(logits / softcap)`` first.
+
+    A target whose logit is ``-inf`` gives ``+inf``; other ``-inf`` logits contribute
+    exactly 0 to the loss and gradient (with label smoothing every class is a partial
+    target, so any ``-inf`` logit makes the loss ``+inf``).
+
+    With ``return_grad=True`` (implied by ``grad_out``) returns ``(loss, grad)``, the
+    gradient of the reduced loss (of the sum of the rows for ``"none"``) with respect to
+    ``logits``, in the logits' dtype, computed in the same pass.  ``grad_out=logits``
+    computes it in place, overwriting the logits.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> round(float(softmax_cross_entropy(np.array([[2.0, 1.0, 0.1]]), np.array([0]))), 4)
+    0.417
+    """
+    _check_reduction(reduction)
+    eps = _scalar_option(label_smoothing, "label_smoothing", 0.0, 1.0)
+    z = _scalar_option(z_loss, "z_loss", 0.0, None)
+    cap = 0.0 if softcap is None else _scalar_option(softcap, "softcap", 0.0, None, True)
+    want_grad = bool(return_grad) or grad_out is not None
+    f = _Float(logits, "logits")
+    rows, batch, ax = _class_rows(f.arr, axis, "logits")
+    n, c = rows.shape
+    t = np.asarray(targets)
+    w, has_w, wsum = _class_weight(weight, c, f.compute_dtype)
+    if t.dtype.kind in "iu":
+        if t.shape != batch:
+            raise ValueError(f"integer targets must have the logits' shape without the "
+                             f"class axis, {batch}; got {t.shape}")
+        ignore = operator.index(ignore_index)
+        tf = t.reshape(-1).astype(np.int64, copy=False)
+        bad = ((tf < 0) | (tf >= c)) & (tf != ignore)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            pos = tuple(int(v) for v in np.unravel_index(i, batch)) if batch else ()
+            raise IndexError(f"targets{list(pos)} = {int(tf[i])} is not a class index in "
+                             f"[0, {c}) nor ignore_index={ignore}")
+        kept = tf != ignore
+        if has_w:
+            den = float(np.sum(w.astype(np.float64)[tf[kept]]))
+        else:
+            den = float(np.count_nonzero(kept))
+        kind = "ce_index"
+    elif t.dtype.kind == "f" or t.dtype.name == "bfloat16":
+        if t.shape != f.source.shape:
+            raise ValueError(f"probability targets must have the logits' shape "
+                             f"{f.source.shape}; got {t.shape} (class-index targets must "
+                             "be integers)")
+        ft = _Float(t, "targets")
+        if ft.hk == 0 and ft.dtype != f.compute_dtype:
+            ft.arr = ft.arr.astype(f.compute_dtype)
+        trows, _, _ = _class_rows(ft.arr, axis, "targets")
+        den = float(n)
+        kind = "ce_prob"
+    else:
+        raise TypeError(f"targets must be integer class indices or float probabilities, "
+                        f"got dtype {t.dtype}")
+    gscale = 1.0
+    if reduction == "mean":
+        gscale = 1.0 / den if den != 0 else math.nan
+    if want_grad:
+        grad, g2, finish = _grad_target(grad_out, logits, f, axis)
+    else:
+        grad, g2, finish = None, np.empty((0, 0), f.arr.dtype), None
+    loss = np.empty(n, np.float64)
+    par = _parallel(backend, rows.size)
+    nb = _nblocks(n, par)
+    be = _backend_module()
+    if kind == "ce_index":
+        be.run("ce_index", par, rows, f.hk, tf, w, has_w, wsum, eps, z, cap, ignore, gscale,
+               want_grad, g2, f.hk, loss, nb)
+    else:
+        be.run("ce_prob", par, rows, f.hk, trows, ft.hk, w, has_w, eps, z, cap, gscale,
+               want_grad, g2, f.hk, loss, nb)
+    if finish is not None:
+        finish()
+    res = _reduce(loss, batch, reduction, den, f.out_dtype)
+    return (res, grad) if want_grad else res
+
+
+def softmax_kl_divergence(logits, target_logits, *, axis=-1, temperature=1.0,
+                          reduction="batchmean", return_grad=False, grad_out=None,
+                          backend="auto"):
+    """KL(softmax(target_logits/T) || softmax(logits/T)) per row, for distillation.
+
+    Computed from the two logit arrays in one pass, without forming either
+    distribution::
+
+        KL = sum_c p_c (t_c - s_c) + lse(s) - lse(t),  s = logits/T, t = target_logits/T
+
+    Reductions: ``"batchmean"`` (sum over rows / number of rows, the mathematically
+    right mean), ``"sum"``, ``"mean"`` (sum / number of elements, as PyTorch's
+    ``kl_div``) and ``"none"``.  There is no ``T**2`` factor: multiply by it yourself if
+    you follow Hinton et al.  The gradient is with respect to ``logits``.
+    """
+    _check_reduction(reduction, ("none", "sum", "mean", "batchmean"))
+    temp = _scalar_option(temperature, "temperature", 0.0, None, lo_open=True)
+    want_grad = bool(return_grad) or grad_out is not None
+    f = _Float(logits, "logits")
+    ft = _Float(target_logits, "target_logits")
+    if ft.source.shape != f.source.shape:
+        raise ValueError(f"target_logits must have the logits' shape {f.source.shape}; "
+                         f"got {ft.source.shape}")
+    if ft.hk == 0 and ft.dtype != f.compute_dtype:
+        ft.arr = ft.arr.astype(f.compute_dtype)
+    rows, batch, ax = _class_rows(f.arr, axis, "logits")
+    trows, _, _ = _class_rows(ft.arr, axis, "target_logits")
+    n, c = rows.shape
+    den = {"batchmean": n, "mean": n * c, "sum": 1, "none": 1}[reduction]
+    gscale = 1.0 / den if den else math.nan
+    if want_grad:
+        grad, g2, finish = _grad_target(grad_out, logits, f, axis)
+    else:
+        grad, g2, finish = None, np.empty((0, 0), f.arr.dtype), None
+    out = np.empty(n, np.float64)
+    par = _parallel(backend, rows.size)
+    _backend_module().run("kl_logits", par, rows, f.hk, trows, ft.hk, 1.0 / temp, gscale,
+                          want_grad, g2, f.hk, out, _nblocks(n, par))
+    if finish is not None:
+        finish()
+    if reduction in ("batchmean", "mean"):
+        res = _reduce(out, batch, "mean", den, f.out_dtype)
+    else:
+        res = _reduce(out, batch, reduction, 1, f.out_dtype)
+    return (res, grad) if want_grad else res
+
+
+# ---------------------------------------------------------------------------- binary CE
+def _elementwise_rows(arrays, shape):
+    """2-D (rows, cols) views for elementwise kernels; one long row when contiguous."""
+    if all(a is None or (a.shape == shape and a.flags.c_contiguous) for a in arrays):
+        return [None if a is None else a.reshape(1, -1) for a in arrays]
+    last = shape[-1] if shape else 1
+    out = []
+    for a in arrays:
+        if a is None:
+            out.append(None)
+        elif a.shape == shape:
+            out.append(np.ascontiguousarray(a.reshape(-1, last)))
+        else:  # a broadcast weight: keep its zero strides rather than materialise it
+            out.append(np.broadcast_to(a, shape).reshape(-1, last))
+    return out
+
+
+def _broadcast_weight(weight, shape, dtype, name):
+    if weight is None:
+        return None
+    w = np.asarray(weight)
+    if w.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a real array, got dtype {w.dtype}")
+    try:
+        np.broadcast_shapes(w.shape, shape)
+    except ValueError:
+        raise ValueError(f"{name} of shape {w.shape} does not broadcast to the input "
+                         f"shape {shape}") from None
+    if np.broadcast_shapes(w.shape, shape) != tuple(shape):
+        raise ValueError(f"{name} of shape {w.shape} does not broadcast to the input "
+                         f"shape {shape}")
+    return w.astype(dtype, copy=False)
+
+
+def _binary_inputs(x, targets, xname):
+    fx = _Float(x, xname)
+    fy = _Float(targets, "targets")
+    if fy.source.shape != fx.source.shape:
+        raise ValueError(f"targets must have the {xname}' shape {fx.source.shape}; "
+                         f"got {fy.source.shape}")
+    if fy.hk == 0 and fy.dtype != fx.compute_dtype:
+        fy.arr = fy.arr.astype(fx.compute_dtype)
+    return fx, fy
+
+
+def binary_cross_entropy(probs, targets, *, weight=None, reduction="mean", backend="auto"):
+    """Binary cross-entropy from probabilities, as ``torch.nn.functional.binary_cross_entropy``.
+
+    ``-w (y log p + (1 - y) log(1 - p))`` elementwise with each log clamped at -100, so
+    ``p`` in {0, 1} stays finite.  Probabilities outside [0, 1] raise ``ValueError``;
+    soft targets in [0, 1] are allowed.  ``"mean"`` averages over all elements.
+    """
+    _check_reduction(reduction)
+    fp, fy = _binary_inputs(probs, targets, "probs")
+    shape = fp.source.shape
+    w = _broadcast_weight(weight, shape, fp.compute_dtype, "weight")
+    p2, y2, w2 = _elementwise_rows([fp.arr, fy.arr, w], shape)
+    n, c = p2.shape
+    keep = reduction == "none"
+    out = np.empty((n, c) if keep else (0, 0), fp.out_dtype)
+    ncb = max(1, -(-c // _ELEMENTWISE_BLOCK))
+    partial = np.empty(n * ncb, np.float64)
+    bad = np.empty(n * ncb, np.int64)
+    par = _parallel(backend, p2.size)
+    _backend_module().run("bce", par, p2, fp.hk, y2, fy.hk,
+                          w2 if w2 is not None else np.ones((1, 0), fp.compute_dtype),
+                          w2 is not None, keep, _ELEMENTWISE_BLOCK, out, partial, bad)
+    hits = np.flatnonzero(bad >= 0)
+    if hits.size:
+        task = int(hits[0])
+        row, col = task // ncb, int(bad[task])
+        flat = row * c + col
+        pos = tuple(int(v) for v in np.unravel_index(flat, shape)) if shape else ()
+        raise ValueError(f"probs must lie in [0, 1]; probs[{list(pos)}] = "
+                         f"{fp.source[pos]!r}")
+    if keep:
+        return out.reshape(shape)
+    total = float(np.sum(partial))
+    if reduction == "sum":
+        return fp.out_dtype.type(total)
+    size = int(np.prod(shape, dtype=np.int64))
+    return fp.out_dtype.type(total / size if size else math.nan)
+
+
+def binary_cross_entropy_with_logits(logits, targets, *, weight=None, pos_weight=None,
+                                     reduction="mean", return_grad=False, grad_out=None,
+                                     backend="auto"):
+    """Binary cross-entropy from logits, as PyTorch's ``binary_cross_entropy_with_logits``.
+
+    Computed stably, elementwise::
+
+        loss = w ((1 - y) x + l (log1p(exp(-|x|)) + max(-x, 0))),  l = 1 + (pos_weight - 1) y
+
+    which without ``pos_weight`` is ``max(x, 0) - x y + log1p(exp(-|x|))``.  ``weight``
+    broadcasts against the logits; ``pos_weight`` broadcasts along the last axis (one per
+    class, as PyTorch).  Gradient ``w ((1 - y) - l sigmoid(-x))``, i.e. ``sigmoid(x) - y``
+    without weights, scaled for the reduction.
+    """
+    _check_reduction(reduction)
+    want_grad = bool(return_grad) or grad_out is not None
+    fx, fy = _binary_inputs(logits, targets, "logits")
+    shape = fx.source.shape
+    w = _broadcast_weight(weight, shape, fx.compute_dtype, "weight")
+    pw = _broadcast_weight(pos_weight, shape, fx.compute_dtype, "pos_weight")
+    size = int(np.prod(shape, dtype=np.int64))
+    gscale = (1.0 / size if size else math.nan) if reduction == "mean" else 1.0
+    x2, y2, w2, pw2 = _elementwise_rows([fx.arr, fy.arr, w, pw], shape)
+    if want_grad:
+        grad, g2, finish = _elementwise_grad(grad_out, logits, fx, x2.shape)
+    else:
+        grad, g2, finish = None, np.empty((0, 0), fx.arr.dtype), None
+    n, c = x2.shape
+    keep = reduction == "none"
+    out = np.empty((n, c) if keep else (0, 0), fx.out_dtype)
+    ncb = max(1, -(-c // _ELEMENTWISE_BLOCK))
+    partial = np.empty(n * ncb, np.float64)
+    dummy = np.ones((1, 0), fx.compute_dtype)
+    par = _parallel(backend, x2.size)
+    _backend_module().run("bce_logits", par, x2, fx.hk, y2, fy.hk,
+                          w2 if w2 is not None else dummy, w2 is not None,
+                          pw2 if pw2 is not None else dummy, pw2 is not None, gscale,
+                          want_grad, g2, fx.hk, keep, _ELEMENTWISE_BLOCK, out, partial)
+    if finish is not None:
+        finish()
+    if keep:
+        res = out.reshape(shape)
+    elif reduction == "sum":
+        res = fx.out_dtype.type(float(np.sum(partial)))
+    else:
+        res = fx.out_dtype.type(float(np.sum(partial)) / size if size else math.nan)
+    return (res, grad) if want_grad else res
+
+
+def _elementwise_grad(grad_out, logits, f, shape2):
+    """Gradient array for an elementwise kernel whose inputs were viewed as ``shape2``."""
+    shape = f.source.shape
+    if grad_out is None:
+        grad = np.empty(shape, f.dtype)
+    else:
+        if not isinstance(grad_out, np.ndarray):
+            raise TypeError("grad_out must be a NumPy array")
+        if grad_out.shape != shape or grad_out.dtype != f.dtype:
+            raise ValueError(f"grad_out must have the logits' shape {shape} and dtype "
+                             f"{f.dtype}; got {grad_out.shape} and {grad_out.dtype}")
+        if not grad_out.flags.writeable:
+            raise ValueError("grad_out is read-only")
+        grad = grad_out
+    same = grad is logits or (grad.__array_interface__["data"][0]
+                              == f.source.__array_interface__["data"][0]
+                              and grad.strides == f.source.strides)
+    view = None
+    if same or not np.shares_memory(grad, f.source):
+        try:
+            view = grad.reshape(shape2, copy=False)
+        except (ValueError, TypeError):
+            view = None
+    if view is not None and view.flags.c_contiguous:
+        return grad, (view.view(np.uint16) if f.hk else view), None
+    tmp = np.empty(shape2, f.dtype)
+
+    def finish():
+        grad[...] = tmp.reshape(shape)
+
+    return grad, (tmp.view(np.uint16) if f.hk else tmp), finish

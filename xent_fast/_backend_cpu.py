@@ -1,0 +1,298 @@
+"""CPU backends: batch the row kernels over rows, serially or on threads.
+
+Each driver below is a plain Python function over 2-D arrays (rows x classes) that is
+compiled twice: ``parallel=False`` for the ``"cpu"`` backend and ``parallel=True`` for
+``"parallel"``, where ``prange`` spreads blocks of rows over Numba's thread pool.  Rows
+are handed out in ``nblocks`` contiguous blocks so that work buffers are allocated once
+per block, not once per row.
+
+Compilation is lazy and memoised, with ``cache=True`` on disk.  Inputs are typed
+read-only whatever their flag, so one machine-code version serves writable and read-only
+arrays.  The API hands over C-contiguous row arrays (copying strided ones): only a
+unit-stride row lets LLVM vectorise, and the strided 'A' version ran 10x slower.
+"""
+
+import os
+import threading
+from types import FunctionType
+
+import numpy as np
+from numba import njit, prange, types
+from numba.np.numpy_support import from_dtype
+from numba.core.errors import TypingError
+
+from . import _threads
+from ._rowio import (block_bounds, grad_row, half_work_row, load_row, store_grad_row,
+                     work_row)
+from ._rows import (JIT, bce_logits_row, bce_row, ce_index_row, ce_prob_row, dist_row,
+                    first_bad_prob, kl_logits_row, row_logsumexp, row_softmax,
+                    softcap_grad_row, softcap_row, _row_sum)
+
+
+# ---------------------------------------------------------------------------- drivers
+def _logsumexp(x, hk, out, nblocks):
+    n, c = x.shape
+    for b in prange(nblocks):
+        lo, hi = block_bounds(b, nblocks, n)
+        work = half_work_row(x, c)
+        for i in range(lo, hi):
+            out[i] = row_logsumexp(load_row(x[i], work, hk))
+
+
+def _softmax(x, hk, log, out, nblocks):
+    n, c = x.shape
+    for b in prange(nblocks):
+        lo, hi = block_bounds(b, nblocks, n)
+        work = half_work_row(x, c)
+        for i in range(lo, hi):
+            row_softmax(load_row(x[i], work, hk), out[i], log)
+
+
+def _dist(p, phk, q, qhk, mode, out, bad, nblocks):
+    n, c = p.shape
+    for b in prange(nblocks):
+        lo, hi = block_bounds(b, nblocks, n)
+        pw = half_work_row(p, c)
+        qw = half_work_row(q, c)
+        for i in range(lo, hi):
+            pr = load_row(p[i], pw, phk)
+            qr = load_row(q[i], qw, qhk)
+            k = first_bad_prob(pr)
+            if k < 0 and mode != 0:
+                k = first_bad_prob(qr)
+                k = k + c if k >= 0 else k
+            bad[i] = k
+            out[i] = dist_row(pr, qr, mode) if k < 0 else np.nan
+
+
+def _ce_index(x, hk, t, w, has_w, wsum, eps, z, cap, ignore, gscale, want_grad, g, ghk,
+              loss, nblocks):
+    n, c = x.shape
+    for b in prange(nblocks):
+        lo, hi = block_bounds(b, nblocks, n)
+        work = work_row(x, c) if cap > 0 else half_work_row(x, c)
+        gwork = half_work_row(g, c if want_grad else 0)
+        for i in range(lo, hi):
+            ti = t[i]
+            if ti == ignore:
+                loss[i] = 0.0
+                if want_grad:
+                    gw = grad_row(g[i], gwork)
+                    for j in range(c):
+                        gw[j] = 0
+                    store_grad_row(g[i], gw, ghk)
+                continue
+            y = load_row(x[i], work, hk)
+            if cap > 0:
+                softcap_row(y, cap, work)
+                y = work
+            if want_grad:
+                gr = grad_row(g[i], gwork)
+                loss[i] = ce_index_row(y, ti, w, has_w, wsum, eps, z, gr, True, gscale)
+                if cap > 0:
+                    softcap_grad_row(y, cap, gr)
+                store_grad_row(g[i], gr, ghk)
+            else:
+                loss[i] = ce_index_row(y, ti, w, has_w, wsum, eps, z, gwork, False, gscale)
+
+
+def _ce_prob(x, hk, p, phk, w, has_w, eps, z, cap, gscale, want_grad, g, ghk, loss, nblocks):
+    n, c = x.shape
+    for b in prange(nblocks):
+        lo, hi = block_bounds(b, nblocks, n)
+        work = work_row(x, c) if cap > 0 else half_work_row(x, c)
+        pwork = half_work_row(p, c)
+        gwork = half_work_row(g, c if want_grad else 0)
+        for i in range(lo, hi):
+            y = load_row(x[i], work, hk)
+            if cap > 0:
+                softcap_row(y, cap, work)
+                y = work
+            pr = load_row(p[i], pwork, phk)
+            if want_grad:
+                gr = grad_row(g[i], gwork)
+                loss[i] = ce_prob_row(y, pr, w, has_w, eps, z, gr, True, gscale)
+                if cap > 0:
+                    softcap_grad_row(y, cap, gr)
+                store_grad_row(g[i], gr, ghk)
+            else:
+                loss[i] = ce_prob_row(y, pr, w, has_w, eps, z, gwork, False, gscale)
+
+
+def _kl_logits(x, hk, xt, thk, inv_t, gscale, want_grad, g, ghk, out, nblocks):
+    n, c = x.shape
+    for b in prange(nblocks):
+        lo, hi = block_bounds(b, nblocks, n)
+        work = half_work_row(x, c)
+        twork = half_work_row(xt, c)
+        gwork = half_work_row(g, c if want_grad else 0)
+        for i in range(lo, hi):
+            y = load_row(x[i], work, hk)
+            yt = load_row(xt[i], twork, thk)
+            if want_grad:
+                gr = grad_row(g[i], gwork)
+                out[i] = kl_logits_row(y, yt, inv_t, gr, True, gscale)
+                store_grad_row(g[i], gr, ghk)
+            else:
+                out[i] = kl_logits_row(y, yt, inv_t, gwork, False, gscale)
+
+
+def _bce(p, phk, y, yhk, w, has_w, keep, colblock, out, partial, bad):
+    n, c = p.shape
+    ncb = (c + colblock - 1) // colblock
+    for task in prange(n * ncb):
+        i = task // ncb
+        lo = (task % ncb) * colblock
+        hi = min(lo + colblock, c)
+        pw = half_work_row(p, hi - lo)
+        yw = half_work_row(y, hi - lo)
+        ow = work_row(p, hi - lo if not keep else 0)
+        pr = load_row(p[i, lo:hi], pw, phk)
+        yr = load_row(y[i, lo:hi], yw, yhk)
+        k = -1
+        for j in range(hi - lo):
+            v = pr[j]
+            if not (v >= 0 and v <= 1):
+                k = lo + j
+                break
+        bad[task] = k
+        orow = out[i, lo:hi] if keep else ow
+        bce_row(pr, yr, w[i, lo:hi] if has_w else w[0, :0], has_w, orow)
+        partial[task] = _row_sum(orow)
+
+
+def _bce_logits(x, hk, y, yhk, w, has_w, pw, has_pw, gscale, want_grad, g, ghk, keep,
+                colblock, out, partial):
+    n, c = x.shape
+    ncb = (c + colblock - 1) // colblock
+    for task in prange(n * ncb):
+        i = task // ncb
+        lo = (task % ncb) * colblock
+        hi = min(lo + colblock, c)
+        xw = half_work_row(x, hi - lo)
+        yw = half_work_row(y, hi - lo)
+        ow = work_row(x, hi - lo if not keep else 0)
+        xr = load_row(x[i, lo:hi], xw, hk)
+        yr = load_row(y[i, lo:hi], yw, yhk)
+        orow = out[i, lo:hi] if keep else ow
+        wr = w[i, lo:hi] if has_w else w[0, :0]
+        pr = pw[i, lo:hi] if has_pw else pw[0, :0]
+        if want_grad:
+            gw = half_work_row(g, hi - lo)
+            gr = grad_row(g[i, lo:hi], gw)
+            bce_logits_row(xr, yr, wr, has_w, pr, has_pw, orow, gr, True, gscale)
+            store_grad_row(g[i, lo:hi], gr, ghk)
+        else:
+            bce_logits_row(xr, yr, wr, has_w, pr, has_pw, orow, ow, False, gscale)
+        partial[task] = _row_sum(orow)
+
+
+# Which positional arguments each driver writes (typed mutable); all others that are
+# arrays are typed read-only.
+_DRIVERS = {
+    "logsumexp": (_logsumexp, {"out"}),
+    "softmax": (_softmax, {"out"}),
+    "dist": (_dist, {"out", "bad"}),
+    "ce_index": (_ce_index, {"g", "loss"}),
+    "ce_prob": (_ce_prob, {"g", "loss"}),
+    "kl_logits": (_kl_logits, {"g", "out"}),
+    "bce": (_bce, {"out", "partial", "bad"}),
+    "bce_logits": (_bce_logits, {"g", "out", "partial"}),
+}
+
+_lock = threading.Lock()
+_dispatchers = {}
+_entry_points = {}
+
+
+def _dispatcher(name, parallel):
+    key = (name, parallel)
+    disp = _dispatchers.get(key)
+    if disp is None:
+        func, _ = _DRIVERS[name]
+        if parallel:
+            # A distinct name, so the serial and threaded versions keep separate entries
+            # in Numba's on-disk cache (its index does not tell them apart).
+            pname = func.__name__ + "_parallel"
+            code = func.__code__.replace(co_name=pname)
+            if hasattr(code, "co_qualname"):
+                code = code.replace(co_qualname=pname)
+            func = FunctionType(code, func.__globals__, pname)
+            func.__qualname__ = pname
+        opts = dict(JIT)
+        opts["parallel"] = parallel
+        disp = njit(**opts)(func)
+        _dispatchers[key] = disp
+    return disp
+
+
+def _numba_type(value, writable):
+    if isinstance(value, np.ndarray):
+        layout = "C" if value.flags.c_contiguous else "A"
+        return types.Array(from_dtype(value.dtype), value.ndim, layout, readonly=not writable)
+    if isinstance(value, (bool, np.bool_)):
+        return types.boolean
+    if isinstance(value, (int, np.integer)):
+        return types.int64
+    return types.float64
+
+
+def _signature(name, args):
+    func, outs = _DRIVERS[name]
+    names = func.__code__.co_varnames[:func.__code__.co_argcount]
+    return tuple(_numba_type(a, n in outs) for n, a in zip(names, args))
+
+
+def _key(args):
+    return tuple((a.dtype.char, a.ndim, a.flags.c_contiguous) if isinstance(a, np.ndarray)
+                 else type(a) for a in args)
+
+
+def _compile(disp, sig):
+    """Compile ``sig``, recovering from a corrupt on-disk cache by rebuilding it."""
+    try:
+        disp.compile(sig)
+    except TypingError:
+        raise
+    except Exception:  # unreadable cache file: drop the cache and compile afresh
+        cache = getattr(disp, "_cache", None)
+        if cache is not None:
+            _remove_cache_files(cache)
+        disp.compile(sig)
+    return disp.overloads[sig].entry_point
+
+
+def _remove_cache_files(cache):
+    path = getattr(cache, "_cache_path", None)
+    prefix = getattr(cache, "_index_name", "").split(".")[0]
+    if not path or not prefix:
+        return
+    for fname in os.listdir(path):
+        if fname.startswith(prefix):
+            try:
+                os.remove(os.path.join(path, fname))
+            except OSError:
+                pass
+
+
+def run(name, parallel, *args):
+    """Call driver ``name`` on ``args`` (all prepared by the API layer)."""
+    key = (name, parallel, _key(args))
+    fn = _entry_points.get(key)
+    if fn is None:
+        with _lock:
+            fn = _entry_points.get(key)
+            if fn is None:
+                if parallel:
+                    _threads.configure()
+                disp = _dispatcher(name, parallel)
+                fn = _compile(disp, _signature(name, args))
+                _entry_points[key] = fn
+    if parallel:
+        with _threads.guard():
+            return fn(*args)
+    return fn(*args)
+
+
+def num_threads():
+    return _threads.num_threads()

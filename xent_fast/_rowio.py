@@ -1,0 +1,94 @@
+"""Reading and writing rows in their storage dtype, for the CPU backends.
+
+float16 and bfloat16 arrays reach the kernels as uint16 bit patterns (Numba has no
+half-precision type on the CPU).  A half row is widened into a float32 work row, the
+float32 row kernel runs on it, and a gradient row is narrowed back with round to
+nearest even: only one row at a time is ever held in float32.  ``hk`` says which
+half format a uint16 array holds: 1 for float16, 2 for bfloat16 (0 for none).
+"""
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+from ._rows import JIT
+from ._scalar import bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits
+
+HK_NONE, HK_F16, HK_BF16 = 0, 1, 2
+
+
+def work_row(x, n):
+    """An uninitialised row of ``n`` values in the compute dtype of ``x``."""
+
+
+@overload(work_row, jit_options=JIT)
+def _work_row(x, n):
+    dt = types.float32 if x.dtype in (types.uint16, types.float32) else types.float64
+    return lambda x, n: np.empty(n, dt)
+
+
+def half_work_row(x, n):
+    """A work row of ``n`` float32 values when ``x`` holds half floats, else an empty one."""
+
+
+@overload(half_work_row, jit_options=JIT)
+def _half_work_row(x, n):
+    if x.dtype == types.uint16:
+        return lambda x, n: np.empty(n, np.float32)
+    dt = x.dtype
+    return lambda x, n: np.empty(0, dt)
+
+
+def load_row(xrow, work, hk):
+    """The row as compute-dtype floats: itself, or widened into ``work``."""
+
+
+@overload(load_row, jit_options=JIT)
+def _load_row(xrow, work, hk):
+    if xrow.dtype == types.uint16:
+        def impl(xrow, work, hk):
+            n = xrow.shape[0]
+            out = work[:n]
+            if hk == HK_F16:
+                for j in range(n):
+                    out[j] = f16_bits_to_f32(xrow[j])
+            else:
+                for j in range(n):
+                    out[j] = bf16_bits_to_f32(xrow[j])
+            return out
+        return impl
+    return lambda xrow, work, hk: xrow
+
+
+def grad_row(grow, work):
+    """Where to compute a gradient row: in place, or in a float32 work row for halves."""
+
+
+@overload(grad_row, jit_options=JIT)
+def _grad_row(grow, work):
+    if grow.dtype == types.uint16:
+        return lambda grow, work: work[:grow.shape[0]]
+    return lambda grow, work: grow
+
+
+def store_grad_row(grow, gr, hk):
+    """Narrow a float32 gradient row into half storage (no-op for float storage)."""
+
+
+@overload(store_grad_row, jit_options=JIT)
+def _store_grad_row(grow, gr, hk):
+    if grow.dtype == types.uint16:
+        def impl(grow, gr, hk):
+            if hk == HK_F16:
+                for j in range(grow.shape[0]):
+                    grow[j] = f32_to_f16_bits(gr[j])
+            else:
+                for j in range(grow.shape[0]):
+                    grow[j] = f32_to_bf16_bits(gr[j])
+        return impl
+    return lambda grow, gr, hk: None
+
+
+@njit(**JIT)
+def block_bounds(b, nblocks, n):
+    return (b * n) // nblocks, ((b + 1) * n) // nblocks

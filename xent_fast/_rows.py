@@ -1,0 +1,411 @@
+"""Row kernels: the math for one row (one distribution along the class axis).
+
+Plain loops over 1-D slices, no allocation, no globals but constants.  A row here is a
+float32 or float64 array; half-precision rows are widened by the backends before they
+arrive.  Sums of exponentials run in the row's own precision in chunks of ``_CHUNK``
+columns and are added into a float64 total, which vectorises and keeps the relative
+error of a row sum near 1e-10 in float32.
+
+Conventions kept here (see SEMANTICS.md): an all ``-inf`` row has log-sum-exp ``-inf``,
+any ``+inf`` gives ``+inf``, NaN propagates; a ``-inf`` logit that carries no target mass
+contributes exactly 0 to losses and gradients.
+"""
+
+import math
+
+import numpy as np
+from numba import njit
+
+from ._scalar import cast_like, fexp, flog, flog1p, fmax, fone
+
+# Loops may re-associate (that is what lets the sums vectorise) but must keep the
+# meaning of inf and NaN: no "nnan"/"ninf".
+LOOP_FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
+JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=LOOP_FLAGS, boundscheck=False)
+
+_CHUNK = 512
+
+
+# ---------------------------------------------------------------------------- reductions
+@njit(**JIT)
+def row_max(x):
+    m = cast_like(-np.inf, x)
+    for j in range(x.shape[0]):
+        m = fmax(m, x[j])
+    return m
+
+
+@njit(**JIT)
+def row_sumexp(x, m):
+    """sum(exp(x - m)) in float64, chunked float-lane partial sums."""
+    n = x.shape[0]
+    total = 0.0
+    for lo in range(0, n, _CHUNK):
+        seg = x[lo:min(lo + _CHUNK, n)]
+        s = m - m
+        for j in range(seg.shape[0]):
+            s += fexp(seg[j] - m)
+        total += s
+    return total
+
+
+@njit(**JIT)
+def row_exp_store(x, m, out):
+    """out[j] = exp(x[j] - m); returns the float64 sum.  Exp once per element."""
+    n = x.shape[0]
+    total = 0.0
+    for lo in range(0, n, _CHUNK):
+        hi = min(lo + _CHUNK, n)
+        seg = x[lo:hi]
+        oseg = out[lo:hi]
+        s = m - m
+        for j in range(seg.shape[0]):
+            e = fexp(seg[j] - m)
+            oseg[j] = e
+            s += e
+        total += s
+    return total
+
+
+@njit(**JIT)
+def row_has_nan(x):
+    bad = False
+    for j in range(x.shape[0]):
+        bad |= x[j] != x[j]
+    return bad
+
+
+@njit(**JIT)
+def lse_from(x, m, s):
+    """Finish a log-sum-exp from the row max ``m`` and ``s = sum(exp(x - m))``."""
+    if m == -np.inf:
+        return -np.inf
+    if m == np.inf:
+        return np.nan if row_has_nan(x) else np.inf
+    return float(m) + math.log(s)
+
+
+@njit(**JIT)
+def row_logsumexp(x):
+    m = row_max(x)
+    if m == -np.inf or m == np.inf:
+        return lse_from(x, m, 0.0)
+    return float(m) + math.log(row_sumexp(x, m))
+
+
+@njit(**JIT)
+def row_softmax(x, out, log):
+    """softmax (or log_softmax when ``log``) of ``x`` into ``out``; returns the lse."""
+    lse = row_logsumexp(x)
+    c = cast_like(lse, out)
+    if log:
+        for j in range(x.shape[0]):
+            out[j] = x[j] - c
+    else:
+        for j in range(x.shape[0]):
+            out[j] = fexp(x[j] - c)
+    return lse
+
+
+@njit(**JIT)
+def row_dot(a, b):
+    """sum(a * b) in float64 (chunked)."""
+    n = a.shape[0]
+    total = 0.0
+    for lo in range(0, n, _CHUNK):
+        hi = min(lo + _CHUNK, n)
+        sa = a[lo:hi]
+        sb = b[lo:hi]
+        s = cast_like(0.0, sa)
+        for j in range(sa.shape[0]):
+            s += sa[j] * sb[j]
+        total += s
+    return total
+
+
+# ---------------------------------------------------------------------------- softmax CE
+@njit(**JIT)
+def _lse_pass(y, m, gr, want_grad):
+    """Second pass: sum of exp(y - m), stored into ``gr`` when a gradient is wanted."""
+    if m == -np.inf or m == np.inf:
+        if want_grad:
+            for j in range(gr.shape[0]):
+                gr[j] = np.nan  # softmax is undefined on this row
+        return 0.0, lse_from(y, m, 0.0)
+    s = row_exp_store(y, m, gr) if want_grad else row_sumexp(y, m)
+    return s, float(m) + math.log(s)
+
+
+@njit(**JIT)
+def ce_index_row(y, t, w, has_w, wsum, eps, z, gr, want_grad, gscale):
+    """Softmax cross-entropy of one row with class index ``t``.
+
+    loss = (1-eps) w_t (lse - y_t) + eps/C sum_c w_c (lse - y_c) + z lse^2.
+    With ``want_grad`` writes ``gscale * dloss/dy`` into ``gr`` (which may be ``y``
+    itself: everything read from ``y`` is read before ``gr`` is written).
+    """
+    C = y.shape[0]
+    w_t = w[t] if has_w else 1.0
+    m = row_max(y)
+    y_t = float(y[t])
+    wy = 0.0
+    if eps > 0.0:
+        wy = row_dot(w, y) if has_w else _row_sum(y)
+    s, lse = _lse_pass(y, m, gr, want_grad)
+    nll = lse - y_t
+    smooth = wsum * lse - wy
+    if m == -np.inf:
+        nll = np.inf
+        smooth = np.inf
+    loss = (1.0 - eps) * w_t * nll if eps < 1.0 else 0.0
+    if eps > 0.0:
+        loss += eps / C * smooth
+    if z != 0.0:
+        loss += z * lse * lse
+    if want_grad:
+        a_tot = (1.0 - eps) * w_t + eps / C * wsum
+        k = cast_like((a_tot + 2.0 * z * lse) / s * gscale, gr)
+        if eps > 0.0:
+            ke = cast_like(gscale * eps / C, gr)
+            if has_w:
+                for j in range(C):
+                    gr[j] = k * gr[j] - ke * w[j]
+            else:
+                for j in range(C):
+                    gr[j] = k * gr[j] - ke
+        else:
+            for j in range(C):
+                gr[j] = k * gr[j]
+        gr[t] -= cast_like(gscale * (1.0 - eps) * w_t, gr)
+    return loss
+
+
+@njit(**JIT)
+def _row_sum(y):
+    n = y.shape[0]
+    total = 0.0
+    for lo in range(0, n, _CHUNK):
+        seg = y[lo:min(lo + _CHUNK, n)]
+        s = cast_like(0.0, seg)
+        for j in range(seg.shape[0]):
+            s += seg[j]
+        total += s
+    return total
+
+
+@njit(**JIT)
+def ce_prob_row(y, p, w, has_w, eps, z, gr, want_grad, gscale):
+    """Softmax cross-entropy of one row against target probabilities ``p``.
+
+    a_c = ((1-eps) p_c + eps/C) w_c;  loss = sum_c a_c (lse - y_c) + z lse^2, where a
+    term with a_c = 0 is 0 even at y_c = -inf.  ``gr`` may be ``y`` itself.
+    """
+    C = y.shape[0]
+    m = row_max(y)
+    zero = cast_like(0.0, y)
+    ce = cast_like(1.0 - eps, y)
+    cs = cast_like(eps / C, y) if C > 0 else zero
+    a_tot = 0.0
+    ay = 0.0
+    for lo in range(0, C, _CHUNK):
+        hi = min(lo + _CHUNK, C)
+        sy = y[lo:hi]
+        sp = p[lo:hi]
+        sa = zero
+        say = zero
+        if has_w:
+            sw = w[lo:hi]
+            for j in range(sy.shape[0]):
+                a = (ce * sp[j] + cs) * sw[j]
+                sa += a
+                say += a * sy[j] if a != zero else zero
+        else:
+            for j in range(sy.shape[0]):
+                a = ce * sp[j] + cs
+                sa += a
+                say += a * sy[j] if a != zero else zero
+        a_tot += sa
+        ay += say
+    s, lse = _lse_pass(y, m, gr, want_grad)
+    if m == -np.inf:
+        loss = np.inf if a_tot > 0 else 0.0
+    else:
+        loss = a_tot * lse - ay
+    if z != 0.0:
+        loss += z * lse * lse
+    if want_grad:
+        k = cast_like((a_tot + 2.0 * z * lse) / s * gscale, gr)
+        g = cast_like(gscale, gr)
+        if has_w:
+            for j in range(C):
+                gr[j] = k * gr[j] - g * ((ce * p[j] + cs) * w[j])
+        else:
+            for j in range(C):
+                gr[j] = k * gr[j] - g * (ce * p[j] + cs)
+    return loss
+
+
+@njit(**JIT)
+def softcap_row(x, cap, out):
+    """out = cap * tanh(x / cap) (Gemma 2's logit soft-capping)."""
+    c = cast_like(cap, out)
+    ic = cast_like(1.0 / cap, out)
+    for j in range(x.shape[0]):
+        out[j] = c * math.tanh(x[j] * ic)
+
+
+@njit(**JIT)
+def softcap_grad_row(y, cap, gr):
+    """Chain rule through the soft cap: d(cap tanh(x/cap))/dx = 1 - (y/cap)^2."""
+    ic = cast_like(1.0 / cap, gr)
+    one = cast_like(1.0, gr)
+    for j in range(y.shape[0]):
+        u = y[j] * ic
+        gr[j] = gr[j] * (one - u * u)
+
+
+# ---------------------------------------------------------------------------- distillation KL
+@njit(**JIT)
+def kl_logits_row(x, xt, inv_t, gr, want_grad, gscale):
+    """KL(softmax(xt/T) || softmax(x/T)) for one row, without forming either.
+
+    With ``want_grad`` writes ``gscale * dKL/dx = gscale/T (softmax(x/T) - softmax(xt/T))``.
+    """
+    C = x.shape[0]
+    it = cast_like(inv_t, x)
+    ms = row_max(x) * it
+    mt = row_max(xt) * it
+    if C == 0:
+        return 0.0
+    one = fone(x[0])
+    zero = one - one
+    st = 0.0
+    ss = 0.0
+    d = 0.0
+    for lo in range(0, C, _CHUNK):
+        hi = min(lo + _CHUNK, C)
+        sx = x[lo:hi]
+        sxt = xt[lo:hi]
+        a = zero
+        b = zero
+        c = zero
+        if want_grad:
+            sg = gr[lo:hi]
+            for j in range(sx.shape[0]):
+                vs = sx[j] * it
+                vt = sxt[j] * it
+                es = fexp(vs - ms)
+                et = fexp(vt - mt)
+                sg[j] = es
+                a += es
+                b += et
+                c += et * (vt - vs) if et != zero else zero
+        else:
+            for j in range(sx.shape[0]):
+                vs = sx[j] * it
+                vt = sxt[j] * it
+                es = fexp(vs - ms)
+                et = fexp(vt - mt)
+                a += es
+                b += et
+                c += et * (vt - vs) if et != zero else zero
+        ss += a
+        st += b
+        d += c
+    lse_s = lse_from(x, ms, ss) if ms != -np.inf else -np.inf
+    lse_t = lse_from(xt, mt, st) if mt != -np.inf else -np.inf
+    kl = d / st + lse_s - lse_t
+    if want_grad:
+        ks = cast_like(gscale * inv_t / ss, gr)
+        kt = cast_like(gscale * inv_t / st, gr)
+        for j in range(C):
+            gr[j] = ks * gr[j] - kt * fexp(xt[j] * it - mt)
+    return kl
+
+
+# ---------------------------------------------------------------------------- distributions
+@njit(**JIT)
+def first_bad_prob(p):
+    """Index of the first negative or NaN entry, or -1."""
+    bad = False
+    for j in range(p.shape[0]):
+        bad |= not (p[j] >= 0)
+    if not bad:
+        return -1
+    for j in range(p.shape[0]):
+        if not (p[j] >= 0):
+            return j
+    return -1
+
+
+@njit(**JIT)
+def dist_row(p, q, mode):
+    """mode 0: -sum p log p;  1: -sum p log q;  2: sum p log(p/q).  0 log 0 = 0."""
+    n = p.shape[0]
+    total = 0.0
+    if n == 0:
+        return total
+    zero = cast_like(0.0, p)
+    for lo in range(0, n, _CHUNK):
+        hi = min(lo + _CHUNK, n)
+        sp = p[lo:hi]
+        sq = q[lo:hi]
+        s = zero
+        if mode == 0:
+            for j in range(sp.shape[0]):
+                v = sp[j]
+                s -= v * flog(v) if v != zero else zero
+        elif mode == 1:
+            for j in range(sp.shape[0]):
+                v = sp[j]
+                s -= v * flog(sq[j]) if v != zero else zero
+        else:
+            for j in range(sp.shape[0]):
+                v = sp[j]
+                s += v * (flog(v) - flog(sq[j])) if v != zero else zero
+        total += s
+    return total
+
+
+# ---------------------------------------------------------------------------- binary CE
+@njit(**JIT)
+def bce_row(p, y, w, has_w, out):
+    """-w (y max(log p, -100) + (1-y) max(log(1-p), -100)), elementwise (PyTorch's clamp)."""
+    n = p.shape[0]
+    if n == 0:
+        return
+    one = fone(p[0])
+    lo_clamp = cast_like(-100.0, p)
+    for j in range(n):
+        v = p[j]
+        t = y[j]
+        lp = fmax(flog(v), lo_clamp)
+        lq = fmax(flog(one - v), lo_clamp)
+        r = -(t * lp + (one - t) * lq)
+        out[j] = r * w[j] if has_w else r
+
+
+@njit(**JIT)
+def bce_logits_row(x, y, w, has_w, pw, has_pw, out, gr, want_grad, gscale):
+    """(1-y) x + l (log1p(exp(-|x|)) + max(-x, 0)), l = 1 + (pw-1) y, times w.
+
+    This is PyTorch's stable form; without pos_weight it equals max(x,0) - x y +
+    log1p(exp(-|x|)).  Gradient: w ((1-y) - l sigmoid(-x)).
+    """
+    n = x.shape[0]
+    if n == 0:
+        return
+    one = fone(x[0])
+    zero = one - one
+    g = cast_like(gscale, x)
+    for j in range(n):
+        v = x[j]
+        t = y[j]
+        e = fexp(-abs(v))
+        sp = flog1p(e) + (-v if v < zero else zero)
+        l = one + (pw[j] - one) * t if has_pw else one
+        wv = w[j] if has_w else one
+        out[j] = wv * ((one - t) * v + l * sp)
+        if want_grad:
+            sig_neg = (e / (one + e)) if v >= zero else (one / (one + e))
+            gr[j] = g * wv * ((one - t) - l * sig_neg)

@@ -1,0 +1,320 @@
+"""Scalar building blocks for the row kernels: bit casts, a vectorisable max, exp and log.
+
+Numba has no SVML here, so ``math.exp``/``math.log`` inside a loop stay scalar.  The
+functions below are written with branch-free selects so that LLVM vectorises the loops
+that call them.  They are overloaded on float32 and float64 so one row kernel serves both.
+
+Accuracy (checked in ``tests/test_scalar.py``): exp within 2 ulp, log within 2 ulp over
+the normal range.  exp flushes results below the smallest normal number to 0, which only
+affects probabilities that are already negligible against any row sum.
+"""
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+# No "reassoc" here: re-association refolds the Cody-Waite range reduction and costs
+# an order of magnitude in accuracy.  The callers' loops carry reassoc for their sums.
+_HELPER_FLAGS = {"nsz", "arcp", "contract", "afn"}
+_JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=_HELPER_FLAGS)
+
+
+# ---------------------------------------------------------------------------- intrinsics
+def _make_bitcast(src, dst, lldst):
+    @intrinsic
+    def cast(typingctx, val):
+        if val != src:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], lldst)
+
+        return dst(src), codegen
+
+    return cast
+
+
+i32_as_f32 = _make_bitcast(types.int32, types.float32, ir.FloatType())
+f32_as_i32 = _make_bitcast(types.float32, types.int32, ir.IntType(32))
+i64_as_f64 = _make_bitcast(types.int64, types.float64, ir.DoubleType())
+f64_as_i64 = _make_bitcast(types.float64, types.int64, ir.IntType(64))
+
+
+def _make_minmax(name):
+    @intrinsic
+    def op(typingctx, a, b):
+        if not (isinstance(a, types.Float) and a == b):
+            return None
+
+        def codegen(context, builder, sig, args):
+            lty = args[0].type
+            fn = builder.module.declare_intrinsic(name, [lty], ir.FunctionType(lty, [lty, lty]))
+            return builder.call(fn, args)
+
+        return a(a, b), codegen
+
+    return op
+
+
+# llvm.maxnum/minnum vectorise (Python's max() on floats does not).  They return the
+# non-NaN operand when one is NaN; callers that must propagate NaN do so through the sums.
+fmax = _make_minmax("llvm.maxnum")
+fmin = _make_minmax("llvm.minnum")
+
+
+# ---------------------------------------------------------------------------- exp
+def fexp(x):
+    """exp(x), vectorisable; float32 or float64 by the argument's type."""
+    return math.exp(x)
+
+
+_LOG2E_32 = np.float32(1.4426950408889634)
+_LN2HI_32 = np.float32(0.693359375)
+_LN2LO_32 = np.float32(-2.12194440e-4)
+_EXPLO_32 = np.float32(-87.33654)  # below: the result is under the smallest normal
+_EXPHI_32 = np.float32(88.72283)
+_P32 = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                                     4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+_ONE_32 = np.float32(1.0)
+_HALF_32 = np.float32(0.5)
+_F32_0 = np.float32(0.0)
+_F32_INF = np.float32(np.inf)
+_NMIN_32 = np.float32(-127.0)
+_NMAX_32 = np.float32(128.0)
+
+
+@njit(**_JIT)
+def _exp32(x):
+    n = np.floor(x * _LOG2E_32 + _HALF_32)
+    n = fmin(fmax(n, _NMIN_32), _NMAX_32)
+    r = x - n * _LN2HI_32
+    r = r - n * _LN2LO_32
+    p = _P32[0]
+    p = p * r + _P32[1]
+    p = p * r + _P32[2]
+    p = p * r + _P32[3]
+    p = p * r + _P32[4]
+    p = p * r + _P32[5]
+    y = p * (r * r) + r + _ONE_32
+    scale = i32_as_f32(np.int32((np.int32(n) + 127) << 23))
+    y = y * scale
+    y = _F32_0 if x < _EXPLO_32 else y
+    y = _F32_INF if x > _EXPHI_32 else y
+    return y
+
+
+_LOG2E_64 = 1.4426950408889634
+_LN2HI_64 = 6.93147180369123816490e-01
+_LN2LO_64 = 1.90821492927058770002e-10
+_EXPLO_64 = -708.3964185322641
+_EXPHI_64 = 709.782712893384
+# Taylor coefficients 1/k! for k = 13 .. 2; |r| <= ln2/2 keeps the error under 1e-17.
+_P64 = tuple(1.0 / math.factorial(k) for k in range(13, 1, -1))
+
+
+@njit(**_JIT)
+def _exp64(x):
+    n = np.floor(x * _LOG2E_64 + 0.5)
+    n = fmin(fmax(n, -1023.0), 1024.0)
+    r = x - n * _LN2HI_64
+    r = r - n * _LN2LO_64
+    p = _P64[0]
+    p = p * r + _P64[1]
+    p = p * r + _P64[2]
+    p = p * r + _P64[3]
+    p = p * r + _P64[4]
+    p = p * r + _P64[5]
+    p = p * r + _P64[6]
+    p = p * r + _P64[7]
+    p = p * r + _P64[8]
+    p = p * r + _P64[9]
+    p = p * r + _P64[10]
+    p = p * r + _P64[11]
+    y = p * (r * r) + r + 1.0
+    scale = i64_as_f64((np.int64(n) + 1023) << 52)
+    y = y * scale
+    y = 0.0 if x < _EXPLO_64 else y
+    y = np.inf if x > _EXPHI_64 else y
+    return y
+
+
+@overload(fexp, jit_options=_JIT)
+def _fexp_overload(x):
+    if x == types.float32:
+        return lambda x: _exp32(x)
+    if x == types.float64:
+        return lambda x: _exp64(x)
+    return None
+
+
+# ---------------------------------------------------------------------------- log
+def flog(x):
+    """log(x), vectorisable; log(0) = -inf, log(<0) = NaN, log(inf) = inf."""
+    return math.log(x)
+
+
+# log(m) = 2 atanh(s), s = (m - 1)/(m + 1), m in [sqrt(1/2), sqrt(2)): |s| <= 0.1716.
+_ATANH64 = tuple(2.0 / (2 * k + 1) for k in range(11, -1, -1))
+_ATANH32 = tuple(np.float32(2.0 / (2 * k + 1)) for k in range(5, -1, -1))
+_SQRT2_64 = math.sqrt(2.0)
+_SQRT2_32 = np.float32(math.sqrt(2.0))
+_LN2HI_L64 = 6.93147180369123816490e-01
+_LN2LO_L64 = 1.90821492927058770002e-10
+_LN2_32 = np.float32(math.log(2.0))
+_TWO23_32 = np.float32(2.0 ** 23)
+_TWO52_64 = 2.0 ** 52
+_TINY_32 = np.float32(1.1754944e-38)
+_TINY_64 = 2.2250738585072014e-308
+
+
+@njit(**_JIT)
+def _log32(x):
+    sub = x < _TINY_32
+    xs = x * _TWO23_32 if sub else x
+    bits = np.int64(f32_as_i32(xs))
+    e = ((bits >> 23) & 0xFF) - 127 - (23 if sub else 0)
+    m = i32_as_f32(np.int32((bits & 0x7FFFFF) | 0x3F800000))
+    big = m > _SQRT2_32
+    m = m * _HALF_32 if big else m
+    e = e + (1 if big else 0)
+    s = (m - _ONE_32) / (m + _ONE_32)
+    z = s * s
+    p = _ATANH32[0]
+    p = p * z + _ATANH32[1]
+    p = p * z + _ATANH32[2]
+    p = p * z + _ATANH32[3]
+    p = p * z + _ATANH32[4]
+    p = p * z + _ATANH32[5]
+    y = np.float32(e) * _LN2_32 + s * p
+    y = -_F32_INF if x == _F32_0 else y
+    y = _F32_INF if x == _F32_INF else y
+    y = np.float32(np.nan) if not (x >= _F32_0) else y
+    return y
+
+
+@njit(**_JIT)
+def _log64(x):
+    sub = x < _TINY_64
+    xs = x * _TWO52_64 if sub else x
+    bits = f64_as_i64(xs)
+    e = ((bits >> 52) & 0x7FF) - 1023 - (52 if sub else 0)
+    m = i64_as_f64((bits & 0xFFFFFFFFFFFFF) | 0x3FF0000000000000)
+    big = m > _SQRT2_64
+    m = m * 0.5 if big else m
+    e = e + (1 if big else 0)
+    s = (m - 1.0) / (m + 1.0)
+    z = s * s
+    p = _ATANH64[0]
+    p = p * z + _ATANH64[1]
+    p = p * z + _ATANH64[2]
+    p = p * z + _ATANH64[3]
+    p = p * z + _ATANH64[4]
+    p = p * z + _ATANH64[5]
+    p = p * z + _ATANH64[6]
+    p = p * z + _ATANH64[7]
+    p = p * z + _ATANH64[8]
+    p = p * z + _ATANH64[9]
+    p = p * z + _ATANH64[10]
+    p = p * z + _ATANH64[11]
+    fe = np.float64(e)
+    y = fe * _LN2HI_L64 + (fe * _LN2LO_L64 + s * p)
+    y = -np.inf if x == 0.0 else y
+    y = np.inf if x == np.inf else y
+    y = np.nan if not (x >= 0.0) else y
+    return y
+
+
+@overload(flog, jit_options=_JIT)
+def _flog_overload(x):
+    if x == types.float32:
+        return lambda x: _log32(x)
+    if x == types.float64:
+        return lambda x: _log64(x)
+    return None
+
+
+def fone(x):
+    """1 in the type of x (Numba widens float32 op int literal to float64)."""
+    return 1.0
+
+
+@overload(fone, jit_options=_JIT)
+def _fone_overload(x):
+    if x == types.float32:
+        return lambda x: _ONE_32
+    if x == types.float64:
+        return lambda x: 1.0
+    return None
+
+
+def cast_like(v, arr):
+    """v converted to the element type of the array ``arr``."""
+    return v
+
+
+@overload(cast_like, jit_options=_JIT)
+def _cast_like_overload(v, arr):
+    dt = arr.dtype
+    return lambda v, arr: dt(v)
+
+
+@njit(**_JIT)
+def flog1p(u):
+    """log(1 + u), accurate for small u (Goldberg's correction); for finite u > -1."""
+    one = fone(u)
+    w = one + u
+    d = w - one
+    y = flog(w)
+    return u if d == 0 else y * (u / d)
+
+
+# ---------------------------------------------------------------------------- half floats
+@njit(**_JIT)
+def f16_bits_to_f32(h):
+    """IEEE binary16 bits (uint16) to float32, exact."""
+    v = np.int64(h)
+    sign = (v & 0x8000) << 16
+    o = (v & 0x7FFF) << 13
+    ex = o & 0x0F800000
+    o = o + ((127 - 15) << 23)
+    o_inf = o + ((128 - 16) << 23)
+    den = i32_as_f32(np.int32(o + (1 << 23))) - i32_as_f32(np.int32(113 << 23))
+    o_den = np.int64(f32_as_i32(den))
+    o = o_inf if ex == 0x0F800000 else o
+    o = o_den if ex == 0 else o
+    return i32_as_f32(np.int32(o | sign))
+
+
+@njit(**_JIT)
+def f32_to_f16_bits(f):
+    """float32 to binary16 bits, round to nearest even; NaN stays NaN, overflow to inf."""
+    u = np.int64(f32_as_i32(f)) & 0xFFFFFFFF
+    sign = u & 0x80000000
+    u = u ^ sign
+    magic = ((127 - 15) + (23 - 10) + 1) << 23
+    fl = i32_as_f32(np.int32(u)) + i32_as_f32(np.int32(magic))
+    o_den = np.int64(f32_as_i32(fl)) - magic
+    odd = (u >> 13) & 1
+    o_norm = (u + ((15 - 127) << 23) + 0xFFF + odd) >> 13
+    o_big = 0x7E00 if u > (255 << 23) else 0x7C00
+    o = o_norm
+    o = o_den if u < (113 << 23) else o
+    o = o_big if u >= ((127 + 16) << 23) else o
+    return np.uint16((o | (sign >> 16)) & 0xFFFF)
+
+
+@njit(**_JIT)
+def bf16_bits_to_f32(h):
+    return i32_as_f32(np.int32(np.int64(h) << 16))
+
+
+@njit(**_JIT)
+def f32_to_bf16_bits(f):
+    """float32 to bfloat16 bits, round to nearest even; NaN stays a quiet NaN."""
+    u = np.int64(f32_as_i32(f)) & 0xFFFFFFFF
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    r = ((u >> 16) | 0x40) if f != f else r
+    return np.uint16(r & 0xFFFF)

@@ -1,0 +1,203 @@
+"""Float64 NumPy reference implementations, written straight from the formulas.
+
+The oracle for the tests and the baseline for the benchmarks: same names and options as
+the public API, clarity over speed, NumPy only (nothing from the package's kernels).
+Every result is float64.
+"""
+
+import math
+
+import numpy as np
+
+
+def _f64(a):
+    a = np.asarray(a)
+    if a.dtype.name == "bfloat16":
+        a = a.astype(np.float32)
+    return a.astype(np.float64)
+
+
+def _last(a, axis):
+    return np.moveaxis(_f64(a), axis, -1)
+
+
+def _lse_last(x):
+    """log-sum-exp over the last axis with the conventions of SEMANTICS.md."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if x.shape[-1] == 0:
+            return np.full(x.shape[:-1], -np.inf)
+        m = np.max(x, axis=-1)
+        safe = np.where(np.isfinite(m), m, 0.0)
+        s = np.sum(np.exp(x - safe[..., None]), axis=-1)
+        out = safe + np.log(s)
+        out = np.where(m == -np.inf, -np.inf, out)
+        out = np.where(m == np.inf, np.inf, out)
+        out = np.where(np.isnan(x).any(axis=-1), np.nan, out)
+    return out
+
+
+def logsumexp(x, axis=-1, keepdims=False):
+    out = _lse_last(_last(x, axis))
+    if keepdims:
+        out = np.expand_dims(out, axis)
+    return out
+
+
+def log_softmax(x, axis=-1):
+    xl = _last(x, axis)
+    with np.errstate(invalid="ignore"):
+        out = xl - _lse_last(xl)[..., None]
+    return np.moveaxis(out, -1, axis)
+
+
+def softmax(x, axis=-1):
+    return np.exp(log_softmax(x, axis))
+
+
+def _plogq(p, q):
+    """p log q with 0 log q = 0 (also at q = 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(p == 0, 0.0, p * np.log(q))
+
+
+def _check_probs(p, name):
+    bad = ~(p >= 0)
+    if bad.any():
+        raise ValueError(f"{name} must hold probabilities")
+
+
+def entropy(p, axis=-1, base=None):
+    p = _last(p, axis)
+    _check_probs(p, "p")
+    h = -np.sum(_plogq(p, p), axis=-1)
+    return h / math.log(base) if base is not None else h
+
+
+def cross_entropy(p, q, axis=-1, base=None):
+    p, q = _last(p, axis), _last(q, axis)
+    _check_probs(p, "p")
+    _check_probs(q, "q")
+    h = -np.sum(_plogq(p, q), axis=-1)
+    return h / math.log(base) if base is not None else h
+
+
+def kl_divergence(p, q, axis=-1, base=None):
+    p, q = _last(p, axis), _last(q, axis)
+    _check_probs(p, "p")
+    _check_probs(q, "q")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.sum(np.where(p == 0, 0.0, p * (np.log(p) - np.log(q))), axis=-1)
+    return d / math.log(base) if base is not None else d
+
+
+def _reduce(rows, reduction, denominator):
+    if reduction == "none":
+        return rows
+    total = np.sum(rows)
+    if reduction == "sum":
+        return total
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.float64(total) / np.float64(denominator)
+
+
+def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index=-100,
+                          label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
+                          return_grad=False):
+    """Loss (and gradient with ``return_grad``) by the formulas of SEMANTICS.md.
+
+    Per row: ``sum_c a_c (lse - y_c) + z_loss lse^2`` with target weights ``a_c``.
+    """
+    x = _last(logits, axis)
+    c = x.shape[-1]
+    y = softcap * np.tanh(x / softcap) if softcap is not None else x
+    t = np.asarray(targets)
+    w = np.ones(c) if weight is None else _f64(weight)
+    eps = float(label_smoothing)
+    if t.dtype.kind in "iu":
+        kept = t != ignore_index
+        safe_t = np.where(kept, t, 0)
+        onehot = np.zeros(x.shape)
+        np.put_along_axis(onehot, safe_t[..., None], 1.0, axis=-1)
+        a = ((1 - eps) * onehot + eps / c) * w
+        a = np.where(kept[..., None], a, 0.0)
+        den = np.sum(np.where(kept, w[safe_t], 0.0))
+    else:
+        kept = np.ones(x.shape[:-1], bool)
+        a = ((1 - eps) * _last(t, axis) + eps / c) * w
+        den = np.prod(x.shape[:-1])
+    lse = _lse_last(y)
+    with np.errstate(invalid="ignore", over="ignore"):
+        terms = np.where(a == 0, 0.0, a * (lse[..., None] - y))
+        rows = np.sum(terms, axis=-1) + z_loss * lse ** 2
+        # an all -inf row: every target logit is -inf
+        rows = np.where((lse == -np.inf) & (np.sum(a, axis=-1) > 0), np.inf, rows)
+    rows = np.where(kept, rows, 0.0)
+    loss = _reduce(rows, reduction, den)
+    if not return_grad:
+        return loss
+    scale = 1.0
+    if reduction == "mean":
+        scale = 1.0 / den if den != 0 else np.nan
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.exp(y - lse[..., None])
+        atot = np.sum(a, axis=-1)
+        g = (atot + 2 * z_loss * lse)[..., None] * p - a
+        if softcap is not None:
+            g = g * (1 - (y / softcap) ** 2)
+    g = np.where(kept[..., None], g * scale, 0.0)
+    return loss, np.moveaxis(g, -1, axis)
+
+
+def softmax_kl_divergence(logits, target_logits, *, axis=-1, temperature=1.0,
+                          reduction="batchmean", return_grad=False):
+    s = _last(logits, axis) / temperature
+    t = _last(target_logits, axis) / temperature
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lps = s - _lse_last(s)[..., None]
+        lpt = t - _lse_last(t)[..., None]
+        pt = np.exp(lpt)
+        rows = np.sum(np.where(pt == 0, 0.0, pt * (lpt - lps)), axis=-1)
+    n = int(np.prod(s.shape[:-1]))
+    den = {"batchmean": n, "mean": n * s.shape[-1], "sum": 1, "none": 1}[reduction]
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = np.sum(rows)
+    else:
+        loss = _reduce(rows, "mean", den)
+    if not return_grad:
+        return loss
+    scale = 1.0 / den if den else np.nan
+    g = (np.exp(lps) - pt) / temperature * scale
+    return loss, np.moveaxis(g, -1, axis)
+
+
+def binary_cross_entropy(probs, targets, *, weight=None, reduction="mean"):
+    p, y = _f64(probs), _f64(targets)
+    if not ((p >= 0) & (p <= 1)).all():
+        raise ValueError("probs must lie in [0, 1]")
+    with np.errstate(divide="ignore"):
+        lp = np.maximum(np.log(p), -100.0)
+        lq = np.maximum(np.log(1 - p), -100.0)
+    out = -(y * lp + (1 - y) * lq)
+    if weight is not None:
+        out = out * _f64(weight)
+    return _reduce(out, reduction, out.size)
+
+
+def binary_cross_entropy_with_logits(logits, targets, *, weight=None, pos_weight=None,
+                                     reduction="mean", return_grad=False):
+    x, y = _f64(logits), _f64(targets)
+    pw = 1.0 if pos_weight is None else _f64(pos_weight)
+    w = 1.0 if weight is None else _f64(weight)
+    l = 1 + (pw - 1) * y
+    softplus_neg = np.log1p(np.exp(-np.abs(x))) + np.maximum(-x, 0)
+    out = w * ((1 - y) * x + l * softplus_neg)
+    out = np.broadcast_to(out, x.shape)
+    loss = _reduce(out, reduction, x.size)
+    if not return_grad:
+        return loss
+    scale = 1.0 / x.size if reduction == "mean" else 1.0
+    sig_neg = 1.0 / (1.0 + np.exp(x))
+    g = np.broadcast_to(w * ((1 - y) - l * sig_neg) * scale, x.shape)
+    return loss, g
