@@ -24,6 +24,7 @@ LOOP_FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
 JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=LOOP_FLAGS, boundscheck=False)
 
 _CHUNK = 512
+_MAX_CHUNK = 2048  # the online max+exp pass: longer chunks amortise the reductions
 
 
 # ---------------------------------------------------------------------------- reductions
@@ -47,6 +48,31 @@ def row_sumexp(x, m):
             s += fexp(seg[j] - m)
         total += s
     return total
+
+
+@njit(**JIT)
+def row_max_sumexp(x):
+    """(max, sum(exp(x - max))) in one read of the row: chunk max, then the chunk's exps
+    while it is in L1, rescaling the running sum when the max grows."""
+    n = x.shape[0]
+    m = cast_like(-np.inf, x)
+    total = 0.0
+    for lo in range(0, n, _MAX_CHUNK):
+        seg = x[lo:min(lo + _MAX_CHUNK, n)]
+        cm = m
+        for j in range(seg.shape[0]):
+            cm = fmax(cm, seg[j])
+        if cm == np.inf or cm == -np.inf:
+            m = cm
+            continue
+        if cm > m:
+            total *= math.exp(float(m) - float(cm))
+            m = cm
+        s = m - m
+        for j in range(seg.shape[0]):
+            s += fexp(seg[j] - m)
+        total += s
+    return m, total
 
 
 @njit(**JIT)
@@ -87,10 +113,10 @@ def lse_from(x, m, s):
 
 @njit(**JIT)
 def row_logsumexp(x):
-    m = row_max(x)
+    m, s = row_max_sumexp(x)
     if m == -np.inf or m == np.inf:
         return lse_from(x, m, 0.0)
-    return float(m) + math.log(row_sumexp(x, m))
+    return float(m) + math.log(s)
 
 
 @njit(**JIT)
@@ -132,8 +158,25 @@ def _lse_pass(y, m, gr, want_grad):
             for j in range(gr.shape[0]):
                 gr[j] = np.nan  # softmax is undefined on this row
         return 0.0, lse_from(y, m, 0.0)
-    s = row_exp_store(y, m, gr) if want_grad else row_sumexp(y, m)
+    s = row_exp_store(y, m, gr)
     return s, float(m) + math.log(s)
+
+
+@njit(**JIT)
+def _row_max_lse(y, gr, want_grad):
+    """Row max, sum of exps and log-sum-exp; the exps stored into ``gr`` if wanted.
+
+    Forward only: one read of the row (online max).  With a gradient: a max pass, then
+    an exp pass that writes each exp once into ``gr`` while the row is in cache.
+    """
+    if want_grad:
+        m = row_max(y)
+        s, lse = _lse_pass(y, m, gr, True)
+        return m, s, lse
+    m, s = row_max_sumexp(y)
+    if m == -np.inf or m == np.inf:
+        return m, 0.0, lse_from(y, m, 0.0)
+    return m, s, float(m) + math.log(s)
 
 
 @njit(**JIT)
@@ -146,12 +189,11 @@ def ce_index_row(y, t, w, has_w, wsum, eps, z, gr, want_grad, gscale):
     """
     C = y.shape[0]
     w_t = w[t] if has_w else 1.0
-    m = row_max(y)
     y_t = float(y[t])
     wy = 0.0
     if eps > 0.0:
         wy = row_dot(w, y) if has_w else _row_sum(y)
-    s, lse = _lse_pass(y, m, gr, want_grad)
+    m, s, lse = _row_max_lse(y, gr, want_grad)
     nll = lse - y_t
     smooth = wsum * lse - wy
     if m == -np.inf:
@@ -201,7 +243,6 @@ def ce_prob_row(y, p, w, has_w, eps, z, gr, want_grad, gscale):
     term with a_c = 0 is 0 even at y_c = -inf.  ``gr`` may be ``y`` itself.
     """
     C = y.shape[0]
-    m = row_max(y)
     zero = cast_like(0.0, y)
     ce = cast_like(1.0 - eps, y)
     cs = cast_like(eps / C, y) if C > 0 else zero
@@ -226,7 +267,7 @@ def ce_prob_row(y, p, w, has_w, eps, z, gr, want_grad, gscale):
                 say += a * sy[j] if a != zero else zero
         a_tot += sa
         ay += say
-    s, lse = _lse_pass(y, m, gr, want_grad)
+    m, s, lse = _row_max_lse(y, gr, want_grad)
     if m == -np.inf:
         loss = np.inf if a_tot > 0 else 0.0
     else:
