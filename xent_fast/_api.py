@@ -99,9 +99,12 @@ def _grad_target(grad_out, logits, f, axis):
     """
     shape = f.source.shape
     if grad_out is None:
-        g = np.empty(shape, f.dtype)
-        view, _, _ = _class_rows(g, axis, "grad_out")
-        return g, (view.view(np.uint16) if f.hk else view), None
+        ax = normalize_axis_index(operator.index(axis), len(shape), msg_prefix="axis")
+        moved = np.empty(shape[:ax] + shape[ax + 1:] + (shape[ax],), f.dtype)
+        view = moved.reshape(-1, shape[ax])
+        # Allocated with the class axis last, so the kernels write rows in place; the
+        # caller gets a view in the logits' axis order.
+        return np.moveaxis(moved, -1, ax), (view.view(np.uint16) if f.hk else view), None
     if not isinstance(grad_out, np.ndarray):
         raise TypeError("grad_out must be a NumPy array")
     if grad_out.shape != shape:

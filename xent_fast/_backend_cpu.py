@@ -139,7 +139,7 @@ def _kl_logits(x, hk, xt, thk, inv_t, gscale, want_grad, g, ghk, out, nblocks):
 
 def _bce(p, phk, y, yhk, w, has_w, keep, colblock, out, partial, bad):
     n, c = p.shape
-    ncb = (c + colblock - 1) // colblock
+    ncb = max(1, (c + colblock - 1) // colblock)
     for task in prange(n * ncb):
         i = task // ncb
         lo = (task % ncb) * colblock
@@ -164,7 +164,7 @@ def _bce(p, phk, y, yhk, w, has_w, keep, colblock, out, partial, bad):
 def _bce_logits(x, hk, y, yhk, w, has_w, pw, has_pw, gscale, want_grad, g, ghk, keep,
                 colblock, out, partial):
     n, c = x.shape
-    ncb = (c + colblock - 1) // colblock
+    ncb = max(1, (c + colblock - 1) // colblock)
     for task in prange(n * ncb):
         i = task // ncb
         lo = (task % ncb) * colblock

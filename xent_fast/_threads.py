@@ -25,8 +25,8 @@ def configure():
     from numba import config
 
     if "NUMBA_THREADING_LAYER" not in os.environ and config.THREADING_LAYER == "default":
-        # Skip OpenMP: a forked child of a process that ran GNU OpenMP dies.
-        config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue"]
+        # OpenMP last: a forked child of a process that ran GNU OpenMP dies.
+        config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
     _configured = True
 
 

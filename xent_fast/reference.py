@@ -197,7 +197,7 @@ def binary_cross_entropy_with_logits(logits, targets, *, weight=None, pos_weight
     loss = _reduce(out, reduction, x.size)
     if not return_grad:
         return loss
-    scale = 1.0 / x.size if reduction == "mean" else 1.0
+    scale = (1.0 / x.size if x.size else np.nan) if reduction == "mean" else 1.0
     sig_neg = 1.0 / (1.0 + np.exp(x))
     g = np.broadcast_to(w * ((1 - y) - l * sig_neg) * scale, x.shape)
     return loss, g

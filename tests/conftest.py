@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+try:
+    import ml_dtypes
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover
+    BF16 = None
+
+DTYPES = [np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16)]
+if BF16 is not None:
+    DTYPES.append(BF16)
+BACKENDS = ["cpu", "parallel"]
+
+# Relative tolerance of a loss or row value against the float64 reference, by input dtype.
+# Half inputs are compared with the reference on the same (rounded) values, and are
+# computed in float32, so they share float32's tolerance for values; gradients come back
+# in the input dtype and carry its rounding.
+VALUE_RTOL = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-5, "bfloat16": 1e-5}
+GRAD_TOL = {"float64": 1e-10, "float32": 2e-6, "float16": 1e-3, "bfloat16": 8e-3}
+
+
+def tol(dtype):
+    return VALUE_RTOL[np.dtype(dtype).name]
+
+
+def gtol(dtype):
+    return GRAD_TOL[np.dtype(dtype).name]
+
+
+def assert_close(actual, expected, rtol, atol=None, what=""):
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    if atol is None:
+        atol = rtol
+    np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, equal_nan=True, err_msg=what)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def assert_grad_close(actual, expected, dtype, what="grad", term=1e-6):
+    """Gradients: elementwise relative tolerance plus an absolute one scaled by the
+    largest reference entry, or by ``term``, the size of one row's terms, where the
+    exact gradient is 0 (entries that cancel carry the rounding of their terms)."""
+    e = np.asarray(expected, dtype=np.float64)
+    scale = float(np.nanmax(np.abs(e[np.isfinite(e)]))) if np.isfinite(e).any() else 1.0
+    # Half gradients below the normal range carry absolute errors of their subnormal
+    # spacing; a row whose exact gradient is 0 (one class) carries its terms' rounding.
+    sub = float(np.finfo(np.float16).smallest_subnormal) if np.dtype(dtype) == np.float16 \
+        else 0.0
+    assert_close(actual, expected, gtol(dtype), atol=gtol(dtype) * max(scale, term) + 2 * sub,
+                 what=what)
