@@ -88,7 +88,8 @@ def _class_rows(a, axis, name):
     ax = normalize_axis_index(operator.index(axis), a.ndim, msg_prefix="axis")
     m = np.moveaxis(a, ax, -1)
     # Kernels vectorise only over unit-stride rows: copy anything else once.
-    return np.ascontiguousarray(m.reshape(-1, m.shape[-1])), m.shape[:-1], ax
+    rows = int(np.prod(m.shape[:-1], dtype=np.int64))
+    return np.ascontiguousarray(m.reshape(rows, m.shape[-1])), m.shape[:-1], ax
 
 
 def _grad_target(grad_out, logits, f, axis):
@@ -101,7 +102,7 @@ def _grad_target(grad_out, logits, f, axis):
     if grad_out is None:
         ax = normalize_axis_index(operator.index(axis), len(shape), msg_prefix="axis")
         moved = np.empty(shape[:ax] + shape[ax + 1:] + (shape[ax],), f.dtype)
-        view = moved.reshape(-1, shape[ax])
+        view = moved.reshape(int(np.prod(moved.shape[:-1], dtype=np.int64)), shape[ax])
         # Allocated with the class axis last, so the kernels write rows in place; the
         # caller gets a view in the logits' axis order.
         return np.moveaxis(moved, -1, ax), (view.view(np.uint16) if f.hk else view), None
@@ -123,12 +124,13 @@ def _grad_target(grad_out, logits, f, axis):
         and grad_out.strides == f.source.strides)
     overlap = not same and np.shares_memory(grad_out, f.source)
     try:
-        view = moved.reshape(-1, moved.shape[-1], copy=False)
+        view = moved.reshape(int(np.prod(moved.shape[:-1], dtype=np.int64)),
+                             moved.shape[-1], copy=False)
     except (ValueError, TypeError):
         view = None
     if view is None or overlap or not view.flags.c_contiguous:
         tmp = np.empty(moved.shape, f.dtype)
-        tview = tmp.reshape(-1, moved.shape[-1])
+        tview = tmp.reshape(int(np.prod(moved.shape[:-1], dtype=np.int64)), moved.shape[-1])
 
         def finish():
             moved[...] = tmp

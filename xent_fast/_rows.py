@@ -194,8 +194,11 @@ def ce_index_row(y, t, w, has_w, wsum, eps, z, gr, want_grad, gscale):
     if eps > 0.0:
         wy = row_dot(w, y) if has_w else _row_sum(y)
     m, s, lse = _row_max_lse(y, gr, want_grad)
-    nll = lse - y_t
-    smooth = wsum * lse - wy
+    # lse - y_t as log(s) - (y_t - m): exact even where lse and y_t are ~1e38
+    fm = float(m)
+    ls = lse - fm if (m == np.inf or m == -np.inf) else math.log(s)
+    nll = ls - (y_t - fm) if (m != np.inf and m != -np.inf) else lse - y_t
+    smooth = wsum * ls - (wy - wsum * fm) if (m != np.inf and m != -np.inf) else wsum * lse - wy
     if m == -np.inf:
         nll = np.inf
         smooth = np.inf
@@ -270,8 +273,11 @@ def ce_prob_row(y, p, w, has_w, eps, z, gr, want_grad, gscale):
     m, s, lse = _row_max_lse(y, gr, want_grad)
     if m == -np.inf:
         loss = np.inf if a_tot > 0 else 0.0
-    else:
+    elif m == np.inf:
         loss = a_tot * lse - ay
+    else:
+        fm = float(m)
+        loss = a_tot * math.log(s) - (ay - a_tot * fm)
     if z != 0.0:
         loss += z * lse * lse
     if want_grad:
@@ -355,7 +361,10 @@ def kl_logits_row(x, xt, inv_t, gr, want_grad, gscale):
         d += c
     lse_s = lse_from(x, ms, ss) if ms != -np.inf else -np.inf
     lse_t = lse_from(xt, mt, st) if mt != -np.inf else -np.inf
-    kl = d / st + lse_s - lse_t
+    if ms != -np.inf and mt != -np.inf and ms != np.inf and mt != np.inf:
+        kl = d / st + (float(ms) - float(mt)) + (math.log(ss) - math.log(st))
+    else:
+        kl = d / st + lse_s - lse_t
     if want_grad:
         ks = cast_like(gscale * inv_t / ss, gr)
         kt = cast_like(gscale * inv_t / st, gr)

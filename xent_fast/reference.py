@@ -43,11 +43,21 @@ def logsumexp(x, axis=-1, keepdims=False):
     return out
 
 
+def _log_softmax_last(x):
+    """(x - m) - log(sum(exp(x - m))): keeps log 2 at x ~ 1e38 where x - lse loses it."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if x.shape[-1] == 0:
+            return x.copy()
+        m = np.max(x, axis=-1, keepdims=True)
+        d = x - m
+        out = d - np.log(np.sum(np.exp(d), axis=-1, keepdims=True))
+        lse = _lse_last(x)[..., None]
+        special = ~np.isfinite(lse)
+        return np.where(special, x - lse, out)
+
+
 def log_softmax(x, axis=-1):
-    xl = _last(x, axis)
-    with np.errstate(invalid="ignore"):
-        out = xl - _lse_last(xl)[..., None]
-    return np.moveaxis(out, -1, axis)
+    return np.moveaxis(_log_softmax_last(_last(x, axis)), -1, axis)
 
 
 def softmax(x, axis=-1):
@@ -126,8 +136,9 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
         a = ((1 - eps) * _last(t, axis) + eps / c) * w
         den = np.prod(x.shape[:-1])
     lse = _lse_last(y)
+    logp = _log_softmax_last(y)
     with np.errstate(invalid="ignore", over="ignore"):
-        terms = np.where(a == 0, 0.0, a * (lse[..., None] - y))
+        terms = np.where(a == 0, 0.0, -a * logp)
         rows = np.sum(terms, axis=-1) + z_loss * lse ** 2
         # an all -inf row: every target logit is -inf
         rows = np.where((lse == -np.inf) & (np.sum(a, axis=-1) > 0), np.inf, rows)
@@ -139,7 +150,7 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     if reduction == "mean":
         scale = 1.0 / den if den != 0 else np.nan
     with np.errstate(invalid="ignore", over="ignore"):
-        p = np.exp(y - lse[..., None])
+        p = np.exp(logp)
         atot = np.sum(a, axis=-1)
         g = (atot + 2 * z_loss * lse)[..., None] * p - a
         if softcap is not None:
@@ -153,8 +164,8 @@ def softmax_kl_divergence(logits, target_logits, *, axis=-1, temperature=1.0,
     s = _last(logits, axis) / temperature
     t = _last(target_logits, axis) / temperature
     with np.errstate(invalid="ignore", divide="ignore"):
-        lps = s - _lse_last(s)[..., None]
-        lpt = t - _lse_last(t)[..., None]
+        lps = _log_softmax_last(s)
+        lpt = _log_softmax_last(t)
         pt = np.exp(lpt)
         rows = np.sum(np.where(pt == 0, 0.0, pt * (lpt - lps)), axis=-1)
     n = int(np.prod(s.shape[:-1]))

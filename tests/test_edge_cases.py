@@ -1,0 +1,256 @@
+"""SEMANTICS.md conventions, errors, layouts, and inputs left untouched."""
+
+import numpy as np
+import pytest
+
+import xent_fast as xf
+from xent_fast import reference as R
+
+from conftest import BACKENDS, assert_close
+
+NINF, INF, NAN = -np.inf, np.inf, np.nan
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logsumexp_and_softmax_conventions(backend):
+    x = np.array([[NINF, NINF, NINF], [INF, 1.0, 2.0], [NAN, 1.0, 2.0], [NINF, 0.0, 1e30]])
+    lse = xf.logsumexp(x, backend=backend)
+    assert lse[0] == NINF and lse[1] == INF and np.isnan(lse[2]) and lse[3] == 1e30
+    assert xf.logsumexp(np.zeros((2, 0)), backend=backend).tolist() == [NINF, NINF]
+    sm = xf.softmax(x[[0, 3]], backend=backend)
+    assert np.isnan(sm[0]).all()
+    assert sm[1].tolist() == [0.0, 0.0, 1.0]
+    lsm = xf.log_softmax(x[[3]], backend=backend)
+    assert lsm[0, 0] == NINF and lsm[0, 2] == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_masked_logits_give_exact_zero_gradient(backend, dtype):
+    x = np.array([[NINF, 1.0, 2.0, NINF], [0.5, NINF, 3.0, 1.0]], dtype)
+    t = np.array([2, 0])
+    loss, g = xf.softmax_cross_entropy(x, t, return_grad=True, backend=backend)
+    assert np.isfinite(loss)
+    assert g[0, 0] == 0.0 and g[0, 3] == 0.0 and g[1, 1] == 0.0
+    assert not np.isnan(g).any()
+    rl, rg = R.softmax_cross_entropy(x, t, return_grad=True)
+    assert_close(loss, rl, 1e-6)
+    assert_close(g, rg, 1e-6)
+    # a target whose logit is -inf gives +inf
+    assert xf.softmax_cross_entropy(x, np.array([0, 2]), reduction="none",
+                                    backend=backend)[0] == INF
+    # probability targets with zero mass on -inf logits: finite, no NaN
+    p = np.array([[0.0, 0.5, 0.5, 0.0], [0.2, 0.0, 0.4, 0.4]], dtype)
+    loss, g = xf.softmax_cross_entropy(x, p, return_grad=True, backend=backend)
+    assert np.isfinite(loss) and not np.isnan(g).any()
+    assert g[0, 0] == 0.0 and g[1, 1] == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_logits_stay_finite(backend):
+    x = np.array([[1e30, -1e30, 0.0], [3e38, 3e38, -3e38]], np.float32)
+    t = np.array([0, 1])
+    loss, g = xf.softmax_cross_entropy(x, t, reduction="none", return_grad=True,
+                                       backend=backend)
+    rl, rg = R.softmax_cross_entropy(x, t, reduction="none", return_grad=True)
+    assert_close(loss, rl, 1e-6)
+    assert_close(g, rg, 1e-6)
+    assert np.isfinite(xf.logsumexp(x, backend=backend)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_batch(backend):
+    x = np.random.default_rng(0).standard_normal((4, 5))
+    t = np.full(4, -100)
+    assert np.isnan(xf.softmax_cross_entropy(x, t, backend=backend))
+    assert xf.softmax_cross_entropy(x, t, reduction="sum", backend=backend) == 0.0
+    none, g = xf.softmax_cross_entropy(x, t, reduction="none", return_grad=True,
+                                       backend=backend)
+    assert none.tolist() == [0.0] * 4 and (g == 0).all()
+    assert np.isnan(xf.softmax_cross_entropy(np.zeros((0, 5)), np.zeros(0, int)))
+
+
+def test_custom_ignore_index():
+    x = np.random.default_rng(0).standard_normal((3, 5))
+    t = np.array([1, 7, 2])
+    got = xf.softmax_cross_entropy(x, t, ignore_index=7)
+    assert got == pytest.approx(R.softmax_cross_entropy(x, t, ignore_index=7), rel=1e-12)
+
+
+def test_probability_conventions():
+    assert xf.entropy([1.0, 0.0]) == 0.0
+    assert xf.cross_entropy([0.0, 1.0], [0.0, 1.0]) == 0.0  # 0 log 0 where q = 0 too
+    assert xf.cross_entropy([0.5, 0.5], [0.0, 1.0]) == INF
+    assert xf.kl_divergence([0.5, 0.5], [1.0, 0.0]) == INF
+    assert xf.kl_divergence([0.0, 1.0], [0.5, 0.5]) == pytest.approx(np.log(2))
+    # not renormalised (unlike scipy.stats.entropy)
+    assert xf.entropy([1.0, 1.0]) == 0.0
+
+
+def test_seed_article_examples():
+    assert xf.entropy([0.5, 0.5], base=2) == pytest.approx(1.0, abs=1e-12)
+    assert xf.entropy([0.9, 0.1], base=2) == pytest.approx(0.469, abs=5e-4)
+    p, q = np.array([0.8, 0.1, 0.1]), np.array([0.2, 0.2, 0.6])
+    assert xf.entropy(p) == pytest.approx(0.639, abs=5e-4)
+    assert xf.cross_entropy(p, q) == pytest.approx(1.500, abs=5e-4)
+    assert xf.kl_divergence(p, q) == pytest.approx(0.861, abs=5e-4)
+
+
+def test_bce_clamps_logs_at_minus_100():
+    p = np.array([0.0, 1.0, 0.0, 1.0])
+    y = np.array([1.0, 0.0, 0.0, 1.0])
+    assert xf.binary_cross_entropy(p, y, reduction="none").tolist() == [100.0, 100.0, 0.0, 0.0]
+
+
+def test_bce_with_logits_is_stable_far_out():
+    x = np.array([-1000.0, 1000.0, 40.0, -40.0])
+    y = np.array([0.0, 1.0, 1.0, 0.0])
+    out = xf.binary_cross_entropy_with_logits(x, y, reduction="none")
+    assert np.isfinite(out).all()
+    assert_close(out, R.binary_cross_entropy_with_logits(x, y, reduction="none"), 1e-12,
+                 atol=1e-15)
+
+
+# ---------------------------------------------------------------------------- errors
+def test_errors_name_the_argument():
+    x = np.zeros((3, 4))
+    with pytest.raises(IndexError, match=r"targets\[1\] = 4"):
+        xf.softmax_cross_entropy(x, np.array([0, 4, 1]))
+    with pytest.raises(IndexError, match=r"targets\[2\] = -1"):
+        xf.softmax_cross_entropy(x, np.array([0, 1, -1]))
+    with pytest.raises(ValueError, match="reduction"):
+        xf.softmax_cross_entropy(x, np.array([0, 1, 1]), reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        xf.softmax_cross_entropy(x, np.array([0, 1, 1]), label_smoothing=1.5)
+    with pytest.raises(ValueError, match="softcap"):
+        xf.softmax_cross_entropy(x, np.array([0, 1, 1]), softcap=0.0)
+    with pytest.raises(ValueError, match="z_loss"):
+        xf.softmax_cross_entropy(x, np.array([0, 1, 1]), z_loss=-1.0)
+    with pytest.raises(ValueError, match="weight"):
+        xf.softmax_cross_entropy(x, np.array([0, 1, 1]), weight=np.ones(3))
+    with pytest.raises(ValueError, match="targets"):
+        xf.softmax_cross_entropy(x, np.array([0, 1]))
+    with pytest.raises(ValueError, match="probability targets"):
+        xf.softmax_cross_entropy(x, np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="temperature"):
+        xf.softmax_kl_divergence(x, x, temperature=0.0)
+    with pytest.raises(ValueError, match="target_logits"):
+        xf.softmax_kl_divergence(x, x[:2])
+    with pytest.raises(TypeError, match="complex"):
+        xf.logsumexp(np.zeros(3, complex))
+    with pytest.raises(ValueError, match="probs must lie in"):
+        xf.binary_cross_entropy(np.array([0.5, 1.5]), np.array([1.0, 0.0]))
+    with pytest.raises(ValueError, match=r"p\[\(1, 0\)\]"):
+        xf.entropy(np.array([[0.5, 0.5], [-0.1, 1.1]]))
+    with pytest.raises(ValueError, match=r"q\[\(1,\)\]"):
+        xf.kl_divergence(np.array([0.5, 0.5]), np.array([0.5, np.nan]))
+    with pytest.raises(ValueError, match="backend"):
+        xf.logsumexp(x, backend="gpu")
+    with pytest.raises(ValueError, match="grad_out"):
+        xf.softmax_cross_entropy(x, np.array([0, 1, 1]), grad_out=np.zeros((3, 4), np.float32))
+    with pytest.raises(ValueError, match="axis"):
+        xf.logsumexp(x, axis=2)
+    with pytest.raises(ValueError, match="base"):
+        xf.entropy([0.5, 0.5], base=1)
+
+
+def test_integer_and_bool_logits_become_float64():
+    out = xf.logsumexp(np.array([[1, 2, 3]]))
+    assert out.dtype == np.float64
+    assert out[0] == pytest.approx(R.logsumexp(np.array([1.0, 2.0, 3.0])), rel=1e-15)
+
+
+# ---------------------------------------------------------------------------- layouts
+def _layouts(x):
+    big = np.repeat(np.repeat(x, 2, axis=0), 2, axis=1)
+    ro = x.copy()
+    ro.flags.writeable = False
+    return {
+        "strided": big[::2, ::2],
+        "fortran": np.asfortranarray(x),
+        "readonly": ro,
+        "bigendian": x.astype(x.dtype.newbyteorder(">")),
+        "transposed-view": np.ascontiguousarray(x.T).T,
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_layout_gives_the_same_answer(backend, tmp_path):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 9)).astype(np.float32)
+    t = rng.integers(0, 9, 6)
+    want_l, want_g = xf.softmax_cross_entropy(x, t, return_grad=True, backend=backend)
+    mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=x.dtype, shape=x.shape)
+    mm[...] = x
+    mm.flush()
+    cases = dict(_layouts(x), memmap=np.load(tmp_path / "x.npy", mmap_mode="r"))
+    for name, arr in cases.items():
+        before = np.array(arr, copy=True)
+        loss, g = xf.softmax_cross_entropy(arr, t, return_grad=True, backend=backend)
+        # equal up to summation order (vector loops peel by alignment)
+        assert_close(loss, want_l, 1e-6, what=name)
+        assert_close(g, want_g, 1e-6, atol=1e-8, what=name)
+        np.testing.assert_array_equal(arr, before, err_msg=name)  # untouched
+        assert_close(xf.logsumexp(arr, backend=backend), R.logsumexp(x), 1e-6)
+
+
+def test_inputs_are_never_modified():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 7))
+    p = R.softmax(rng.standard_normal((5, 7)))
+    t = rng.integers(0, 7, 5)
+    w = rng.random(7)
+    copies = [a.copy() for a in (x, p, t, w)]
+    xf.softmax_cross_entropy(x, t, weight=w, label_smoothing=0.1, softcap=2.0,
+                             return_grad=True)
+    xf.softmax_cross_entropy(x, p, weight=w, return_grad=True)
+    xf.softmax_kl_divergence(x, p, return_grad=True)
+    xf.binary_cross_entropy_with_logits(x, p, weight=w, pos_weight=w, return_grad=True)
+    xf.kl_divergence(p, p)
+    for a, c in zip((x, p, t, w), copies):
+        np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_gradient_in_place_and_into_grad_out(backend, dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 33)).astype(dtype)
+    t = rng.integers(0, 33, 8)
+    # equal up to summation order (vector loops peel by alignment) and output rounding
+    rt = {np.float64: 1e-13, np.float32: 1e-6, np.float16: 2e-3}[dtype]
+
+    def same(a, b):
+        assert_close(a, b, rt, atol=rt * 1e-2)
+
+    want_l, want_g = xf.softmax_cross_entropy(x, t, return_grad=True, backend=backend)
+    out = np.empty_like(x)
+    l2, g2 = xf.softmax_cross_entropy(x, t, grad_out=out, backend=backend)
+    assert g2 is out
+    same(l2, want_l)
+    same(out, want_g)
+    xi = x.copy()
+    l3, g3 = xf.softmax_cross_entropy(xi, t, grad_out=xi, backend=backend)
+    assert g3 is xi
+    same(l3, want_l)
+    same(xi, want_g)
+    # a Fortran-ordered grad_out is filled too
+    fo = np.asfortranarray(np.empty_like(x))
+    xf.softmax_cross_entropy(x, t, grad_out=fo, backend=backend)
+    same(fo, want_g)
+    # KL and BCE-with-logits in place
+    xt = rng.standard_normal(x.shape).astype(dtype)
+    _, kg = xf.softmax_kl_divergence(x, xt, return_grad=True, backend=backend)
+    xk = x.copy()
+    xf.softmax_kl_divergence(xk, xt, grad_out=xk, backend=backend)
+    same(xk, kg)
+    y = rng.random(x.shape).astype(dtype)
+    _, bg = xf.binary_cross_entropy_with_logits(x, y, return_grad=True, backend=backend)
+    xb = x.copy()
+    xf.binary_cross_entropy_with_logits(xb, y, grad_out=xb, backend=backend)
+    same(xb, bg)
+
+
+def test_gpu_backend_is_a_clear_error():
+    with pytest.raises(NotImplementedError, match="cuda"):
+        xf.logsumexp(np.zeros((2, 2)), backend="cuda")
