@@ -262,13 +262,16 @@ def _compile(disp, sig):
     return disp.overloads[sig].entry_point
 
 
+_CACHED_MODULES = ("_scalar.", "_rows.", "_rowio.", "_backend_cpu.")
+
+
 def _remove_cache_files(cache):
+    """Delete this package's cache files (the driver's and its callees')."""
     path = getattr(cache, "_cache_path", None)
-    prefix = getattr(cache, "_index_name", "").split(".")[0]
-    if not path or not prefix:
+    if not path or not os.path.isdir(path):
         return
     for fname in os.listdir(path):
-        if fname.startswith(prefix):
+        if fname.startswith(_CACHED_MODULES) and fname.endswith((".nbi", ".nbc")):
             try:
                 os.remove(os.path.join(path, fname))
             except OSError:

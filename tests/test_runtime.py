@@ -1,0 +1,106 @@
+"""Import cost, warm-up, the JIT cache, and safety under threads and worker processes.
+
+Each concurrency case runs in a fresh subprocess so that an abort fails the test instead
+of killing the test run.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code, env=None, timeout=300):
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=full_env, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_import_is_cheap_and_compiles_nothing():
+    out = _run("""
+        import sys, time
+        t0 = time.perf_counter()
+        import xent_fast
+        dt = time.perf_counter() - t0
+        print(dt, "numba" in sys.modules)
+    """)
+    dt, numba_loaded = out.split()
+    assert float(dt) < 0.5
+    assert numba_loaded == "False"
+
+
+CONCURRENT = """
+    import threading, numpy as np, xent_fast as xf
+    from xent_fast import reference as R
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 700)).astype(np.float32)
+    t = rng.integers(0, 700, 256)
+    want = R.softmax_cross_entropy(x, t)
+    errors = []
+    def work():
+        try:
+            for _ in range(20):
+                got = xf.softmax_cross_entropy(x, t, backend="parallel")
+                assert abs(got - want) < 1e-5 * abs(want), (got, want)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    [th.start() for th in threads]
+    [th.join() for th in threads]
+    assert not errors, errors
+    print("ok")
+"""
+
+
+def test_many_python_threads_on_the_parallel_backend():
+    assert _run(CONCURRENT).strip().endswith("ok")
+
+
+def test_many_python_threads_with_the_workqueue_layer():
+    # Numba's workqueue layer aborts on concurrent entry; the library serialises it.
+    assert _run(CONCURRENT, env={"NUMBA_THREADING_LAYER": "workqueue"}).strip() \
+        .endswith("ok")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_worker_processes(method):
+    # The parent runs the thread pool first, then starts workers that use it too.
+    tests_dir = os.path.join(ROOT, "tests")
+    out = _run(f"""
+        import tests_worker_job
+        if __name__ == "__main__":
+            tests_worker_job.main({method!r})
+    """, env={"PYTHONPATH": ROOT + os.pathsep + tests_dir})
+    assert out.strip().endswith("ok")
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path):
+    env = {"NUMBA_CACHE_DIR": str(tmp_path)}
+    code = """
+        import numpy as np, xent_fast as xf
+        x = np.arange(12.0).reshape(3, 4)
+        print(float(xf.softmax_cross_entropy(x, np.array([0, 1, 3]), backend="cpu")))
+    """
+    first = _run(code, env)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert any(f.endswith(".nbi") for f in files)
+    for f in files:
+        with open(f, "wb") as fh:
+            fh.write(b"\\x00garbage, not a pickle")
+    assert _run(code, env) == first
+
+
+def test_warmup_compiles_every_kernel(tmp_path):
+    out = _run("""
+        import xent_fast
+        print(xent_fast.warmup(dtypes=("float32",), backends=("cpu",)))
+    """, {"NUMBA_CACHE_DIR": str(tmp_path)})
+    assert int(out) > 0

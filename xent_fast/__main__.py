@@ -1,0 +1,154 @@
+"""Command line: ``xent-fast demo`` and ``xent-fast bench`` (also ``python -m xent_fast``)."""
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+
+def _timeit(fn, repeat):
+    fn()  # compile / warm
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _demo(args):
+    import xent_fast as xf
+    from xent_fast import reference as R
+
+    print("xent_fast demo: the worked examples, a check of every kernel, and speed\n")
+    p, q = np.array([0.8, 0.1, 0.1]), np.array([0.2, 0.2, 0.6])
+    print("Worked examples (natural log unless stated):")
+    print(f"  fair coin entropy            {float(xf.entropy([0.5, 0.5], base=2)):.3f} bits")
+    print(f"  90:10 coin entropy           {float(xf.entropy([0.9, 0.1], base=2)):.3f} bits")
+    print(f"  bag p=(.8,.1,.1) H(p)        {float(xf.entropy(p)):.3f}")
+    print(f"  guess q=(.2,.2,.6) H(p,q)    {float(xf.cross_entropy(p, q)):.3f}")
+    print(f"  KL(p||q) = H(p,q) - H(p)     {float(xf.kl_divergence(p, q)):.3f}\n")
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((257, 1000)).astype(np.float32) * 3
+    xt = rng.standard_normal(x.shape).astype(np.float32) * 3
+    t = rng.integers(0, 1000, 257)
+    probs = R.softmax(xt).astype(np.float32)
+    y = rng.random(x.shape).astype(np.float32)
+    checks = [
+        ("logsumexp", lambda: xf.logsumexp(x), lambda: R.logsumexp(x)),
+        ("softmax", lambda: xf.softmax(x), lambda: R.softmax(x)),
+        ("log_softmax", lambda: xf.log_softmax(x), lambda: R.log_softmax(x)),
+        ("entropy", lambda: xf.entropy(probs), lambda: R.entropy(probs)),
+        ("cross_entropy", lambda: xf.cross_entropy(probs, probs[::-1]),
+         lambda: R.cross_entropy(probs, probs[::-1])),
+        ("kl_divergence", lambda: xf.kl_divergence(probs, probs[::-1]),
+         lambda: R.kl_divergence(probs, probs[::-1])),
+        ("softmax_cross_entropy", lambda: xf.softmax_cross_entropy(x, t, return_grad=True)[1],
+         lambda: R.softmax_cross_entropy(x, t, return_grad=True)[1]),
+        ("softmax_cross_entropy (probs)",
+         lambda: xf.softmax_cross_entropy(x, probs, label_smoothing=0.1),
+         lambda: R.softmax_cross_entropy(x, probs, label_smoothing=0.1)),
+        ("softmax_kl_divergence", lambda: xf.softmax_kl_divergence(x, xt, temperature=2.0),
+         lambda: R.softmax_kl_divergence(x, xt, temperature=2.0)),
+        ("binary_cross_entropy", lambda: xf.binary_cross_entropy(probs, y),
+         lambda: R.binary_cross_entropy(probs, y)),
+        ("binary_cross_entropy_with_logits",
+         lambda: xf.binary_cross_entropy_with_logits(x, y, return_grad=True)[1],
+         lambda: R.binary_cross_entropy_with_logits(x, y, return_grad=True)[1]),
+    ]
+    print("Every kernel against the float64 reference (float32 input, 257 x 1000):")
+    worst = 0.0
+    for name, got, want in checks:
+        g = np.asarray(got(), np.float64)
+        w = np.asarray(want(), np.float64)
+        err = float(np.max(np.abs(g - w) / (np.abs(w) + 1e-6)))
+        worst = max(worst, err)
+        print(f"  {name:34s} max rel. error {err:.1e}  {'ok' if err < 1e-4 else 'FAIL'}")
+
+    n, c = args.rows, args.classes
+    big = rng.standard_normal((n, c)).astype(np.float32)
+    tb = rng.integers(0, c, n)
+    grad = np.empty_like(big)
+    print(f"\nSpeed on ({n}, {c}) float32 logits, best of {args.repeat}, "
+          f"{xf._api._backend_module().num_threads()} threads, compile excluded:")
+    print(f"  {'case':38s} {'xent_fast':>10s} {'NumPy ref':>10s} {'speed-up':>9s}")
+    cases = [
+        ("softmax_cross_entropy forward", lambda: xf.softmax_cross_entropy(big, tb),
+         lambda: R.softmax_cross_entropy(big, tb)),
+        ("softmax_cross_entropy fwd+bwd", lambda: xf.softmax_cross_entropy(big, tb, grad_out=grad),
+         lambda: R.softmax_cross_entropy(big, tb, return_grad=True)),
+        ("logsumexp", lambda: xf.logsumexp(big), lambda: R.logsumexp(big)),
+        ("softmax_kl_divergence", lambda: xf.softmax_kl_divergence(big, big[::-1]),
+         lambda: R.softmax_kl_divergence(big, big[::-1])),
+    ]
+    for name, fast, ref in cases:
+        tf = _timeit(fast, args.repeat)
+        tr = _timeit(ref, 1)
+        print(f"  {name:38s} {tf * 1e3:8.1f}ms {tr * 1e3:8.1f}ms {tr / tf:8.1f}x")
+    return 0 if worst < 1e-4 else 1
+
+
+def _bench(args):
+    """The headline numbers of the core issue: CE forward and fused forward+backward."""
+    import numba
+
+    import xent_fast as xf
+
+    n, c = args.rows, args.classes
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, c)).astype(args.dtype)
+    t = rng.integers(0, c, n)
+    g = np.empty_like(x)
+    xf.softmax_cross_entropy(x, t, grad_out=g, backend=args.backend)
+    bw_read = args.read_bw * 1e9
+    nbytes = x.nbytes
+    floor_f = nbytes / bw_read
+    tf = _timeit(lambda: xf.softmax_cross_entropy(x, t, backend=args.backend), args.repeat)
+    tb = _timeit(lambda: xf.softmax_cross_entropy(x, t, grad_out=g, backend=args.backend),
+                 args.repeat)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+          f"numba {numba.__version__} ({numba.threading_layer()} layer, "
+          f"{numba.get_num_threads()} threads), numpy {np.__version__}, Python "
+          f"{platform.python_version()}")
+    print(f"logits ({n}, {c}) {np.dtype(args.dtype).name}, backend={args.backend}, best of "
+          f"{args.repeat}, compile excluded")
+    print(f"floor: bytes moved over {args.read_bw} GB/s read, {args.write_bw} GB/s write "
+          "(2-thread bandwidth of the project's machine; pass yours with --read-bw/--write-bw)")
+    print(f"forward          {tf * 1e3:7.2f} ms  floor {floor_f * 1e3:6.2f} ms  "
+          f"x{tf / floor_f:.2f} of floor")
+    floor_b = nbytes / bw_read + nbytes / args.write_bw / 1e9
+    print(f"forward+backward {tb * 1e3:7.2f} ms  floor {floor_b * 1e3:6.2f} ms  "
+          f"x{tb / floor_b:.2f} of floor (into a preallocated grad_out)")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="xent-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    d = sub.add_parser("demo", help="worked examples, kernel checks and a speed table")
+    d.add_argument("--rows", type=int, default=4096)
+    d.add_argument("--classes", type=int, default=32000)
+    d.add_argument("--repeat", type=int, default=5)
+    b = sub.add_parser("bench", help="softmax cross-entropy time against its memory floor")
+    b.add_argument("--rows", type=int, default=4096)
+    b.add_argument("--classes", type=int, default=32000)
+    b.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    b.add_argument("--backend", default="parallel", choices=["cpu", "parallel", "auto"])
+    b.add_argument("--repeat", type=int, default=10)
+    b.add_argument("--read-bw", type=float, default=49.6, help="read bandwidth, GB/s")
+    b.add_argument("--write-bw", type=float, default=31.0, help="write bandwidth, GB/s")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return _demo(args)
+    if args.command == "bench":
+        return _bench(args)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
