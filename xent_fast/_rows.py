@@ -119,18 +119,34 @@ def row_logsumexp(x):
     return float(m) + math.log(s)
 
 
+@njit(nogil=True, cache=True, error_model="numpy", boundscheck=False,
+      fastmath={"nsz", "arcp", "contract", "afn"})
+def _shift2(x, a, b, out):
+    """out = (x - a) - b in that order: no "reassoc", which would fold a + b first."""
+    for j in range(x.shape[0]):
+        out[j] = (x[j] - a) - b
+
+
 @njit(**JIT)
 def row_softmax(x, out, log):
-    """softmax (or log_softmax when ``log``) of ``x`` into ``out``; returns the lse."""
-    lse = row_logsumexp(x)
-    c = cast_like(lse, out)
+    """softmax (or log_softmax when ``log``) of ``x`` into ``out``.
+
+    Written as exp(x - m) / s and (x - m) - log s: x - lse would lose the low bits of
+    log s when |x| is large.
+    """
+    m, s = row_max_sumexp(x)
+    if m == -np.inf or m == np.inf:
+        c = cast_like(lse_from(x, m, 0.0), out)
+        for j in range(x.shape[0]):
+            out[j] = x[j] - c if log else fexp(x[j] - c)
+        return
+    mm = cast_like(m, out)
     if log:
-        for j in range(x.shape[0]):
-            out[j] = x[j] - c
+        _shift2(x, mm, cast_like(math.log(s), out), out)
     else:
+        inv = cast_like(1.0 / s, out)
         for j in range(x.shape[0]):
-            out[j] = fexp(x[j] - c)
-    return lse
+            out[j] = fexp(x[j] - mm) * inv
 
 
 @njit(**JIT)
