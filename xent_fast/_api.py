@@ -45,7 +45,8 @@ class _Float:
     """An input array prepared for the kernels.
 
     ``arr`` is what the kernels read (uint16 bits for half precision), ``hk`` the half
-    kind, ``dtype`` the array's own float dtype and ``out_dtype`` the result dtype.
+    kind, ``dtype`` the array's own float dtype and ``out_dtype`` the result dtype, which
+    is also the precision the kernels compute in.
     """
 
     __slots__ = ("arr", "hk", "dtype", "out_dtype", "source")
@@ -76,9 +77,13 @@ class _Float:
         self.out_dtype = np.dtype(np.float64 if a.dtype == np.float64 else np.float32)
         self.arr = a.view(np.uint16) if self.hk else a
 
-    @property
-    def compute_dtype(self):
-        return self.out_dtype
+    def companion(self, value, name):
+        """Another float input read with this one (targets, target logits): kept as is
+        when half precision, else brought to this input's compute dtype."""
+        other = _Float(value, name)
+        if other.hk == 0 and other.dtype != self.out_dtype:
+            other.arr = other.arr.astype(self.out_dtype)
+        return other
 
 
 def _class_rows(a, axis, name):
@@ -88,55 +93,56 @@ def _class_rows(a, axis, name):
     ax = normalize_axis_index(operator.index(axis), a.ndim, msg_prefix="axis")
     m = np.moveaxis(a, ax, -1)
     # Kernels vectorise only over unit-stride rows: copy anything else once.
-    rows = int(np.prod(m.shape[:-1], dtype=np.int64))
-    return np.ascontiguousarray(m.reshape(rows, m.shape[-1])), m.shape[:-1], ax
+    return np.ascontiguousarray(m.reshape(_rows_shape(m.shape))), m.shape[:-1], ax
 
 
-def _grad_target(grad_out, logits, f, axis):
-    """The array the kernels write the gradient into, and a finisher to call after.
+def _rows_shape(shape):
+    """(rows, C) for an array whose last axis is the class axis."""
+    return int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
 
-    Writes go straight into ``grad_out`` when its rows can be viewed as (rows, C);
-    otherwise into a temporary that is copied back.
+
+def _grad_target(want_grad, grad_out, logits, f, ax, shape2):
+    """The gradient array, the kernels' 2-D view of it, and a finisher to call after.
+
+    The kernels see the logits moved to put axis ``ax`` last (no move for ``None``) and
+    reshaped to ``shape2``; the gradient is written through the same view of
+    ``grad_out`` when that view is C-contiguous and either is the logits (in place) or
+    overlaps nothing, else into a temporary copied back by the finisher.
     """
+    if not want_grad:  # the kernels still take an array argument
+        return None, np.empty((0, 0), f.arr.dtype), None
     shape = f.source.shape
+    moved_shape = shape if ax is None else shape[:ax] + shape[ax + 1:] + (shape[ax],)
     if grad_out is None:
-        ax = normalize_axis_index(operator.index(axis), len(shape), msg_prefix="axis")
-        moved = np.empty(shape[:ax] + shape[ax + 1:] + (shape[ax],), f.dtype)
-        view = moved.reshape(int(np.prod(moved.shape[:-1], dtype=np.int64)), shape[ax])
-        # Allocated with the class axis last, so the kernels write rows in place; the
-        # caller gets a view in the logits' axis order.
-        return np.moveaxis(moved, -1, ax), (view.view(np.uint16) if f.hk else view), None
+        moved = np.empty(moved_shape, f.dtype)
+        grad = moved if ax is None else np.moveaxis(moved, -1, ax)
+        view = moved.reshape(shape2)
+        return grad, (view.view(np.uint16) if f.hk else view), None
     if not isinstance(grad_out, np.ndarray):
         raise TypeError("grad_out must be a NumPy array")
-    if grad_out.shape != shape:
-        raise ValueError(f"grad_out has shape {grad_out.shape}; it must have the logits' "
-                         f"shape {shape}")
-    if grad_out.dtype != f.dtype:
-        raise ValueError(f"grad_out has dtype {grad_out.dtype}; it must have the gradient "
-                         f"dtype {f.dtype}")
+    if grad_out.shape != shape or grad_out.dtype != f.dtype:
+        raise ValueError(f"grad_out must have the logits' shape {shape} and the gradient "
+                         f"dtype {f.dtype}; got {grad_out.shape} and {grad_out.dtype}")
     if not grad_out.flags.writeable:
         raise ValueError("grad_out is read-only")
-    ax = normalize_axis_index(operator.index(axis), grad_out.ndim, msg_prefix="axis")
-    moved = np.moveaxis(grad_out, ax, -1)
-    same = grad_out is logits or (
-        np.shares_memory(grad_out, f.source)
-        and grad_out.__array_interface__["data"][0] == f.source.__array_interface__["data"][0]
+    moved = grad_out if ax is None else np.moveaxis(grad_out, ax, -1)
+    in_place = grad_out is logits or (
+        grad_out.__array_interface__["data"][0] == f.source.__array_interface__["data"][0]
         and grad_out.strides == f.source.strides)
-    overlap = not same and np.shares_memory(grad_out, f.source)
-    try:
-        view = moved.reshape(int(np.prod(moved.shape[:-1], dtype=np.int64)),
-                             moved.shape[-1], copy=False)
-    except (ValueError, TypeError):
-        view = None
-    if view is None or overlap or not view.flags.c_contiguous:
-        tmp = np.empty(moved.shape, f.dtype)
-        tview = tmp.reshape(int(np.prod(moved.shape[:-1], dtype=np.int64)), moved.shape[-1])
+    view = None
+    if in_place or not np.may_share_memory(grad_out, f.source):
+        try:
+            view = moved.reshape(shape2, copy=False)
+        except (ValueError, TypeError):
+            view = None
+    if view is not None and view.flags.c_contiguous:
+        return grad_out, (view.view(np.uint16) if f.hk else view), None
+    tmp = np.empty(shape2, f.dtype)
 
-        def finish():
-            moved[...] = tmp
+    def finish():
+        moved[...] = tmp.reshape(moved_shape)
 
-        return grad_out, (tview.view(np.uint16) if f.hk else tview), finish
-    return grad_out, (view.view(np.uint16) if f.hk else view), None
+    return grad_out, (tmp.view(np.uint16) if f.hk else tmp), finish
 
 
 def _check_reduction(reduction, allowed=("none", "sum", "mean")):
@@ -171,20 +177,13 @@ def _class_weight(weight, c, dtype, name="weight"):
     if weight is None:
         return np.ones(1, dtype), False, float(c)
     w = np.asarray(weight)
-    if w.dtype.kind not in "biuf" or w.dtype.name == "bfloat16" and False:
-        raise TypeError(f"{name} must be a real array")
+    if w.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a real array, got dtype {w.dtype}")
     if w.shape != (c,):
         raise ValueError(f"{name} must have shape ({c},) (one weight per class), "
                          f"got {w.shape}")
     w = np.ascontiguousarray(w, dtype=dtype)
     return w, True, float(np.sum(w, dtype=np.float64))
-
-
-def _batch_value(rows, batch_shape, keepdims=False, axis=None, ndim=None):
-    out = rows.reshape(batch_shape)
-    if keepdims:
-        out = np.expand_dims(out, axis)
-    return out[()] if out.ndim == 0 else out
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -245,9 +244,6 @@ def _log_base(base):
     if b == 1.0:
         raise ValueError("base must not be 1")
     return math.log(b)
-
-
-_DIST_MODES = {"entropy": 0, "cross_entropy": 1, "kl_divergence": 2}
 
 
 def _dist(p, q, axis, base, mode, backend):
@@ -377,7 +373,7 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     rows, batch, ax = _class_rows(f.arr, axis, "logits")
     n, c = rows.shape
     t = np.asarray(targets)
-    w, has_w, wsum = _class_weight(weight, c, f.compute_dtype)
+    w, has_w, wsum = _class_weight(weight, c, f.out_dtype)
     if t.dtype.kind in "iu":
         if t.shape != batch:
             raise ValueError(f"integer targets must have the logits' shape without the "
@@ -401,9 +397,7 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
             raise ValueError(f"probability targets must have the logits' shape "
                              f"{f.source.shape}; got {t.shape} (class-index targets must "
                              "be integers)")
-        ft = _Float(t, "targets")
-        if ft.hk == 0 and ft.dtype != f.compute_dtype:
-            ft.arr = ft.arr.astype(f.compute_dtype)
+        ft = f.companion(t, "targets")
         trows, _, _ = _class_rows(ft.arr, axis, "targets")
         den = float(n)
         kind = "ce_prob"
@@ -413,10 +407,7 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     gscale = 1.0
     if reduction == "mean":
         gscale = 1.0 / den if den != 0 else math.nan
-    if want_grad:
-        grad, g2, finish = _grad_target(grad_out, logits, f, axis)
-    else:
-        grad, g2, finish = None, np.empty((0, 0), f.arr.dtype), None
+    grad, g2, finish = _grad_target(want_grad, grad_out, logits, f, ax, rows.shape)
     loss = np.empty(n, np.float64)
     par = _parallel(backend, rows.size)
     nb = _nblocks(n, par)
@@ -452,21 +443,16 @@ def softmax_kl_divergence(logits, target_logits, *, axis=-1, temperature=1.0,
     temp = _scalar_option(temperature, "temperature", 0.0, None, lo_open=True)
     want_grad = bool(return_grad) or grad_out is not None
     f = _Float(logits, "logits")
-    ft = _Float(target_logits, "target_logits")
+    ft = f.companion(target_logits, "target_logits")
     if ft.source.shape != f.source.shape:
         raise ValueError(f"target_logits must have the logits' shape {f.source.shape}; "
                          f"got {ft.source.shape}")
-    if ft.hk == 0 and ft.dtype != f.compute_dtype:
-        ft.arr = ft.arr.astype(f.compute_dtype)
     rows, batch, ax = _class_rows(f.arr, axis, "logits")
     trows, _, _ = _class_rows(ft.arr, axis, "target_logits")
     n, c = rows.shape
     den = {"batchmean": n, "mean": n * c, "sum": 1, "none": 1}[reduction]
     gscale = 1.0 / den if den else math.nan
-    if want_grad:
-        grad, g2, finish = _grad_target(grad_out, logits, f, axis)
-    else:
-        grad, g2, finish = None, np.empty((0, 0), f.arr.dtype), None
+    grad, g2, finish = _grad_target(want_grad, grad_out, logits, f, ax, rows.shape)
     out = np.empty(n, np.float64)
     par = _parallel(backend, rows.size)
     _backend_module().run("kl_logits", par, rows, f.hk, trows, ft.hk, 1.0 / temp, gscale,
@@ -497,6 +483,14 @@ def _elementwise_rows(arrays, shape):
     return out
 
 
+def _elementwise_buffers(shape2, keep, dtype):
+    """Output rows (kept only for ``"none"``) and one partial sum per kernel task."""
+    n, c = shape2
+    out = np.empty((n, c) if keep else (0, 0), dtype)
+    ncb = max(1, -(-c // _ELEMENTWISE_BLOCK))
+    return out, np.empty(n * ncb, np.float64), ncb
+
+
 def _broadcast_weight(weight, shape, dtype, name):
     if weight is None:
         return None
@@ -516,12 +510,10 @@ def _broadcast_weight(weight, shape, dtype, name):
 
 def _binary_inputs(x, targets, xname):
     fx = _Float(x, xname)
-    fy = _Float(targets, "targets")
+    fy = fx.companion(targets, "targets")
     if fy.source.shape != fx.source.shape:
         raise ValueError(f"targets must have the {xname}' shape {fx.source.shape}; "
                          f"got {fy.source.shape}")
-    if fy.hk == 0 and fy.dtype != fx.compute_dtype:
-        fy.arr = fy.arr.astype(fx.compute_dtype)
     return fx, fy
 
 
@@ -535,17 +527,15 @@ def binary_cross_entropy(probs, targets, *, weight=None, reduction="mean", backe
     _check_reduction(reduction)
     fp, fy = _binary_inputs(probs, targets, "probs")
     shape = fp.source.shape
-    w = _broadcast_weight(weight, shape, fp.compute_dtype, "weight")
+    w = _broadcast_weight(weight, shape, fp.out_dtype, "weight")
     p2, y2, w2 = _elementwise_rows([fp.arr, fy.arr, w], shape)
-    n, c = p2.shape
+    c = p2.shape[1]
     keep = reduction == "none"
-    out = np.empty((n, c) if keep else (0, 0), fp.out_dtype)
-    ncb = max(1, -(-c // _ELEMENTWISE_BLOCK))
-    partial = np.empty(n * ncb, np.float64)
-    bad = np.empty(n * ncb, np.int64)
+    out, partial, ncb = _elementwise_buffers(p2.shape, keep, fp.out_dtype)
+    bad = np.empty(partial.size, np.int64)
     par = _parallel(backend, p2.size)
     _backend_module().run("bce", par, p2, fp.hk, y2, fy.hk,
-                          w2 if w2 is not None else np.ones((1, 0), fp.compute_dtype),
+                          w2 if w2 is not None else np.ones((1, 0), fp.out_dtype),
                           w2 is not None, keep, _ELEMENTWISE_BLOCK, out, partial, bad)
     hits = np.flatnonzero(bad >= 0)
     if hits.size:
@@ -557,11 +547,7 @@ def binary_cross_entropy(probs, targets, *, weight=None, reduction="mean", backe
                          f"{fp.source[pos]!r}")
     if keep:
         return out.reshape(shape)
-    total = float(np.sum(partial))
-    if reduction == "sum":
-        return fp.out_dtype.type(total)
-    size = int(np.prod(shape, dtype=np.int64))
-    return fp.out_dtype.type(total / size if size else math.nan)
+    return _reduce(partial, (), reduction, p2.size, fp.out_dtype)
 
 
 def binary_cross_entropy_with_logits(logits, targets, *, weight=None, pos_weight=None,
@@ -582,21 +568,15 @@ def binary_cross_entropy_with_logits(logits, targets, *, weight=None, pos_weight
     want_grad = bool(return_grad) or grad_out is not None
     fx, fy = _binary_inputs(logits, targets, "logits")
     shape = fx.source.shape
-    w = _broadcast_weight(weight, shape, fx.compute_dtype, "weight")
-    pw = _broadcast_weight(pos_weight, shape, fx.compute_dtype, "pos_weight")
+    w = _broadcast_weight(weight, shape, fx.out_dtype, "weight")
+    pw = _broadcast_weight(pos_weight, shape, fx.out_dtype, "pos_weight")
     size = int(np.prod(shape, dtype=np.int64))
     gscale = (1.0 / size if size else math.nan) if reduction == "mean" else 1.0
     x2, y2, w2, pw2 = _elementwise_rows([fx.arr, fy.arr, w, pw], shape)
-    if want_grad:
-        grad, g2, finish = _elementwise_grad(grad_out, logits, fx, x2.shape)
-    else:
-        grad, g2, finish = None, np.empty((0, 0), fx.arr.dtype), None
-    n, c = x2.shape
+    grad, g2, finish = _grad_target(want_grad, grad_out, logits, fx, None, x2.shape)
     keep = reduction == "none"
-    out = np.empty((n, c) if keep else (0, 0), fx.out_dtype)
-    ncb = max(1, -(-c // _ELEMENTWISE_BLOCK))
-    partial = np.empty(n * ncb, np.float64)
-    dummy = np.ones((1, 0), fx.compute_dtype)
+    out, partial, _ = _elementwise_buffers(x2.shape, keep, fx.out_dtype)
+    dummy = np.ones((1, 0), fx.out_dtype)
     par = _parallel(backend, x2.size)
     _backend_module().run("bce_logits", par, x2, fx.hk, y2, fy.hk,
                           w2 if w2 is not None else dummy, w2 is not None,
@@ -604,43 +584,5 @@ def binary_cross_entropy_with_logits(logits, targets, *, weight=None, pos_weight
                           want_grad, g2, fx.hk, keep, _ELEMENTWISE_BLOCK, out, partial)
     if finish is not None:
         finish()
-    if keep:
-        res = out.reshape(shape)
-    elif reduction == "sum":
-        res = fx.out_dtype.type(float(np.sum(partial)))
-    else:
-        res = fx.out_dtype.type(float(np.sum(partial)) / size if size else math.nan)
+    res = out.reshape(shape) if keep else _reduce(partial, (), reduction, size, fx.out_dtype)
     return (res, grad) if want_grad else res
-
-
-def _elementwise_grad(grad_out, logits, f, shape2):
-    """Gradient array for an elementwise kernel whose inputs were viewed as ``shape2``."""
-    shape = f.source.shape
-    if grad_out is None:
-        grad = np.empty(shape, f.dtype)
-    else:
-        if not isinstance(grad_out, np.ndarray):
-            raise TypeError("grad_out must be a NumPy array")
-        if grad_out.shape != shape or grad_out.dtype != f.dtype:
-            raise ValueError(f"grad_out must have the logits' shape {shape} and dtype "
-                             f"{f.dtype}; got {grad_out.shape} and {grad_out.dtype}")
-        if not grad_out.flags.writeable:
-            raise ValueError("grad_out is read-only")
-        grad = grad_out
-    same = grad is logits or (grad.__array_interface__["data"][0]
-                              == f.source.__array_interface__["data"][0]
-                              and grad.strides == f.source.strides)
-    view = None
-    if same or not np.shares_memory(grad, f.source):
-        try:
-            view = grad.reshape(shape2, copy=False)
-        except (ValueError, TypeError):
-            view = None
-    if view is not None and view.flags.c_contiguous:
-        return grad, (view.view(np.uint16) if f.hk else view), None
-    tmp = np.empty(shape2, f.dtype)
-
-    def finish():
-        grad[...] = tmp.reshape(shape)
-
-    return grad, (tmp.view(np.uint16) if f.hk else tmp), finish

@@ -23,7 +23,7 @@ from numba.core.errors import TypingError
 
 from . import _threads
 from ._rowio import (block_bounds, grad_row, half_work_row, load_row, store_grad_row,
-                     work_row)
+                     task_bounds, work_row)
 from ._rows import (JIT, bce_logits_row, bce_row, ce_index_row, ce_prob_row, dist_row,
                     first_bad_prob, kl_logits_row, row_logsumexp, row_softmax,
                     softcap_grad_row, softcap_row, _row_sum)
@@ -141,9 +141,7 @@ def _bce(p, phk, y, yhk, w, has_w, keep, colblock, out, partial, bad):
     n, c = p.shape
     ncb = max(1, (c + colblock - 1) // colblock)
     for task in prange(n * ncb):
-        i = task // ncb
-        lo = (task % ncb) * colblock
-        hi = min(lo + colblock, c)
+        i, lo, hi = task_bounds(task, ncb, colblock, c)
         pw = half_work_row(p, hi - lo)
         yw = half_work_row(y, hi - lo)
         ow = work_row(p, hi - lo if not keep else 0)
@@ -166,9 +164,7 @@ def _bce_logits(x, hk, y, yhk, w, has_w, pw, has_pw, gscale, want_grad, g, ghk, 
     n, c = x.shape
     ncb = max(1, (c + colblock - 1) // colblock)
     for task in prange(n * ncb):
-        i = task // ncb
-        lo = (task % ncb) * colblock
-        hi = min(lo + colblock, c)
+        i, lo, hi = task_bounds(task, ncb, colblock, c)
         xw = half_work_row(x, hi - lo)
         yw = half_work_row(y, hi - lo)
         ow = work_row(x, hi - lo if not keep else 0)

@@ -92,3 +92,10 @@ def _store_grad_row(grow, gr, hk):
 @njit(**JIT)
 def block_bounds(b, nblocks, n):
     return (b * n) // nblocks, ((b + 1) * n) // nblocks
+
+
+@njit(**JIT)
+def task_bounds(task, ncb, colblock, c):
+    """Row and column range of elementwise task ``task`` (``ncb`` column blocks a row)."""
+    lo = (task % ncb) * colblock
+    return task // ncb, lo, min(lo + colblock, c)

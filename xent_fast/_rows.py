@@ -16,7 +16,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ._scalar import cast_like, fexp, flog, flog1p, fmax, fone
+from ._scalar import cast_like, fexp, flog, flog1p, fmax
 
 # Loops may re-associate (that is what lets the sums vectorise) but must keep the
 # meaning of inf and NaN: no "nnan"/"ninf".
@@ -34,20 +34,6 @@ def row_max(x):
     for j in range(x.shape[0]):
         m = fmax(m, x[j])
     return m
-
-
-@njit(**JIT)
-def row_sumexp(x, m):
-    """sum(exp(x - m)) in float64, chunked float-lane partial sums."""
-    n = x.shape[0]
-    total = 0.0
-    for lo in range(0, n, _CHUNK):
-        seg = x[lo:min(lo + _CHUNK, n)]
-        s = m - m
-        for j in range(seg.shape[0]):
-            s += fexp(seg[j] - m)
-        total += s
-    return total
 
 
 @njit(**JIT)
@@ -114,9 +100,7 @@ def lse_from(x, m, s):
 @njit(**JIT)
 def row_logsumexp(x):
     m, s = row_max_sumexp(x)
-    if m == -np.inf or m == np.inf:
-        return lse_from(x, m, 0.0)
-    return float(m) + math.log(s)
+    return lse_from(x, m, s)
 
 
 @njit(nogil=True, cache=True, error_model="numpy", boundscheck=False,
@@ -167,32 +151,22 @@ def row_dot(a, b):
 
 # ---------------------------------------------------------------------------- softmax CE
 @njit(**JIT)
-def _lse_pass(y, m, gr, want_grad):
-    """Second pass: sum of exp(y - m), stored into ``gr`` when a gradient is wanted."""
-    if m == -np.inf or m == np.inf:
-        if want_grad:
-            for j in range(gr.shape[0]):
-                gr[j] = np.nan  # softmax is undefined on this row
-        return 0.0, lse_from(y, m, 0.0)
-    s = row_exp_store(y, m, gr)
-    return s, float(m) + math.log(s)
-
-
-@njit(**JIT)
 def _row_max_lse(y, gr, want_grad):
     """Row max, sum of exps and log-sum-exp; the exps stored into ``gr`` if wanted.
 
     Forward only: one read of the row (online max).  With a gradient: a max pass, then
     an exp pass that writes each exp once into ``gr`` while the row is in cache.
     """
-    if want_grad:
-        m = row_max(y)
-        s, lse = _lse_pass(y, m, gr, True)
-        return m, s, lse
-    m, s = row_max_sumexp(y)
+    if not want_grad:
+        m, s = row_max_sumexp(y)
+        return m, s, lse_from(y, m, s)
+    m = row_max(y)
     if m == -np.inf or m == np.inf:
+        for j in range(gr.shape[0]):
+            gr[j] = np.nan  # softmax is undefined on this row
         return m, 0.0, lse_from(y, m, 0.0)
-    return m, s, float(m) + math.log(s)
+    s = row_exp_store(y, m, gr)
+    return m, s, lse_from(y, m, s)
 
 
 @njit(**JIT)
@@ -340,7 +314,7 @@ def kl_logits_row(x, xt, inv_t, gr, want_grad, gscale):
     mt = row_max(xt) * it
     if C == 0:
         return 0.0
-    one = fone(x[0])
+    one = cast_like(1.0, x)
     zero = one - one
     st = 0.0
     ss = 0.0
@@ -440,7 +414,7 @@ def bce_row(p, y, w, has_w, out):
     n = p.shape[0]
     if n == 0:
         return
-    one = fone(p[0])
+    one = cast_like(1.0, p)
     lo_clamp = cast_like(-100.0, p)
     for j in range(n):
         v = p[j]
@@ -461,7 +435,7 @@ def bce_logits_row(x, y, w, has_w, pw, has_pw, out, gr, want_grad, gscale):
     n = x.shape[0]
     if n == 0:
         return
-    one = fone(x[0])
+    one = cast_like(1.0, x)
     zero = one - one
     g = cast_like(gscale, x)
     for j in range(n):

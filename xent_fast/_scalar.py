@@ -43,26 +43,23 @@ i64_as_f64 = _make_bitcast(types.int64, types.float64, ir.DoubleType())
 f64_as_i64 = _make_bitcast(types.float64, types.int64, ir.IntType(64))
 
 
-def _make_minmax(name):
-    @intrinsic
-    def op(typingctx, a, b):
-        if not (isinstance(a, types.Float) and a == b):
-            return None
+@intrinsic
+def fmax(typingctx, a, b):
+    """llvm.maxnum: vectorises, unlike Python's max() on floats.
 
-        def codegen(context, builder, sig, args):
-            lty = args[0].type
-            fn = builder.module.declare_intrinsic(name, [lty], ir.FunctionType(lty, [lty, lty]))
-            return builder.call(fn, args)
+    It returns the non-NaN operand when one is NaN; callers that must propagate NaN do
+    so through the sums that follow.
+    """
+    if not (isinstance(a, types.Float) and a == b):
+        return None
 
-        return a(a, b), codegen
+    def codegen(context, builder, sig, args):
+        lty = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.maxnum", [lty],
+                                              ir.FunctionType(lty, [lty, lty]))
+        return builder.call(fn, args)
 
-    return op
-
-
-# llvm.maxnum/minnum vectorise (Python's max() on floats does not).  They return the
-# non-NaN operand when one is NaN; callers that must propagate NaN do so through the sums.
-fmax = _make_minmax("llvm.maxnum")
-fmin = _make_minmax("llvm.minnum")
+    return a(a, b), codegen
 
 
 # ---------------------------------------------------------------------------- exp
@@ -80,7 +77,6 @@ _LOG2E_32 = np.float32(1.4426950408889634)
 _LN2HI_32 = np.float32(0.693359375)
 _LN2LO_32 = np.float32(-2.12194440e-4)
 _EXPLO_32 = np.float32(-87.33654)  # below: the result is under the smallest normal
-_EXPHI_32 = np.float32(88.72283)
 _P32 = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
                                      4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
 _ONE_32 = np.float32(1.0)
@@ -88,7 +84,6 @@ _HALF_32 = np.float32(0.5)
 _F32_0 = np.float32(0.0)
 _F32_INF = np.float32(np.inf)
 _NMIN_32 = np.float32(-127.0)
-_NMAX_32 = np.float32(128.0)
 
 
 @njit(**_JIT)
@@ -113,7 +108,6 @@ _LOG2E_64 = 1.4426950408889634
 _LN2HI_64 = 6.93147180369123816490e-01
 _LN2LO_64 = 1.90821492927058770002e-10
 _EXPLO_64 = -708.3964185322641
-_EXPHI_64 = 709.782712893384
 # Taylor coefficients 1/k! for k = 13 .. 2; |r| <= ln2/2 keeps the error under 1e-17.
 _P64 = tuple(1.0 / math.factorial(k) for k in range(13, 1, -1))
 
@@ -237,35 +231,25 @@ def _flog_overload(x):
     return None
 
 
-def fone(x):
-    """1 in the type of x (Numba widens float32 op int literal to float64)."""
-    return 1.0
-
-
-@overload(fone, jit_options=_JIT)
-def _fone_overload(x):
-    if x == types.float32:
-        return lambda x: _ONE_32
-    if x == types.float64:
-        return lambda x: 1.0
-    return None
-
-
 def cast_like(v, arr):
-    """v converted to the element type of the array ``arr``."""
+    """v converted to the element type of the array (or scalar) ``arr``.
+
+    Numba widens float32 op int-or-float literal to float64; constants go through this
+    to stay in the row's precision.
+    """
     return v
 
 
 @overload(cast_like, jit_options=_JIT)
 def _cast_like_overload(v, arr):
-    dt = arr.dtype
+    dt = getattr(arr, "dtype", arr)
     return lambda v, arr: dt(v)
 
 
 @njit(**_JIT)
 def flog1p(u):
     """log(1 + u), accurate for small u (Goldberg's correction); for finite u > -1."""
-    one = fone(u)
+    one = cast_like(1.0, u)
     w = one + u
     d = w - one
     y = flog(w)
