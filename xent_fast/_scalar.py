@@ -73,7 +73,12 @@ def fexp(x):
     return math.exp(x)
 
 
+# Round-to-integer by the magic-number trick: adding 1.5 * 2^23 (2^52) pushes the
+# fraction out of the mantissa, whose low bits are then round(x log2 e) plus the
+# exponent bias folded into the constant; shifted into the exponent field they are
+# 2^n.  This replaces floor, convert, add and clamp (4 operations) by one subtract.
 _LOG2E_32 = np.float32(1.4426950408889634)
+_MAGIC_32 = np.float32(1.5 * 2 ** 23 + 127)
 _LN2HI_32 = np.float32(0.693359375)
 _LN2LO_32 = np.float32(-2.12194440e-4)
 _EXPLO_32 = np.float32(-87.33654)  # below: the result is under the smallest normal
@@ -83,13 +88,12 @@ _ONE_32 = np.float32(1.0)
 _HALF_32 = np.float32(0.5)
 _F32_0 = np.float32(0.0)
 _F32_INF = np.float32(np.inf)
-_NMIN_32 = np.float32(-127.0)
 
 
 @njit(**_JIT)
 def _exp32(x):
-    n = np.floor(x * _LOG2E_32 + _HALF_32)
-    n = fmax(n, _NMIN_32)
+    v = x * _LOG2E_32 + _MAGIC_32
+    n = v - _MAGIC_32
     r = x - n * _LN2HI_32
     r = r - n * _LN2LO_32
     p = _P32[0]
@@ -98,13 +102,15 @@ def _exp32(x):
     p = p * r + _P32[3]
     p = p * r + _P32[4]
     p = p * r + _P32[5]
-    y = p * (r * r) + r + _ONE_32
-    scale = i32_as_f32(np.int32((np.int32(n) + 127) << 23))
-    y = y * scale
-    return _F32_0 if x < _EXPLO_32 else y
+    p = p * r + _ONE_32
+    y = p * r + _ONE_32
+    # Lanes below _EXPLO_32 (-inf included) get a meaningless scale; the select drops them.
+    scale = i32_as_f32(np.int32(f32_as_i32(v) << 23))
+    return _F32_0 if x < _EXPLO_32 else y * scale
 
 
 _LOG2E_64 = 1.4426950408889634
+_MAGIC_64 = 1.5 * 2.0 ** 52 + 1023
 _LN2HI_64 = 6.93147180369123816490e-01
 _LN2LO_64 = 1.90821492927058770002e-10
 _EXPLO_64 = -708.3964185322641
@@ -114,8 +120,8 @@ _P64 = tuple(1.0 / math.factorial(k) for k in range(13, 1, -1))
 
 @njit(**_JIT)
 def _exp64(x):
-    n = np.floor(x * _LOG2E_64 + 0.5)
-    n = fmax(n, -1023.0)
+    v = x * _LOG2E_64 + _MAGIC_64
+    n = v - _MAGIC_64
     r = x - n * _LN2HI_64
     r = r - n * _LN2LO_64
     p = _P64[0]
@@ -130,10 +136,10 @@ def _exp64(x):
     p = p * r + _P64[9]
     p = p * r + _P64[10]
     p = p * r + _P64[11]
-    y = p * (r * r) + r + 1.0
-    scale = i64_as_f64((np.int64(n) + 1023) << 52)
-    y = y * scale
-    return 0.0 if x < _EXPLO_64 else y
+    p = p * r + 1.0
+    y = p * r + 1.0
+    scale = i64_as_f64(f64_as_i64(v) << 52)
+    return 0.0 if x < _EXPLO_64 else y * scale
 
 
 @overload(fexp, jit_options=_JIT)
