@@ -9,17 +9,18 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(code, env=None, timeout=300):
+def _run(code, env=None, timeout=300, cwd=None):
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=full_env, timeout=timeout)
+                          text=True, env=full_env, timeout=timeout, cwd=cwd)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
@@ -104,3 +105,28 @@ def test_warmup_compiles_every_kernel(tmp_path):
         print(xent_fast.warmup(dtypes=("float32",), backends=("cpu",)))
     """, {"NUMBA_CACHE_DIR": str(tmp_path)})
     assert int(out) > 0
+
+
+def test_a_changed_helper_is_never_served_from_a_stale_cache(tmp_path):
+    import shutil
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(os.path.join(ROOT, "xent_fast"), pkg / "xent_fast",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(pkg)}
+    code = """
+        import numpy as np, xent_fast as xf
+        print(float(xf.logsumexp(np.zeros(4), backend="cpu")))
+    """
+    assert float(_run(code, env, cwd=tmp_path)) == pytest.approx(np.log(4))
+
+    def index_files():
+        return sorted(f for _, _, fs in os.walk(tmp_path / "cache") for f in fs
+                      if f.endswith(".nbi"))
+
+    before = index_files()
+    rows = pkg / "xent_fast" / "_scalar.py"
+    rows.write_text(rows.read_text() + "\n# a change to a helper only\n")
+    assert float(_run(code, env, cwd=tmp_path)) == pytest.approx(np.log(4))
+    after = index_files()
+    assert len(after) == len(before) + 1  # compiled afresh under a new name

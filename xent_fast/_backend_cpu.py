@@ -12,6 +12,7 @@ arrays.  The API hands over C-contiguous row arrays (copying strided ones): only
 unit-stride row lets LLVM vectorise, and the strided 'A' version ran 10x slower.
 """
 
+import hashlib
 import os
 import threading
 from types import FunctionType
@@ -206,17 +207,18 @@ def _dispatcher(name, parallel):
     disp = _dispatchers.get(key)
     if disp is None:
         func, _ = _DRIVERS[name]
-        if parallel:
-            # A distinct name, so the serial and threaded versions keep separate entries
-            # in Numba's on-disk cache (its index does not tell them apart).
-            pname = func.__name__ + "_parallel"
-            code = func.__code__.replace(co_name=pname)
-            if hasattr(code, "co_qualname"):
-                code = code.replace(co_qualname=pname)
-            func = FunctionType(code, func.__globals__, pname)
-            func.__qualname__ = pname
+        # Numba names a cache entry after the function and stamps it with its own file
+        # only.  The name carries the threading mode (the index does not tell serial and
+        # parallel builds apart) and a digest of every kernel source file, so that a
+        # change to any helper compiles afresh instead of loading stale machine code.
+        cname = f"{func.__name__}_{'parallel' if parallel else 'serial'}_{_source_digest()}"
+        code = func.__code__.replace(co_name=cname)
+        if hasattr(code, "co_qualname"):
+            code = code.replace(co_qualname=cname)
+        func = FunctionType(code, func.__globals__, cname)
+        func.__qualname__ = cname
         opts = dict(JIT)
-        opts["parallel"] = parallel
+        opts.update(parallel=parallel, cache=True)
         disp = njit(**opts)(func)
         _dispatchers[key] = disp
     return disp
@@ -258,16 +260,29 @@ def _compile(disp, sig):
     return disp.overloads[sig].entry_point
 
 
-_CACHED_MODULES = ("_scalar.", "_rows.", "_rowio.", "_backend_cpu.")
+def _source_digest():
+    global _digest
+    if _digest is None:
+        h = hashlib.sha256()
+        here = os.path.dirname(os.path.abspath(__file__))
+        for mod in _KERNEL_SOURCES:
+            with open(os.path.join(here, mod), "rb") as fh:
+                h.update(fh.read())
+        _digest = h.hexdigest()[:12]
+    return _digest
+
+
+_KERNEL_SOURCES = ("_scalar.py", "_rows.py", "_rowio.py", "_backend_cpu.py")
+_digest = None
 
 
 def _remove_cache_files(cache):
-    """Delete this package's cache files (the driver's and its callees')."""
+    """Delete this module's cache files (only the drivers are cached)."""
     path = getattr(cache, "_cache_path", None)
     if not path or not os.path.isdir(path):
         return
     for fname in os.listdir(path):
-        if fname.startswith(_CACHED_MODULES) and fname.endswith((".nbi", ".nbc")):
+        if fname.startswith("_backend_cpu.") and fname.endswith((".nbi", ".nbc")):
             try:
                 os.remove(os.path.join(path, fname))
             except OSError:

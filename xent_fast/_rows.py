@@ -21,7 +21,9 @@ from ._scalar import cast_like, fexp, flog, flog1p, fmax
 # Loops may re-associate (that is what lets the sums vectorise) but must keep the
 # meaning of inf and NaN: no "nnan"/"ninf".
 LOOP_FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
-JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=LOOP_FLAGS, boundscheck=False)
+# No cache=True on helpers: only the batched drivers are cached (see _backend_cpu), so
+# that a change to any helper can never be served stale from an unchanged caller's cache.
+JIT = dict(nogil=True, error_model="numpy", fastmath=LOOP_FLAGS, boundscheck=False)
 
 _CHUNK = 512
 _MAX_CHUNK = 2048  # the online max+exp pass: longer chunks amortise the reductions
@@ -103,7 +105,7 @@ def row_logsumexp(x):
     return lse_from(x, m, s)
 
 
-@njit(nogil=True, cache=True, error_model="numpy", boundscheck=False,
+@njit(nogil=True, error_model="numpy", boundscheck=False,
       fastmath={"nsz", "arcp", "contract", "afn"})
 def _shift2(x, a, b, out):
     """out = (x - a) - b in that order: no "reassoc", which would fold a + b first."""

@@ -19,7 +19,7 @@ from numba.extending import intrinsic, overload
 # No "reassoc" here: re-association refolds the Cody-Waite range reduction and costs
 # an order of magnitude in accuracy.  The callers' loops carry reassoc for their sums.
 _HELPER_FLAGS = {"nsz", "arcp", "contract", "afn"}
-_JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=_HELPER_FLAGS)
+_JIT = dict(nogil=True, error_model="numpy", fastmath=_HELPER_FLAGS)
 
 
 # ---------------------------------------------------------------------------- intrinsics
