@@ -1,8 +1,6 @@
 """Command line: ``xent-fast demo`` and ``xent-fast bench`` (also ``python -m xent_fast``)."""
 
 import argparse
-import os
-import platform
 import sys
 import time
 
@@ -92,40 +90,6 @@ def _demo(args):
     return 0 if worst < 1e-4 else 1
 
 
-def _bench(args):
-    """The headline numbers of the core issue: CE forward and fused forward+backward."""
-    import numba
-
-    import xent_fast as xf
-
-    n, c = args.rows, args.classes
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, c)).astype(args.dtype)
-    t = rng.integers(0, c, n)
-    g = np.empty_like(x)
-    xf.softmax_cross_entropy(x, t, grad_out=g, backend=args.backend)
-    bw_read = args.read_bw * 1e9
-    nbytes = x.nbytes
-    floor_f = nbytes / bw_read
-    tf = _timeit(lambda: xf.softmax_cross_entropy(x, t, backend=args.backend), args.repeat)
-    tb = _timeit(lambda: xf.softmax_cross_entropy(x, t, grad_out=g, backend=args.backend),
-                 args.repeat)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-          f"numba {numba.__version__} ({numba.threading_layer()} layer, "
-          f"{numba.get_num_threads()} threads), numpy {np.__version__}, Python "
-          f"{platform.python_version()}")
-    print(f"logits ({n}, {c}) {np.dtype(args.dtype).name}, backend={args.backend}, best of "
-          f"{args.repeat}, compile excluded")
-    print(f"floor: bytes moved over {args.read_bw} GB/s read, {args.write_bw} GB/s write "
-          "(2-thread bandwidth of the project's machine; pass yours with --read-bw/--write-bw)")
-    print(f"forward          {tf * 1e3:7.2f} ms  floor {floor_f * 1e3:6.2f} ms  "
-          f"x{tf / floor_f:.2f} of floor")
-    floor_b = nbytes / bw_read + nbytes / args.write_bw / 1e9
-    print(f"forward+backward {tb * 1e3:7.2f} ms  floor {floor_b * 1e3:6.2f} ms  "
-          f"x{tb / floor_b:.2f} of floor (into a preallocated grad_out)")
-    return 0
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="xent-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -133,19 +97,22 @@ def main(argv=None):
     d.add_argument("--rows", type=int, default=4096)
     d.add_argument("--classes", type=int, default=32000)
     d.add_argument("--repeat", type=int, default=5)
-    b = sub.add_parser("bench", help="softmax cross-entropy time against its memory floor")
-    b.add_argument("--rows", type=int, default=4096)
-    b.add_argument("--classes", type=int, default=32000)
-    b.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    b.add_argument("--backend", default="parallel", choices=["cpu", "parallel", "auto"])
-    b.add_argument("--repeat", type=int, default=10)
-    b.add_argument("--read-bw", type=float, default=49.6, help="read bandwidth, GB/s")
-    b.add_argument("--write-bw", type=float, default=31.0, help="write bandwidth, GB/s")
+    b = sub.add_parser("bench", help="time every headline case against the peers and the "
+                                     "measured memory floor; write JSON, markdown and a plot")
+    b.add_argument("--quick", action="store_true", help="a subset, under 2 minutes")
+    b.add_argument("--only", nargs="+", metavar="TEXT",
+                   help="run only cases whose name contains TEXT (e.g. 'ce 4096')")
+    b.add_argument("--peers", nargs="+", choices=["numpy-ref", "scipy", "torch", "jax"],
+                   help="peers to compare against (default: every one importable)")
+    b.add_argument("--no-sweep", action="store_true", help="skip the class-count sweep")
+    b.add_argument("--out", default="bench-results", help="folder for JSON/markdown/PNG")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)
     if args.command == "bench":
-        return _bench(args)
+        from ._bench import main as bench_main
+
+        return bench_main(args)
     parser.print_help()
     return 2
 

@@ -1,0 +1,471 @@
+"""``xent-fast bench``: time xent_fast against its peers and against the machine's floor.
+
+Each case is one loss at one shape and dtype.  Every implementation that is importable
+(xent_fast serial and threaded, the float64 NumPy reference, SciPy, PyTorch CPU, JAX CPU)
+runs the same case in the same process, so ratios are side by side.  The floor of a case
+is the bytes it must move (inputs read once, outputs written once) over this machine's
+read and write bandwidth, measured at the start of the run with two threaded Numba
+loops.  Times are the best of several calls, compile and first-touch excluded.
+"""
+
+import dataclasses
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+# ---------------------------------------------------------------------------- cases
+
+
+@dataclasses.dataclass
+class Case:
+    kind: str  # ce, ce_grad, bce_logits, bce_logits_grad, kl, kl_grad, logsumexp
+    rows: int
+    cols: int
+    dtype: str = "float32"
+
+    @property
+    def name(self):
+        return f"{self.kind} {self.rows}x{self.cols} {self.dtype}"
+
+    @property
+    def grad(self):
+        return self.kind.endswith("_grad")
+
+    def nbytes(self):
+        """(bytes read, bytes written) that any implementation must move."""
+        item = np.dtype(self.dtype).itemsize
+        n = self.rows * self.cols * item
+        base = self.kind.removesuffix("_grad")
+        reads = {"ce": n + self.rows * 8, "bce_logits": 2 * n, "kl": 2 * n,
+                 "logsumexp": n}[base]
+        writes = n if self.grad else 0
+        return reads, writes
+
+
+HEADLINE = [
+    Case("ce", 4096, 32000), Case("ce_grad", 4096, 32000),
+    Case("ce", 4096, 32000, "float64"), Case("ce_grad", 4096, 32000, "float64"),
+    Case("ce", 1024, 128256), Case("ce_grad", 1024, 128256),
+    Case("ce", 65536, 1000), Case("ce_grad", 65536, 1000),
+    Case("ce", 1_000_000, 10), Case("ce_grad", 1_000_000, 10),
+    Case("ce", 8192, 2), Case("ce_grad", 8192, 2),
+    Case("bce_logits", 1, 10_000_000), Case("bce_logits_grad", 1, 10_000_000),
+    Case("kl", 4096, 32000), Case("kl_grad", 4096, 32000),
+    Case("logsumexp", 4096, 32000),
+]
+QUICK = [Case("ce", 4096, 32000), Case("ce_grad", 4096, 32000), Case("ce", 1_000_000, 10),
+         Case("ce", 8192, 2), Case("bce_logits", 1, 10_000_000), Case("kl", 4096, 32000)]
+# throughput against class count at a fixed 2^27 elements, for the plot
+SWEEP = [Case("ce", (1 << 27) // c, c) for c in (2, 10, 100, 1000, 10_000, 32000, 128_000)]
+
+
+def make_data(case, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (case.rows, case.cols)
+    x = (rng.standard_normal(shape, dtype=np.float32) * 3).astype(case.dtype)
+    base = case.kind.removesuffix("_grad")
+    if base == "ce":
+        return {"x": x, "t": rng.integers(0, case.cols, case.rows)}
+    if base == "bce_logits":
+        return {"x": x.reshape(-1), "y": rng.random(x.size, dtype=np.float32).astype(case.dtype)}
+    if base == "kl":
+        return {"x": x, "xt": (rng.standard_normal(shape, dtype=np.float32) * 3).astype(case.dtype)}
+    return {"x": x}
+
+
+# ---------------------------------------------------------------------------- implementations
+def _xent(backend):
+    import xent_fast as xf
+
+    def build(case, d):
+        base, grad = case.kind.removesuffix("_grad"), case.grad
+        g = np.empty_like(d["x"]) if grad else None
+        if base == "ce":
+            return lambda: xf.softmax_cross_entropy(d["x"], d["t"], grad_out=g, backend=backend)
+        if base == "bce_logits":
+            return lambda: xf.binary_cross_entropy_with_logits(d["x"], d["y"], grad_out=g,
+                                                               backend=backend)
+        if base == "kl":
+            return lambda: xf.softmax_kl_divergence(d["x"], d["xt"], grad_out=g,
+                                                    backend=backend)
+        return lambda: xf.logsumexp(d["x"], backend=backend)
+
+    return build
+
+
+def _reference(case, d):
+    from xent_fast import reference as R
+
+    base, grad = case.kind.removesuffix("_grad"), case.grad
+    if base == "ce":
+        return lambda: R.softmax_cross_entropy(d["x"], d["t"], return_grad=grad)
+    if base == "bce_logits":
+        return lambda: R.binary_cross_entropy_with_logits(d["x"], d["y"], return_grad=grad)
+    if base == "kl":
+        return lambda: R.softmax_kl_divergence(d["x"], d["xt"], return_grad=grad)
+    return lambda: R.logsumexp(d["x"])
+
+
+def _scipy(case, d):
+    import scipy.special as sp
+
+    if case.grad:
+        return None
+    base = case.kind
+    x = d["x"]
+    if base == "ce":
+        rows = np.arange(x.shape[0])
+        return lambda: np.mean(sp.logsumexp(x, axis=-1) - x[rows, d["t"]])
+    if base == "bce_logits":
+        y = d["y"]
+        return lambda: np.mean(np.logaddexp(0, x) - x * y)
+    if base == "kl":
+        xt = d["xt"]
+        return lambda: np.sum(sp.rel_entr(sp.softmax(xt, axis=-1),
+                                          sp.softmax(x, axis=-1))) / x.shape[0]
+    return lambda: sp.logsumexp(x, axis=-1)
+
+
+def _torch(case, d):
+    import torch
+    import torch.nn.functional as F
+
+    base, grad = case.kind.removesuffix("_grad"), case.grad
+    x = torch.from_numpy(d["x"])
+    if base == "ce":
+        t = torch.from_numpy(d["t"])
+        loss = lambda z: F.cross_entropy(z, t)  # noqa: E731
+    elif base == "bce_logits":
+        y = torch.from_numpy(d["y"])
+        loss = lambda z: F.binary_cross_entropy_with_logits(z, y)  # noqa: E731
+    elif base == "kl":
+        lt = F.log_softmax(torch.from_numpy(d["xt"]), dim=-1)
+        loss = lambda z: F.kl_div(F.log_softmax(z, dim=-1), lt, reduction="batchmean",  # noqa
+                                  log_target=True)
+    else:
+        return None if grad else (lambda: torch.logsumexp(x, dim=-1))
+    if not grad:
+        def fwd():
+            with torch.no_grad():
+                return loss(x)
+        return fwd
+
+    def fwd_bwd():
+        z = x.detach().requires_grad_(True)
+        out = loss(z)
+        out.backward()
+        return z.grad
+
+    return fwd_bwd
+
+
+def _jax(case, d):
+    import jax
+    import jax.numpy as jnp
+
+    base, grad = case.kind.removesuffix("_grad"), case.grad
+    x = jnp.asarray(d["x"])
+    if base == "ce":
+        t = jnp.asarray(d["t"])
+
+        def loss(z):
+            lp = jax.nn.log_softmax(z, axis=-1)
+            return -jnp.mean(jnp.take_along_axis(lp, t[:, None], axis=-1))
+    elif base == "bce_logits":
+        y = jnp.asarray(d["y"])
+
+        def loss(z):
+            return jnp.mean(jnp.logaddexp(0.0, z) - z * y)
+    elif base == "kl":
+        lt = jax.nn.log_softmax(jnp.asarray(d["xt"]), axis=-1)
+
+        def loss(z):
+            lp = jax.nn.log_softmax(z, axis=-1)
+            return jnp.sum(jnp.exp(lt) * (lt - lp)) / z.shape[0]
+    else:
+        if grad:
+            return None
+        f = jax.jit(lambda z: jax.scipy.special.logsumexp(z, axis=-1))
+        return lambda: f(x).block_until_ready()
+    f = jax.jit(jax.value_and_grad(loss) if grad else loss)
+    if grad:
+        return lambda: jax.block_until_ready(f(x))
+    return lambda: f(x).block_until_ready()
+
+
+PEERS = {"numpy-ref": _reference, "scipy": _scipy, "torch": _torch, "jax": _jax}
+
+
+def available_peers(names=None):
+    out = {}
+    for name in names or PEERS:
+        mod = {"numpy-ref": "numpy", "scipy": "scipy", "torch": "torch", "jax": "jax"}[name]
+        try:
+            __import__(mod)
+        except ImportError:
+            continue
+        out[name] = PEERS[name]
+    return out
+
+
+# ---------------------------------------------------------------------------- timing
+def best_time(fn, budget=1.0, min_repeat=3, max_repeat=200):
+    """Best wall time of ``fn`` after a warm-up call, within about ``budget`` seconds."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    best = time.perf_counter() - t0
+    n = 1
+    spent = best
+    while n < max_repeat and (n < min_repeat or spent < budget):
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best = min(best, dt)
+        spent += dt
+        n += 1
+    return best
+
+
+def measure_bandwidth(nbytes=1 << 30):
+    """(read GB/s, write GB/s) of this machine with Numba's threads."""
+    from numba import njit, prange
+
+    @njit(parallel=True, fastmath=True, cache=False)
+    def read_sum(a):
+        s = 0.0
+        nb = 64
+        n = a.shape[0]
+        acc = np.zeros(nb)
+        for b in prange(nb):
+            lo, hi = b * n // nb, (b + 1) * n // nb
+            t = np.float32(0)
+            for j in range(lo, hi):
+                t += a[j]
+            acc[b] = t
+        for b in range(nb):
+            s += acc[b]
+        return s
+
+    @njit(parallel=True, cache=False)
+    def fill(a, v):
+        for j in prange(a.shape[0]):
+            a[j] = v
+
+    a = np.ones(nbytes // 4, np.float32)
+    read = best_time(lambda: read_sum(a), budget=1.0, min_repeat=5)
+    write = best_time(lambda: fill(a, np.float32(2)), budget=1.0, min_repeat=5)
+    return nbytes / read / 1e9, nbytes / write / 1e9
+
+
+def max_rel_error(case, d):
+    """Max relative error of xent_fast's result (loss or gradient) against the float64
+    reference, on at most 256 rows."""
+    import xent_fast as xf
+    from xent_fast import reference as R
+
+    base = case.kind.removesuffix("_grad")
+    k = min(case.rows, 256) if base != "bce_logits" else case.cols
+    sub = {key: (v[:k] if v.ndim else v) for key, v in d.items()}
+    if base == "bce_logits":
+        sub = {key: v[:1_000_000] for key, v in d.items()}
+    if base == "ce":
+        got = xf.softmax_cross_entropy(sub["x"], sub["t"], return_grad=case.grad)
+        want = R.softmax_cross_entropy(sub["x"], sub["t"], return_grad=case.grad)
+    elif base == "bce_logits":
+        got = xf.binary_cross_entropy_with_logits(sub["x"], sub["y"], return_grad=case.grad)
+        want = R.binary_cross_entropy_with_logits(sub["x"], sub["y"], return_grad=case.grad)
+    elif base == "kl":
+        got = xf.softmax_kl_divergence(sub["x"], sub["xt"], return_grad=case.grad)
+        want = R.softmax_kl_divergence(sub["x"], sub["xt"], return_grad=case.grad)
+    else:
+        got, want = xf.logsumexp(sub["x"]), R.logsumexp(sub["x"])
+    if case.grad:
+        got, want = got[1], want[1]
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    scale = np.max(np.abs(want)) if want.size else 1.0
+    return float(np.max(np.abs(got - want)) / scale) if want.size else 0.0
+
+
+# ---------------------------------------------------------------------------- run + report
+def environment():
+    import numba
+
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": _cpu_name(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "threads": numba.get_num_threads(),
+    }
+    for mod in ("scipy", "torch", "jax"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return info
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(cases, peers, budget=0.5, log=print):
+    import numba
+
+    try:
+        import torch
+
+        torch.set_num_threads(numba.get_num_threads())
+    except ImportError:
+        pass
+    env = environment()
+    rd, wr = measure_bandwidth()
+    env.update(read_GBps=round(rd, 1), write_GBps=round(wr, 1))
+    log(f"bandwidth: read {rd:.1f} GB/s, write {wr:.1f} GB/s ({env['threads']} threads)")
+    results = []
+    for case in cases:
+        d = make_data(case)
+        reads, writes = case.nbytes()
+        floor = reads / (rd * 1e9) + writes / (wr * 1e9)
+        row = {"case": case.name, "kind": case.kind, "rows": case.rows, "cols": case.cols,
+               "dtype": case.dtype, "floor_s": floor, "times": {}}
+        for label, backend in (("xent_fast", "parallel"), ("xent_fast-serial", "cpu")):
+            row["times"][label] = best_time(_xent(backend)(case, d), budget)
+        row["max_rel_error"] = max_rel_error(case, d)
+        for name, build in peers.items():
+            if name == "numpy-ref" and case.rows * case.cols > 20_000_000:
+                budget_peer = 0.0  # one timed call: the reference is slow by design
+            else:
+                budget_peer = budget
+            try:
+                fn = build(case, d)
+            except Exception as e:  # a peer without this case
+                log(f"  {name}: skipped ({type(e).__name__})")
+                continue
+            if fn is not None:
+                row["times"][name] = best_time(fn, budget_peer, min_repeat=1 if
+                                               budget_peer == 0 else 3)
+        results.append(row)
+        log(format_row(row))
+    return env, results
+
+
+def format_row(row):
+    t = row["times"]
+    ours = t["xent_fast"]
+    peers = "  ".join(f"{k} {v / ours:6.1f}x" for k, v in t.items() if not
+                      k.startswith("xent_fast"))
+    return (f"{row['case']:34s} {_fmt_time(ours):>9s}  floor x{ours / row['floor_s']:4.2f}  "
+            f"serial {_fmt_time(t['xent_fast-serial']):>9s}  err {row['max_rel_error']:.1e}  "
+            f"{peers}")
+
+
+def _fmt_time(s):
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    return f"{s * 1e3:.2f} ms"
+
+
+def markdown(env, results):
+    peers = []
+    for r in results:
+        for k in r["times"]:
+            if not k.startswith("xent_fast") and k not in peers:
+                peers.append(k)
+    lines = [
+        f"Machine: {env['machine']}, {env['cpus']} CPUs; {env['threads']} threads; "
+        f"measured bandwidth read {env['read_GBps']} GB/s, write {env['write_GBps']} GB/s.  ",
+        "Versions: " + ", ".join(f"{k} {env[k]}" for k in
+                                 ("python", "numpy", "numba", "scipy", "torch", "jax")
+                                 if k in env) + f".  Date: {env['date']}.  ",
+        "Best of several calls, compile excluded; speed-up = peer time / xent_fast time "
+        "(threaded) in the same run; floor = bytes moved / measured bandwidth.",
+        "",
+        "| case | xent_fast | floor multiple | serial | max rel. error | "
+        + " | ".join(f"vs {p}" for p in peers) + " |",
+        "|---|---|---|---|---|" + "---|" * len(peers),
+    ]
+    for r in results:
+        t = r["times"]
+        ours = t["xent_fast"]
+        cells = [f"{t[p] / ours:.1f}x" if p in t else "—" for p in peers]
+        lines.append(f"| {r['case']} | {_fmt_time(ours)} | {ours / r['floor_s']:.2f} | "
+                     f"{_fmt_time(t['xent_fast-serial'])} | {r['max_rel_error']:.1e} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    """Throughput (elements/s) against class count for the CE forward sweep."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    sweep = [r for r in results if r["kind"] == "ce" and r["dtype"] == "float32"]
+    if not sweep:
+        return False
+    sweep.sort(key=lambda r: r["cols"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = []
+    for r in sweep:
+        names.extend(k for k in r["times"] if k not in names)
+    for name in names:
+        pts = [(r["cols"], r["rows"] * r["cols"] / r["times"][name]) for r in sweep
+               if name in r["times"]]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    floor = [(r["cols"], r["rows"] * r["cols"] / r["floor_s"]) for r in sweep]
+    ax.plot(*zip(*floor), "k--", label="memory floor")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("classes")
+    ax.set_ylabel("logits per second")
+    ax.set_title("softmax cross-entropy forward, float32")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(args):
+    if args.quick:
+        cases, budget = QUICK, 0.3
+    else:
+        cases, budget = HEADLINE + ([] if args.no_sweep else SWEEP), 0.5
+    if args.only:
+        cases = [c for c in cases if any(s in c.name for s in args.only)]
+    peers = available_peers(args.peers)
+    print(f"peers: {', '.join(peers) or 'none'}; {len(cases)} cases")
+    env, results = run(cases, peers, budget)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "bench-quick" if args.quick else "bench")
+    with open(stem + ".json", "w") as fh:
+        json.dump({"environment": env, "results": results}, fh, indent=1)
+    md = markdown(env, results)
+    with open(stem + ".md", "w") as fh:
+        fh.write(md)
+    made = plot(results, stem + ".png")
+    print()
+    print(md)
+    print(f"wrote {stem}.json, {stem}.md" + (f", {stem}.png" if made else ""))
+    return 0
+
