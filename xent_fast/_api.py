@@ -412,7 +412,10 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     par = _parallel(backend, rows.size)
     nb = _nblocks(n, par)
     be = _backend_module()
-    if kind == "ce_index":
+    if kind == "ce_index" and 2 <= c <= be.SMALL_CLASSES and f.hk == 0 and cap == 0.0:
+        be.run(be.small_name(c, has_w, eps > 0, z != 0, want_grad), par, rows, tf, w, wsum, eps, z,
+               ignore, gscale, g2, loss, nb)
+    elif kind == "ce_index":
         be.run("ce_index", par, rows, f.hk, tf, w, has_w, wsum, eps, z, cap, ignore, gscale,
                want_grad, g2, f.hk, loss, nb)
     else:
