@@ -17,10 +17,16 @@ _ELEMENTWISE_BLOCK = 16384
 
 
 # ---------------------------------------------------------------------------- helpers
-def _backend_module():
-    from . import _backend_cpu
+_backend = None
 
-    return _backend_cpu
+
+def _backend_module():
+    global _backend
+    if _backend is None:  # imported on first use: it imports Numba
+        from . import _backend_cpu
+
+        _backend = _backend_cpu
+    return _backend
 
 
 def _parallel(backend, size):
@@ -58,17 +64,17 @@ class _Float:
         a = np.asarray(value)
         self.source = a
         kind = a.dtype.kind
-        if kind == "c":
-            raise TypeError(f"{name} must be real, got complex dtype {a.dtype}")
-        if a.dtype.name == "bfloat16" and a.dtype.itemsize == 2:
-            self.hk = 2
-        elif kind in "biu":
-            a = a.astype(np.float64)
-            self.hk = 0
-        elif kind == "f":
+        if kind == "f":
             self.hk = 1 if a.dtype.itemsize == 2 else 0
             if a.dtype.itemsize > 8:
                 a = a.astype(np.float64)
+        elif kind in "biu":
+            a = a.astype(np.float64)
+            self.hk = 0
+        elif kind == "c":
+            raise TypeError(f"{name} must be real, got complex dtype {a.dtype}")
+        elif _is_bfloat16(a.dtype):
+            self.hk = 2
         else:
             raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
         if not a.dtype.isnative:
@@ -86,19 +92,23 @@ class _Float:
         return other
 
 
+def _is_bfloat16(dt):
+    return dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16"
+
+
 def _class_rows(a, axis, name):
     """Move the class axis last and flatten the batch axes: (rows, C), batch shape."""
     if a.ndim == 0:
         raise ValueError(f"{name} must have at least one dimension (the class axis)")
     ax = normalize_axis_index(operator.index(axis), a.ndim, msg_prefix="axis")
-    m = np.moveaxis(a, ax, -1)
+    m = a if ax == a.ndim - 1 else np.moveaxis(a, ax, -1)
     # Kernels vectorise only over unit-stride rows: copy anything else once.
     return np.ascontiguousarray(m.reshape(_rows_shape(m.shape))), m.shape[:-1], ax
 
 
 def _rows_shape(shape):
     """(rows, C) for an array whose last axis is the class axis."""
-    return int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
+    return math.prod(shape[:-1]), shape[-1]
 
 
 def _grad_target(want_grad, grad_out, logits, f, ax, shape2):
@@ -153,11 +163,13 @@ def _check_reduction(reduction, allowed=("none", "sum", "mean")):
 def _reduce(rows, batch_shape, reduction, denominator, out_dtype):
     if reduction == "none":
         return rows.reshape(batch_shape).astype(out_dtype, copy=False)
-    total = float(np.sum(rows, dtype=np.float64))
+    total = float(rows.sum())  # rows are float64
     if reduction == "sum":
         return out_dtype.type(total)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return out_dtype.type(np.float64(total) / np.float64(denominator))
+    if denominator == 0:
+        return out_dtype.type(math.nan if total == 0 or total != total else
+                              math.copysign(math.inf, total))
+    return out_dtype.type(total / denominator)
 
 
 def _scalar_option(value, name, lo=None, hi=None, lo_open=False):
@@ -173,9 +185,13 @@ def _scalar_option(value, name, lo=None, hi=None, lo_open=False):
     return v
 
 
+# placeholders for an absent class weight (the kernels take an array either way)
+_NO_WEIGHT = {np.dtype(d).char: np.ones(1, d) for d in (np.float32, np.float64)}
+
+
 def _class_weight(weight, c, dtype, name="weight"):
     if weight is None:
-        return np.ones(1, dtype), False, float(c)
+        return _NO_WEIGHT[dtype.char], False, float(c)
     w = np.asarray(weight)
     if w.dtype.kind not in "biuf":
         raise TypeError(f"{name} must be a real array, got dtype {w.dtype}")
@@ -379,20 +395,15 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
             raise ValueError(f"integer targets must have the logits' shape without the "
                              f"class axis, {batch}; got {t.shape}")
         ignore = operator.index(ignore_index)
-        tf = t.reshape(-1).astype(np.int64, copy=False)
-        bad = ((tf < 0) | (tf >= c)) & (tf != ignore)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
+        tf = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
+        # one compiled pass: the first bad target, and the mean's denominator
+        i, den = _backend_module().run("targets", False, tf, c, ignore, w, has_w)
+        if i >= 0:
             pos = tuple(int(v) for v in np.unravel_index(i, batch)) if batch else ()
             raise IndexError(f"targets{list(pos)} = {int(tf[i])} is not a class index in "
                              f"[0, {c}) nor ignore_index={ignore}")
-        kept = tf != ignore
-        if has_w:
-            den = float(np.sum(w.astype(np.float64)[tf[kept]]))
-        else:
-            den = float(np.count_nonzero(kept))
         kind = "ce_index"
-    elif t.dtype.kind == "f" or t.dtype.name == "bfloat16":
+    elif t.dtype.kind == "f" or _is_bfloat16(t.dtype):
         if t.shape != f.source.shape:
             raise ValueError(f"probability targets must have the logits' shape "
                              f"{f.source.shape}; got {t.shape} (class-index targets must "

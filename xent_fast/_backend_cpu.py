@@ -185,6 +185,28 @@ def _bce_logits(x, hk, y, yhk, w, has_w, pw, has_pw, gscale, want_grad, g, ghk, 
         partial[task] = _row_sum(orow)
 
 
+def _targets(t, c, ignore, w, has_w):
+    """(index of the first target that is neither a class nor ``ignore``, or -1;
+    the summed weight of the kept targets, the "mean" denominator)."""
+    den = 0.0
+    nbad = 0
+    for i in range(t.shape[0]):  # branch-free, so it vectorises
+        ti = t[i]
+        kept = ti != ignore
+        bad = kept and (ti < 0 or ti >= c)
+        nbad += bad
+        if has_w:
+            den += w[min(max(ti, 0), c - 1)] if kept else 0.0
+        else:
+            den += 1.0 if kept else 0.0
+    if nbad:
+        for i in range(t.shape[0]):
+            ti = t[i]
+            if ti != ignore and (ti < 0 or ti >= c):
+                return i, den
+    return -1, den
+
+
 # ---------------------------------------------------------------------------- few classes
 # Up to this many classes, index-target cross-entropy runs a kernel built for the exact
 # class count: with C a compile-time constant the per-class loops unroll and the loop over
@@ -221,6 +243,7 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
             kb = np.empty(nb, xf.dtype)
             ab = np.empty(nb, xf.dtype)
             sb = np.empty(nb, xf.dtype)
+            nonfinite = False
             for r in range(hi - lo):
                 base = r * C
                 m = xb[base]
@@ -249,7 +272,9 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
                     row += cs * (wsum_c * ls - wy)
                 if has_z:
                     row += zz * lse * lse
-                lb[r] = kf * row
+                row = kf * row
+                lb[r] = row
+                nonfinite |= not (abs(row) < np.inf)
                 if want_grad:
                     kgs = gs if ti != ignore else zero  # 0, not 0 * NaN, when all ignored
                     mb[r] = m
@@ -272,7 +297,7 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
             # Rows whose loss came out inf or NaN (a -inf target, all -inf, a +inf,
             # float32 overflow of lse^2) are redone by the general kernel, which keeps
             # SEMANTICS.md's conventions for them and works in float64 where it matters.
-            for r in range(hi - lo):
+            for r in range(hi - lo if nonfinite else 0):
                 if not (abs(lb[r]) < np.inf):
                     i = lo + r
                     if t[i] != ignore:
@@ -294,6 +319,7 @@ def small_name(C, has_w, smooth, has_z, want_grad):
 # Which positional arguments each driver writes (typed mutable); all others that are
 # arrays are typed read-only.
 _DRIVERS = {
+    "targets": (_targets, set()),
     "logsumexp": (_logsumexp, {"out"}),
     "softmax": (_softmax, {"out"}),
     "dist": (_dist, {"out", "bad"}),
@@ -359,8 +385,10 @@ def _signature(name, args):
 
 
 def _key(args):
-    return tuple((a.dtype.char, a.ndim, a.flags.c_contiguous) if isinstance(a, np.ndarray)
-                 else type(a) for a in args)
+    # Scalars are typed by position (the API passes each as bool, int or float always),
+    # so only arrays vary the signature.
+    return tuple([(a.dtype.num, a.ndim, a.flags.c_contiguous) if type(a) is np.ndarray
+                  else type(a) for a in args])
 
 
 def _compile(disp, sig):
