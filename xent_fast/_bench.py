@@ -40,9 +40,10 @@ class Case:
         item = np.dtype(self.dtype).itemsize
         n = self.rows * self.cols * item
         base = self.kind.removesuffix("_grad")
-        reads = {"ce": n + self.rows * 8, "bce_logits": 2 * n, "kl": 2 * n,
-                 "logsumexp": n}[base]
-        writes = n if self.grad else 0
+        reads = {"ce": n + self.rows * 8, "bce_logits": 2 * n, "bce": 2 * n, "kl": 2 * n,
+                 "logsumexp": n, "softmax": n, "log_softmax": n, "entropy": n,
+                 "kl_divergence": 2 * n}[base]
+        writes = n if self.grad or base in ("softmax", "log_softmax") else 0
         return reads, writes
 
 
@@ -57,6 +58,9 @@ HEADLINE = [
     Case("kl", 4096, 32000), Case("kl_grad", 4096, 32000),
     Case("logsumexp", 4096, 32000),
 ]
+# every other public function once, at the CE headline shape
+BLOCKS = [Case(k, 4096, 32000) for k in ("softmax", "log_softmax", "entropy",
+                                         "kl_divergence")] + [Case("bce", 1, 10_000_000)]
 QUICK = [Case("ce", 4096, 32000), Case("ce_grad", 4096, 32000), Case("ce", 1_000_000, 10),
          Case("ce", 8192, 2), Case("bce_logits", 1, 10_000_000), Case("kl", 4096, 32000)]
 # throughput against class count at a fixed 2^27 elements, for the plot
@@ -74,6 +78,13 @@ def make_data(case, seed=0):
         return {"x": x.reshape(-1), "y": rng.random(x.size, dtype=np.float32).astype(case.dtype)}
     if base == "kl":
         return {"x": x, "xt": (rng.standard_normal(shape, dtype=np.float32) * 3).astype(case.dtype)}
+    if base in ("entropy", "kl_divergence"):
+        p = rng.random(shape, dtype=np.float32) + np.float32(0.01)
+        p /= p.sum(-1, keepdims=True)
+        return {"p": p.astype(case.dtype), "q": p[::-1].copy().astype(case.dtype)}
+    if base == "bce":
+        return {"p": rng.random(x.size, dtype=np.float32).astype(case.dtype),
+                "y": rng.random(x.size, dtype=np.float32).astype(case.dtype)}
     return {"x": x}
 
 
@@ -92,7 +103,13 @@ def _xent(backend):
         if base == "kl":
             return lambda: xf.softmax_kl_divergence(d["x"], d["xt"], grad_out=g,
                                                     backend=backend)
-        return lambda: xf.logsumexp(d["x"], backend=backend)
+        if base == "entropy":
+            return lambda: xf.entropy(d["p"], backend=backend)
+        if base == "kl_divergence":
+            return lambda: xf.kl_divergence(d["p"], d["q"], backend=backend)
+        if base == "bce":
+            return lambda: xf.binary_cross_entropy(d["p"], d["y"], backend=backend)
+        return lambda: getattr(xf, base)(d["x"], backend=backend)
 
     return build
 
@@ -107,7 +124,13 @@ def _reference(case, d):
         return lambda: R.binary_cross_entropy_with_logits(d["x"], d["y"], return_grad=grad)
     if base == "kl":
         return lambda: R.softmax_kl_divergence(d["x"], d["xt"], return_grad=grad)
-    return lambda: R.logsumexp(d["x"])
+    if base == "entropy":
+        return lambda: R.entropy(d["p"])
+    if base == "kl_divergence":
+        return lambda: R.kl_divergence(d["p"], d["q"])
+    if base == "bce":
+        return lambda: R.binary_cross_entropy(d["p"], d["y"])
+    return lambda: getattr(R, base)(d["x"])
 
 
 def _scipy(case, d):
@@ -116,6 +139,14 @@ def _scipy(case, d):
     if case.grad:
         return None
     base = case.kind
+    if base == "entropy":
+        return lambda: sp.entr(d["p"]).sum(-1)
+    if base == "kl_divergence":
+        return lambda: sp.rel_entr(d["p"], d["q"]).sum(-1)
+    if base == "bce":
+        return None
+    if base in ("softmax", "log_softmax"):
+        return lambda: getattr(sp, base)(d["x"], axis=-1)
     x = d["x"]
     if base == "ce":
         rows = np.arange(x.shape[0])
@@ -135,7 +166,18 @@ def _torch(case, d):
     import torch.nn.functional as F
 
     base, grad = case.kind.removesuffix("_grad"), case.grad
+    if base in ("entropy", "kl_divergence", "bce"):
+        p = torch.from_numpy(d["p"])
+        if base == "entropy":
+            return lambda: torch.special.entr(p).sum(-1)
+        if base == "bce":
+            y = torch.from_numpy(d["y"])
+            return lambda: F.binary_cross_entropy(p, y)
+        q = torch.from_numpy(d["q"])
+        return lambda: F.kl_div(q.log(), p, reduction="none").sum(-1)
     x = torch.from_numpy(d["x"])
+    if base in ("softmax", "log_softmax"):
+        return lambda: getattr(F, base)(x, dim=-1)
     if base == "ce":
         t = torch.from_numpy(d["t"])
         loss = lambda z: F.cross_entropy(z, t)  # noqa: E731
@@ -168,7 +210,12 @@ def _jax(case, d):
     import jax.numpy as jnp
 
     base, grad = case.kind.removesuffix("_grad"), case.grad
+    if base in ("entropy", "kl_divergence", "bce"):
+        return None
     x = jnp.asarray(d["x"])
+    if base in ("softmax", "log_softmax"):
+        f = jax.jit(getattr(jax.nn, base))
+        return lambda: f(x).block_until_ready()
     # Every array is an argument: arrays closed over become XLA constants, and
     # constant-folding a 512 MB one took 36 s of compilation.
     if base == "ce":
@@ -274,9 +321,9 @@ def max_rel_error(case, d):
     from xent_fast import reference as R
 
     base = case.kind.removesuffix("_grad")
-    k = min(case.rows, 256) if base != "bce_logits" else case.cols
+    k = min(case.rows, 256)
     sub = {key: (v[:k] if v.ndim else v) for key, v in d.items()}
-    if base == "bce_logits":
+    if base in ("bce_logits", "bce"):
         sub = {key: v[:1_000_000] for key, v in d.items()}
     if base == "ce":
         got = xf.softmax_cross_entropy(sub["x"], sub["t"], return_grad=case.grad)
@@ -287,8 +334,14 @@ def max_rel_error(case, d):
     elif base == "kl":
         got = xf.softmax_kl_divergence(sub["x"], sub["xt"], return_grad=case.grad)
         want = R.softmax_kl_divergence(sub["x"], sub["xt"], return_grad=case.grad)
+    elif base in ("entropy", "kl_divergence"):
+        args = (sub["p"],) if base == "entropy" else (sub["p"], sub["q"])
+        got, want = getattr(xf, base)(*args), getattr(R, base)(*args)
+    elif base == "bce":
+        got = xf.binary_cross_entropy(sub["p"], sub["y"])
+        want = R.binary_cross_entropy(sub["p"], sub["y"])
     else:
-        got, want = xf.logsumexp(sub["x"]), R.logsumexp(sub["x"])
+        got, want = getattr(xf, base)(sub["x"]), getattr(R, base)(sub["x"])
     if case.grad:
         got, want = got[1], want[1]
     got = np.asarray(got, np.float64)
@@ -461,7 +514,7 @@ def main(args):
     if args.quick:
         cases, budget = QUICK, 0.2
     else:
-        cases, budget = HEADLINE + ([] if args.no_sweep else SWEEP), 0.5
+        cases, budget = HEADLINE + BLOCKS + ([] if args.no_sweep else SWEEP), 0.5
     if args.only:
         cases = [c for c in cases if any(s in c.name for s in args.only)]
     env, results = run(cases, args.peers, budget)
