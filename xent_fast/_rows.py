@@ -16,7 +16,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ._scalar import cast_like, fexp, flog, flog1p, fmax
+from ._scalar import cast_like, fexp, flog, flog1p, float_key, fmax, key_float
 
 # Loops may re-associate (that is what lets the sums vectorise) but must keep the
 # meaning of inf and NaN: no "nnan"/"ninf".
@@ -24,60 +24,126 @@ LOOP_FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # No cache=True on helpers: only the batched drivers are cached (see _backend_cpu), so
 # that a change to any helper can never be served stale from an unchanged caller's cache.
 JIT = dict(nogil=True, error_model="numpy", fastmath=LOOP_FLAGS, boundscheck=False)
+# Per-row helpers are inlined at Numba's level: a call passes each array with an atomic
+# reference-count round trip, which cost tens of ns a row at short rows.
+INLINE = dict(JIT, inline="always")
 
 _CHUNK = 512
 _MAX_CHUNK = 2048  # the online max+exp pass: longer chunks amortise the reductions
 
 
 # ---------------------------------------------------------------------------- reductions
-@njit(**JIT)
+# Vector loops leave a scalar remainder of up to VF x unroll - 1 elements, and a scalar
+# exp costs ~20 cycles: at 1000 classes the remainder took as long as the vector body.
+# Rows of at least _V elements instead finish with one more full block of _V that
+# overlaps the body (masked where a sum must not count an element twice).
+_V = 64
+
+
+@njit(**INLINE)
+def _seg_max(seg, m):
+    """max(m, max(seg)) through ordered integer keys (see float_key)."""
+    k = float_key(m)
+    for j in range(seg.shape[0]):
+        kj = float_key(seg[j])
+        k = kj if kj > k else k
+    return key_float(k, m)
+
+
+@njit(**INLINE)
+def _seg_sumexp(seg, m):
+    """sum(exp(seg - m)) in the row's precision."""
+    n = seg.shape[0]
+    zero = m - m
+    s = zero
+    if n < _V:
+        for j in range(n):
+            s += fexp(seg[j] - m)
+        return s
+    main = n - n % _V
+    body = seg[:main]
+    for j in range(body.shape[0]):
+        s += fexp(body[j] - m)
+    if main < n:
+        tail = seg[n - _V:]  # loops from 0 over slices: offset indexing ran slower
+        skip = _V - (n - main)
+        for k in range(_V):
+            e = fexp(tail[k] - m)
+            s += e if k >= skip else zero
+    return s
+
+
+@njit(**INLINE)
+def _seg_exp_store(seg, m, out):
+    """out = exp(seg - m); returns the sum in the row's precision."""
+    n = seg.shape[0]
+    zero = m - m
+    s = zero
+    if n < _V:
+        for j in range(n):
+            e = fexp(seg[j] - m)
+            out[j] = e
+            s += e
+        return s
+    main = n - n % _V
+    body = seg[:main]
+    obody = out[:main]
+    for j in range(body.shape[0]):
+        e = fexp(body[j] - m)
+        obody[j] = e
+        s += e
+    if main < n:
+        tail = seg[n - _V:]
+        otail = out[n - _V:]
+        skip = _V - (n - main)
+        for k in range(_V):
+            e = fexp(tail[k] - m)
+            otail[k] = e  # rewrites the overlap with the same values
+            s += e if k >= skip else zero
+    return s
+
+
+@njit(**INLINE)
 def row_max(x):
-    m = cast_like(-np.inf, x)
-    for j in range(x.shape[0]):
-        m = fmax(m, x[j])
-    return m
+    return _seg_max(x, cast_like(-np.inf, x))
 
 
-@njit(**JIT)
+@njit(**INLINE)
 def row_max_sumexp(x):
     """(max, sum(exp(x - max))) in one read of the row: chunk max, then the chunk's exps
     while it is in L1, rescaling the running sum when the max grows."""
     n = x.shape[0]
     m = cast_like(-np.inf, x)
+    if n <= _MAX_CHUNK:  # one chunk: no slicing
+        m = _seg_max(x, m)
+        if m == np.inf or m == -np.inf:
+            return m, 0.0
+        return m, float(_seg_sumexp(x, m))
     total = 0.0
     for lo in range(0, n, _MAX_CHUNK):
         seg = x[lo:min(lo + _MAX_CHUNK, n)]
-        cm = m
-        for j in range(seg.shape[0]):
-            cm = fmax(cm, seg[j])
+        cm = _seg_max(seg, m)
         if cm == np.inf or cm == -np.inf:
             m = cm
             continue
         if cm > m:
-            total *= math.exp(float(m) - float(cm))
+            if m != -np.inf:
+                total *= math.exp(float(m) - float(cm))
             m = cm
-        s = m - m
-        for j in range(seg.shape[0]):
-            s += fexp(seg[j] - m)
-        total += s
+        total += _seg_sumexp(seg, m)
     return m, total
 
 
-@njit(**JIT)
+@njit(**INLINE)
 def row_exp_store(x, m, out):
     """out[j] = exp(x[j] - m); returns the float64 sum.  Exp once per element."""
     n = x.shape[0]
+    if n <= _CHUNK:
+        return float(_seg_exp_store(x, m, out))
     total = 0.0
     for lo in range(0, n, _CHUNK):
         hi = min(lo + _CHUNK, n)
-        seg = x[lo:hi]
-        oseg = out[lo:hi]
-        s = m - m
-        for j in range(seg.shape[0]):
-            e = fexp(seg[j] - m)
-            oseg[j] = e
-            s += e
-        total += s
+        total += _seg_exp_store(x[lo:hi], m, out[lo:hi])
     return total
 
 
@@ -89,7 +155,7 @@ def row_has_nan(x):
     return bad
 
 
-@njit(**JIT)
+@njit(**INLINE)
 def lse_from(x, m, s):
     """Finish a log-sum-exp from the row max ``m`` and ``s = sum(exp(x - m))``."""
     if m == -np.inf:
@@ -152,23 +218,28 @@ def row_dot(a, b):
 
 
 # ---------------------------------------------------------------------------- softmax CE
-@njit(**JIT)
+@njit(**INLINE)
 def _row_max_lse(y, gr, want_grad):
-    """Row max, sum of exps and log-sum-exp; the exps stored into ``gr`` if wanted.
+    """(max m, sum s of exp(y - m), log s, log-sum-exp); exps stored into ``gr`` if wanted.
 
     Forward only: one read of the row (online max).  With a gradient: a max pass, then
-    an exp pass that writes each exp once into ``gr`` while the row is in cache.
+    an exp pass that writes each exp once into ``gr`` while the row is in cache.  For
+    a row whose max is infinite, log s is NaN and the lse follows SEMANTICS.md.
     """
     if not want_grad:
         m, s = row_max_sumexp(y)
-        return m, s, lse_from(y, m, s)
-    m = row_max(y)
+    else:
+        m = row_max(y)
+        if m == -np.inf or m == np.inf:
+            for j in range(gr.shape[0]):
+                gr[j] = np.nan  # softmax is undefined on this row
+            s = 0.0
+        else:
+            s = row_exp_store(y, m, gr)
     if m == -np.inf or m == np.inf:
-        for j in range(gr.shape[0]):
-            gr[j] = np.nan  # softmax is undefined on this row
-        return m, 0.0, lse_from(y, m, 0.0)
-    s = row_exp_store(y, m, gr)
-    return m, s, lse_from(y, m, s)
+        return m, s, np.nan, lse_from(y, m, 0.0)
+    ls = math.log(s)
+    return m, s, ls, float(m) + ls
 
 
 @njit(**JIT)
@@ -185,12 +256,12 @@ def ce_index_row(y, t, w, has_w, wsum, eps, z, gr, want_grad, gscale):
     wy = 0.0
     if eps > 0.0:
         wy = row_dot(w, y) if has_w else _row_sum(y)
-    m, s, lse = _row_max_lse(y, gr, want_grad)
+    m, s, ls, lse = _row_max_lse(y, gr, want_grad)
     # lse - y_t as log(s) - (y_t - m): exact even where lse and y_t are ~1e38
     fm = float(m)
-    ls = lse - fm if (m == np.inf or m == -np.inf) else math.log(s)
-    nll = ls - (y_t - fm) if (m != np.inf and m != -np.inf) else lse - y_t
-    smooth = wsum * ls - (wy - wsum * fm) if (m != np.inf and m != -np.inf) else wsum * lse - wy
+    finite = m != np.inf and m != -np.inf
+    nll = ls - (y_t - fm) if finite else lse - y_t
+    smooth = wsum * ls - (wy - wsum * fm) if finite else wsum * lse - wy
     if m == -np.inf:
         nll = np.inf
         smooth = np.inf
@@ -262,14 +333,13 @@ def ce_prob_row(y, p, w, has_w, eps, z, gr, want_grad, gscale):
                 say += a * sy[j] if a != zero else zero
         a_tot += sa
         ay += say
-    m, s, lse = _row_max_lse(y, gr, want_grad)
+    m, s, ls, lse = _row_max_lse(y, gr, want_grad)
     if m == -np.inf:
         loss = np.inf if a_tot > 0 else 0.0
     elif m == np.inf:
         loss = a_tot * lse - ay
     else:
-        fm = float(m)
-        loss = a_tot * math.log(s) - (ay - a_tot * fm)
+        loss = a_tot * ls - (ay - a_tot * float(m))
     if z != 0.0:
         loss += z * lse * lse
     if want_grad:

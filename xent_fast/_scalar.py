@@ -62,6 +62,46 @@ def fmax(typingctx, a, b):
     return a(a, b), codegen
 
 
+# ---------------------------------------------------------------------------- ordered keys
+def float_key(x):
+    """An integer that orders like the float ``x`` (IEEE bits, negatives flipped).
+
+    Integer max reductions vectorise without any fast-math flag and cost one compare a
+    lane; llvm.maxnum's NaN handling made short-row maxima 5-10x slower.  A positive
+    NaN orders above +inf, so a row max still comes out NaN for such rows.
+    """
+    return x
+
+
+@overload(float_key, jit_options=_JIT)
+def _float_key_overload(x):
+    if x == types.float32:
+        def impl(x):
+            b = np.int64(f32_as_i32(x))
+            return b ^ ((b >> 31) & 0x7FFFFFFF)
+        return impl
+    if x == types.float64:
+        def impl(x):
+            b = f64_as_i64(x)
+            return b ^ ((b >> 63) & 0x7FFFFFFFFFFFFFFF)
+        return impl
+    return None
+
+
+def key_float(k, like):
+    """The float (of ``like``'s type) whose :func:`float_key` is ``k``."""
+    return like
+
+
+@overload(key_float, jit_options=_JIT)
+def _key_float_overload(k, like):
+    if like == types.float32:
+        return lambda k, like: i32_as_f32(np.int32(k ^ ((k >> 31) & 0x7FFFFFFF)))
+    if like == types.float64:
+        return lambda k, like: i64_as_f64(k ^ ((k >> 63) & 0x7FFFFFFFFFFFFFFF))
+    return None
+
+
 # ---------------------------------------------------------------------------- exp
 def fexp(x):
     """exp(x) for x <= 88 (float32) or x <= 709 (float64), vectorisable.
