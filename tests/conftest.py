@@ -54,3 +54,8 @@ def assert_grad_close(actual, expected, dtype, what="grad", term=1e-6):
         else 0.0
     assert_close(actual, expected, gtol(dtype), atol=gtol(dtype) * max(scale, term) + 2 * sub,
                  what=what)
+
+
+# tests/cuda runs in its own process (tests/test_cuda_sim.py: Numba's CUDA simulator must
+# be chosen before Numba is imported), or directly on a machine with a GPU.
+collect_ignore = ["cuda"]

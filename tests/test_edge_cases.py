@@ -251,6 +251,22 @@ def test_gradient_in_place_and_into_grad_out(backend, dtype):
     same(xb, bg)
 
 
-def test_gpu_backend_is_a_clear_error():
-    with pytest.raises(NotImplementedError, match="cuda"):
+def test_gpu_backend_without_a_gpu_is_a_clear_error():
+    """No usable GPU (or no numba-cuda): an error that names the extra to install."""
+    try:
+        from numba import cuda
+        if cuda.is_available():
+            pytest.skip("a GPU is usable here: tests/cuda covers it")
+    except ImportError:
+        pass
+    with pytest.raises((RuntimeError, ImportError), match=r"xent_fast\[cuda\]"):
         xf.logsumexp(np.zeros((2, 2)), backend="cuda")
+
+
+def test_gpu_arrays_on_a_cpu_backend_are_refused():
+    class FakeDeviceArray:  # anything exporting the CUDA array interface
+        __cuda_array_interface__ = {"shape": (2, 2), "typestr": "<f4", "data": (0, False),
+                                    "version": 3}
+
+    with pytest.raises(TypeError, match="GPU array"):
+        xf.logsumexp(FakeDeviceArray(), backend="cpu")

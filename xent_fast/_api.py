@@ -29,13 +29,44 @@ def _backend_module():
     return _backend
 
 
+_cuda = None
+
+
+def _cuda_api():
+    global _cuda
+    if _cuda is None:  # imported on first use: it imports numba-cuda
+        from . import _api_cuda
+
+        _cuda = _api_cuda
+    return _cuda
+
+
+def _is_gpu_array(obj):
+    """A CuPy array, a PyTorch CUDA tensor or a Numba device array (no import needed)."""
+    if isinstance(obj, np.ndarray):
+        return False
+    mod = type(obj).__module__ or ""
+    if mod.startswith("torch"):
+        return bool(getattr(obj, "is_cuda", False))
+    if "numba" in mod and type(obj).__name__ == "FakeCUDAArray":
+        return True  # Numba's CUDA simulator
+    return hasattr(obj, "__cuda_array_interface__")
+
+
+def _on_gpu(backend, *arrays):
+    """Whether this call runs on the CUDA backend: asked for, or GPU arrays under auto."""
+    if backend == "cuda":
+        return True
+    if backend == "auto":
+        return any(_is_gpu_array(a) for a in arrays)
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    return False
+
+
 def _parallel(backend, size):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "cuda":
-        raise NotImplementedError(
-            "backend='cuda' is not available in this build of xent_fast; "
-            "use backend='cpu' or 'parallel'")
     if backend == "auto":
         return size >= _PARALLEL_MIN_ELEMENTS
     return backend == "parallel"
@@ -58,9 +89,9 @@ class _Float:
     __slots__ = ("arr", "hk", "dtype", "out_dtype", "source")
 
     def __init__(self, value, name):
-        if hasattr(value, "__cuda_array_interface__") and not isinstance(value, np.ndarray):
-            raise TypeError(f"{name} is a GPU array; this build of xent_fast computes on "
-                            "the CPU only: copy it to the host first")
+        if _is_gpu_array(value):
+            raise TypeError(f"{name} is a GPU array: use backend='cuda' (or 'auto'), or copy "
+                            "it to the host for the CPU backends")
         a = np.asarray(value)
         self.source = a
         kind = a.dtype.kind
@@ -217,6 +248,8 @@ def logsumexp(x, axis=-1, keepdims=False, *, backend="auto"):
     >>> float(logsumexp([0.0, 0.0]))  # log 2
     0.6931471805599453
     """
+    if _on_gpu(backend, x):
+        return _cuda_api().logsumexp(x, axis, keepdims)
     f = _Float(x, "x")
     rows, batch, ax = _class_rows(f.arr, axis, "x")
     out = np.empty(rows.shape[0], f.out_dtype)
@@ -229,6 +262,8 @@ def logsumexp(x, axis=-1, keepdims=False, *, backend="auto"):
 
 
 def _softmax_common(x, axis, log, backend):
+    if _on_gpu(backend, x):
+        return _cuda_api().softmax_common(x, axis, log)
     f = _Float(x, "x")
     rows, batch, ax = _class_rows(f.arr, axis, "x")
     out = np.empty(rows.shape, f.out_dtype)
@@ -263,6 +298,8 @@ def _log_base(base):
 
 
 def _dist(p, q, axis, base, mode, backend):
+    if _on_gpu(backend, p, q):
+        return _cuda_api().dist(p, q, axis, base, mode)
     fp = _Float(p, "p")
     fq = _Float(q, "q") if q is not None else fp
     if fq.source.shape != fp.source.shape:
@@ -380,6 +417,11 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     >>> round(float(softmax_cross_entropy(np.array([[2.0, 1.0, 0.1]]), np.array([0]))), 4)
     0.417
     """
+    if _on_gpu(backend, logits, targets):
+        return _cuda_api().softmax_cross_entropy(
+            logits, targets, axis=axis, weight=weight, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            reduction=reduction, return_grad=return_grad, grad_out=grad_out)
     _check_reduction(reduction)
     eps = _scalar_option(label_smoothing, "label_smoothing", 0.0, 1.0)
     z = _scalar_option(z_loss, "z_loss", 0.0, None)
@@ -453,6 +495,10 @@ def softmax_kl_divergence(logits, target_logits, *, axis=-1, temperature=1.0,
     ``kl_div``) and ``"none"``.  There is no ``T**2`` factor: multiply by it yourself if
     you follow Hinton et al.  The gradient is with respect to ``logits``.
     """
+    if _on_gpu(backend, logits, target_logits):
+        return _cuda_api().softmax_kl_divergence(
+            logits, target_logits, axis=axis, temperature=temperature, reduction=reduction,
+            return_grad=return_grad, grad_out=grad_out)
     _check_reduction(reduction, ("none", "sum", "mean", "batchmean"))
     temp = _scalar_option(temperature, "temperature", 0.0, None, lo_open=True)
     want_grad = bool(return_grad) or grad_out is not None
@@ -538,6 +584,9 @@ def binary_cross_entropy(probs, targets, *, weight=None, reduction="mean", backe
     ``p`` in {0, 1} stays finite.  Probabilities outside [0, 1] raise ``ValueError``;
     soft targets in [0, 1] are allowed.  ``"mean"`` averages over all elements.
     """
+    if _on_gpu(backend, probs, targets):
+        return _cuda_api().binary_cross_entropy(probs, targets, weight=weight,
+                                                reduction=reduction)
     _check_reduction(reduction)
     fp, fy = _binary_inputs(probs, targets, "probs")
     shape = fp.source.shape
@@ -578,6 +627,10 @@ def binary_cross_entropy_with_logits(logits, targets, *, weight=None, pos_weight
     class, as PyTorch).  Gradient ``w ((1 - y) - l sigmoid(-x))``, i.e. ``sigmoid(x) - y``
     without weights, scaled for the reduction.
     """
+    if _on_gpu(backend, logits, targets):
+        return _cuda_api().binary_cross_entropy_with_logits(
+            logits, targets, weight=weight, pos_weight=pos_weight, reduction=reduction,
+            return_grad=return_grad, grad_out=grad_out)
     _check_reduction(reduction)
     want_grad = bool(return_grad) or grad_out is not None
     fx, fy = _binary_inputs(logits, targets, "logits")

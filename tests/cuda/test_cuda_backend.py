@@ -1,0 +1,341 @@
+"""backend="cuda" against the float64 reference.
+
+Runs on a real GPU when one is usable, else under Numba's CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1`` set before Numba is imported: ``tests/test_cuda_sim.py`` starts
+this file in its own process so).  Shapes are tiny: the simulator runs every GPU thread
+as a Python thread.  They still cover narrow rows (several rows a block), wide rows (a
+block a row, vector loads, more than one warp), more than one block per launch, odd
+sizes, every dtype and option, and the errors.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+cuda_mod = pytest.importorskip("numba.cuda")
+if not SIM and not cuda_mod.is_available():
+    pytest.skip("no usable GPU (set NUMBA_ENABLE_CUDASIM=1 to use the simulator)",
+                allow_module_level=True)
+
+import xent_fast as xf  # noqa: E402
+from xent_fast import reference as R  # noqa: E402
+
+try:
+    import ml_dtypes
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover
+    BF16 = None
+
+cuda = cuda_mod
+DTYPES = [np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16)] + (
+    [BF16] if BF16 is not None else [])
+RTOL = {"float64": 1e-10, "float32": 2e-5, "float16": 2e-5, "bfloat16": 2e-5}
+GTOL = {"float64": 1e-10, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+# (batch, classes): one class; two; odd; 4-aligned narrow (vector loads); a wide row
+# (a block per row: above 16 x the simulator's 64-thread block); an empty batch
+SHAPES = [((3,), 1), ((5,), 2), ((7,), 37), ((6,), 64), ((2,), 1100), ((0,), 5)]
+IDS = [f"{b}x{c}" for b, c in SHAPES]
+
+
+def close(got, want, rtol, atol=None, what=""):
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: {got.shape} != {want.shape}"
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol if atol is None else atol,
+                               equal_nan=True, err_msg=what)
+
+
+def host(a):
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+def dev(a):
+    """A Numba device array of ``a``; bfloat16 stays a NumPy array (Numba has no
+    bfloat16 dtype), which backend="cuda" copies over and back."""
+    if BF16 is not None and a.dtype == BF16:
+        return a
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+def logits(rng, shape, dtype, scale=4.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def probs(rng, shape, dtype):
+    p = rng.random(shape) + 0.01
+    return (p / p.sum(-1, keepdims=True)).astype(dtype)
+
+
+# ---------------------------------------------------------------------------- building blocks
+@pytest.mark.parametrize("dtype,batch,c", [
+    pytest.param(d, b, c, id=f"{d.name}-{b}x{c}") for d in DTYPES for b, c in SHAPES
+    if c != 1100 or d in (np.dtype(np.float32), BF16)])
+def test_building_blocks(rng, batch, c, dtype):
+    x = logits(rng, batch + (c,), dtype)
+    out_dt = np.float64 if dtype == np.float64 else np.float32
+    rt = RTOL[dtype.name]
+    for name in ("logsumexp", "softmax", "log_softmax"):
+        got = getattr(xf, name)(x, backend="cuda")  # NumPy in, NumPy out
+        assert isinstance(got, np.ndarray) and got.dtype == out_dt, name
+        close(got, getattr(R, name)(x), rt, what=name)
+    p, q = probs(rng, batch + (c,), dtype), probs(rng, batch + (c,), dtype)
+    for name in ("cross_entropy", "kl_divergence"):
+        close(getattr(xf, name)(p, q, backend="cuda"), getattr(R, name)(p, q), 10 * rt,
+              what=name)
+    close(xf.entropy(p, base=2, backend="cuda"), R.entropy(p, base=2), 10 * rt)
+
+
+def test_device_arrays_in_and_out(rng):
+    x = logits(rng, (9, 40), np.float32)
+    d = cuda.to_device(x)
+    got = xf.logsumexp(d)  # auto picks CUDA for a device array
+    assert not isinstance(got, np.ndarray) and hasattr(got, "copy_to_host")
+    close(host(got), R.logsumexp(x), 2e-5)
+    sm = xf.softmax(d, axis=0)
+    assert sm.shape == x.shape
+    close(host(sm), R.softmax(x, axis=0), 2e-5)
+    close(host(xf.logsumexp(d, axis=0, keepdims=True)), R.logsumexp(x, axis=0, keepdims=True),
+          2e-5)
+    np.testing.assert_array_equal(host(d), x)  # the input is untouched
+
+
+def test_special_values():
+    inf, nan = np.inf, np.nan
+    x = np.array([[-inf, -inf, -inf, -inf], [0.0, inf, 1.0, 2.0], [1.0, nan, 2.0, 3.0],
+                  [-inf, 0.0, -inf, 1.0], [1e30, -1e30, 1e30, 0.0]], np.float32)
+    for name in ("logsumexp", "softmax", "log_softmax"):
+        close(getattr(xf, name)(x, backend="cuda"), getattr(R, name)(x), 1e-6, what=name)
+    t = np.array([0, 1, 2, 3, 0])
+    close(xf.softmax_cross_entropy(x[3:], t[3:] - np.array([2, 0]), reduction="none",
+                                   backend="cuda"),
+          R.softmax_cross_entropy(x[3:], t[3:] - np.array([2, 0]), reduction="none"), 1e-6)
+    loss, g = xf.softmax_cross_entropy(x[3:4], np.array([0]), reduction="none",
+                                       return_grad=True, backend="cuda")
+    assert loss[0] == np.inf
+    loss, g = xf.softmax_cross_entropy(x[3:4], np.array([1]), return_grad=True,
+                                       backend="cuda")
+    assert np.isfinite(loss) and g[0, 0] == 0 and g[0, 2] == 0  # -inf logits: exactly 0
+
+
+# ---------------------------------------------------------------------------- softmax CE
+CE_OPTIONS = [
+    dict(),
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(weight=True, ignore_index=1),
+    dict(label_smoothing=0.2, weight=True),
+    dict(z_loss=1e-3, softcap=5.0),
+]
+
+
+CE_CASES = ([(d, 1, CE_OPTIONS[0]) for d in DTYPES] + [(d, 2, CE_OPTIONS[0]) for d in DTYPES]
+            + [(d, 4, o) for d in (np.dtype(np.float32), BF16) for o in CE_OPTIONS]
+            + [(np.dtype(np.float64), 2, o) for o in CE_OPTIONS[1:]]
+            + [(np.dtype(np.float32), 4, o) for o in CE_OPTIONS[3:]])
+
+
+@pytest.mark.parametrize("dtype,shape,opts", [
+    pytest.param(d, SHAPES[k], o, id=f"{d.name}-{IDS[k]}-{','.join(o) or 'plain'}")
+    for d, k, o in CE_CASES if d is not None])
+def test_ce_index(rng, dtype, shape, opts):
+    batch, c = shape
+    opts = dict(opts)
+    x = logits(rng, batch + (c,), dtype)
+    t = rng.integers(0, c, batch)
+    if opts.pop("weight", False):
+        opts["weight"] = rng.random(c) + 0.5
+    if "ignore_index" in opts:
+        t[::2] = opts["ignore_index"] = -7
+    loss, g = xf.softmax_cross_entropy(dev(x), dev(t), return_grad=True, backend="cuda",
+                                       **opts)
+    want, gwant = R.softmax_cross_entropy(x, t, return_grad=True, **opts)
+    close(host(loss), want, RTOL[dtype.name] * 5, what="loss")
+    gh = host(g)
+    if dtype == BF16:
+        gh = gh.view(BF16)
+    assert gh.shape == x.shape and gh.dtype == x.dtype
+    scale = max(1e-6, float(np.abs(gwant).max()))
+    close(gh, gwant, GTOL[dtype.name], atol=GTOL[dtype.name] * scale, what="grad")
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), BF16], ids=lambda d: d.name)
+def test_ce_grad_in_place_and_axis1(rng, dtype):
+    x = logits(rng, (3, 12, 5), dtype)  # PyTorch's (N, C, d) layout, axis=1
+    t = rng.integers(0, 12, (3, 5))
+    want, gwant = R.softmax_cross_entropy(x, t, axis=1, return_grad=True)
+    d = dev(x)
+    loss, g = xf.softmax_cross_entropy(d, t, axis=1, grad_out=d, backend="cuda")
+    assert g is d
+    close(host(loss), want, 1e-4)
+    gh = host(d).view(dtype) if dtype == BF16 else host(d)
+    close(gh, gwant, GTOL[dtype.name], atol=GTOL[dtype.name] * float(np.abs(gwant).max()))
+    # the wide, vectorised path in place
+    x = logits(rng, (2, 1024), dtype)
+    t = rng.integers(0, 1024, 2)
+    want, gwant = R.softmax_cross_entropy(x, t, reduction="sum", return_grad=True)
+    d = dev(x)
+    loss, _ = xf.softmax_cross_entropy(d, t, reduction="sum", grad_out=d, backend="cuda")
+    close(host(loss), want, 1e-4)
+    gh = host(d).view(dtype) if dtype == BF16 else host(d)
+    close(gh, gwant, GTOL[dtype.name], atol=GTOL[dtype.name] * float(np.abs(gwant).max()))
+
+
+def test_ce_probability_targets(rng):
+    x = logits(rng, (5, 37), np.float32)
+    p = probs(rng, (5, 37), np.float32)
+    w = rng.random(37) + 0.5
+    for opts in (dict(), dict(label_smoothing=0.1, weight=w, reduction="sum"),
+                 dict(softcap=3.0, z_loss=0.01, reduction="none")):
+        loss, g = xf.softmax_cross_entropy(x, p, return_grad=True, backend="cuda", **opts)
+        want, gwant = R.softmax_cross_entropy(x, p, return_grad=True, **opts)
+        close(loss, want, 1e-5)
+        close(g, gwant, 1e-5, atol=1e-5 * float(np.abs(gwant).max()))
+
+
+def test_ce_all_ignored_and_errors(rng):
+    x = logits(rng, (4, 6), np.float32)
+    t = np.full(4, -100)
+    assert np.isnan(xf.softmax_cross_entropy(x, t, backend="cuda"))
+    assert xf.softmax_cross_entropy(x, t, reduction="sum", backend="cuda") == 0
+    bad = np.array([0, 6, 1, -3])
+    with pytest.raises(IndexError, match=r"targets\[1\] = 6"):
+        xf.softmax_cross_entropy(dev(x), dev(bad))
+    # the device error flag leaves the context usable
+    close(host(xf.softmax_cross_entropy(dev(x), dev(bad[:1]) if False else dev(np.array([0, 1, 2, 3])))),
+          R.softmax_cross_entropy(x, np.array([0, 1, 2, 3])), 1e-5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        xf.softmax_cross_entropy(dev(x), dev(t), label_smoothing=2.0)
+    with pytest.raises(ValueError, match="reduction"):
+        xf.softmax_cross_entropy(dev(x), dev(t), reduction="avg")
+    with pytest.raises(ValueError, match="shape"):
+        xf.softmax_cross_entropy(dev(x), dev(np.zeros(3, np.int64)))
+    with pytest.raises(ValueError, match="weight"):
+        xf.softmax_cross_entropy(dev(x), dev(t), weight=np.ones(5))
+    with pytest.raises(TypeError, match="GPU array"):
+        xf.logsumexp(dev(x), backend="cpu")
+
+
+# ---------------------------------------------------------------------------- KL, BCE
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.float64), BF16],
+                         ids=lambda d: d.name)
+def test_kl_logits(rng, dtype):
+    x = logits(rng, (7, 37), dtype)
+    xt = logits(rng, (7, 37), dtype)
+    for red in ("batchmean", "none"):
+        loss, g = xf.softmax_kl_divergence(dev(x), dev(xt), temperature=2.0, reduction=red,
+                                           return_grad=True, backend="cuda")
+        want, gwant = R.softmax_kl_divergence(x, xt, temperature=2.0, reduction=red,
+                                              return_grad=True)
+        close(host(loss), want, RTOL[dtype.name] * 10)
+        gh = host(g).view(BF16) if dtype == BF16 else host(g)
+        close(gh, gwant, GTOL[dtype.name], atol=GTOL[dtype.name] * float(np.abs(gwant).max()))
+
+
+def test_bad_probabilities(rng):
+    p = probs(rng, (3, 5), np.float32)
+    p[2, 3] = -0.5
+    with pytest.raises(ValueError, match=r"p\[\(2, 3\)\]"):
+        xf.entropy(p, backend="cuda")
+    q = probs(rng, (3, 5), np.float32)
+    q[1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"q\[\(1, 0\)\]"):
+        xf.kl_divergence(probs(rng, (3, 5), np.float32), q, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.float64), BF16],
+                         ids=lambda d: d.name)
+def test_bce(rng, dtype):
+    shape = (5, 7)
+    x = logits(rng, shape, dtype)
+    y = rng.random(shape).astype(dtype)
+    w = rng.random((1, 7)) + 0.5
+    pw = rng.random(7) + 0.5
+    for opts in (dict(), dict(weight=w, pos_weight=pw, reduction="sum"),
+                 dict(reduction="none")):
+        loss, g = xf.binary_cross_entropy_with_logits(dev(x), dev(y), return_grad=True,
+                                                       backend="cuda", **opts)
+        want, gwant = R.binary_cross_entropy_with_logits(x, y, return_grad=True, **opts)
+        close(host(loss), want, RTOL[dtype.name] * 5)
+        gh = host(g).view(BF16) if dtype == BF16 else host(g)
+        close(gh, gwant, GTOL[dtype.name], atol=GTOL[dtype.name] * float(np.abs(gwant).max()))
+    p = (rng.random(shape) * 0.98 + 0.01).astype(np.float32)
+    p[0, 0], p[1, 1] = 0.0, 1.0  # clamped logs stay finite
+    yy = y.astype(np.float32)
+    close(xf.binary_cross_entropy(p, yy, backend="cuda"), R.binary_cross_entropy(p, yy), 1e-5)
+    close(xf.binary_cross_entropy(p, yy, weight=w, reduction="none", backend="cuda"),
+          R.binary_cross_entropy(p, yy, weight=w, reduction="none"), 1e-5)
+    p[4, 6] = 1.5
+    with pytest.raises(ValueError, match=r"probs\[\[4, 6\]\] = 1.5"):
+        xf.binary_cross_entropy(p, yy, backend="cuda")
+
+
+# ---------------------------------------------------------------------------- other libraries
+def _torch_cuda():
+    if SIM:
+        pytest.skip("PyTorch CUDA tensors need a real GPU")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA device")
+    return torch
+
+
+@pytest.mark.parametrize("tdtype", ["float32", "bfloat16", "float16"])
+def test_torch_tensors(rng, tdtype):
+    torch = _torch_cuda()
+    dt = getattr(torch, tdtype)
+    x = torch.randn(6, 1000, device="cuda").mul(3).to(dt)
+    t = torch.randint(0, 1000, (6,), device="cuda")
+    xh = x.float().cpu().numpy().astype(np.float64)
+    th = t.cpu().numpy()
+    loss = xf.softmax_cross_entropy(x, t)
+    assert isinstance(loss, torch.Tensor) and loss.is_cuda and loss.dtype == torch.float32
+    want, gwant = R.softmax_cross_entropy(xh, th, return_grad=True)
+    close(loss.item(), want, 1e-5)
+    lse = xf.logsumexp(x)
+    assert isinstance(lse, torch.Tensor) and lse.shape == (6,)
+    close(lse.cpu().numpy(), R.logsumexp(xh), 1e-5)
+    loss2, g = xf.softmax_cross_entropy(x, t, grad_out=x)  # in place, bf16 included
+    assert g is x and x.dtype == dt
+    tol = {"float32": 1e-5, "bfloat16": 1.6e-2, "float16": 2e-3}[tdtype]
+    close(x.float().cpu().numpy(), gwant, tol, atol=tol * float(np.abs(gwant).max()))
+    # requires_grad tensors and PyTorch's (N, C, d) layout
+    y = torch.randn(2, 37, 3, device="cuda", requires_grad=True)
+    ty = torch.randint(0, 37, (2, 3), device="cuda")
+    got = xf.softmax_cross_entropy(y, ty, axis=1, reduction="none")
+    close(got.cpu().numpy(), torch.nn.functional.cross_entropy(
+        y.double(), ty, reduction="none").detach().cpu().numpy(), 1e-5)
+
+
+def test_cupy_arrays(rng):
+    if SIM:
+        pytest.skip("CuPy arrays need a real GPU")
+    cp = pytest.importorskip("cupy")
+    x = logits(rng, (5, 64), np.float32)
+    t = rng.integers(0, 64, 5)
+    loss, g = xf.softmax_cross_entropy(cp.asarray(x), cp.asarray(t), return_grad=True)
+    assert isinstance(loss, cp.ndarray) and isinstance(g, cp.ndarray)
+    want, gwant = R.softmax_cross_entropy(x, t, return_grad=True)
+    close(float(loss), want, 1e-5)
+    close(cp.asnumpy(g), gwant, 1e-5, atol=1e-5 * float(np.abs(gwant).max()))
+
+
+def test_large_rows_on_the_device(rng):
+    """A few rows of a real vocabulary, every dtype, forward and in-place backward."""
+    if SIM:
+        pytest.skip("too large for the simulator")
+    for dtype in DTYPES:
+        x = logits(rng, (3, 128256), dtype)
+        t = rng.integers(0, 128256, 3)
+        want, gwant = R.softmax_cross_entropy(x, t, return_grad=True, label_smoothing=0.1)
+        loss, g = xf.softmax_cross_entropy(x, t, return_grad=True, label_smoothing=0.1,
+                                           backend="cuda")
+        close(loss, want, 10 * RTOL[dtype.name], what=dtype.name)
+        close(np.asarray(g, np.float64), gwant, GTOL[dtype.name],
+              atol=GTOL[dtype.name] * float(np.abs(gwant).max()), what=dtype.name)

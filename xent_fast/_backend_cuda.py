@@ -1,0 +1,569 @@
+"""CUDA backend: batched row kernels on the GPU (numba-cuda), built lazily and memoised.
+
+A row (one slice along the class axis) belongs to a *team* of ``ts`` threads: the whole
+block for wide rows (``ts`` = 256..1024, one row per block), or a power of two up to 32
+lanes for narrow rows (several rows per block).  Each thread streams its share of the
+row once, keeping an online maximum and a sum of exponentials rescaled whenever the
+maximum grows (Milakov & Gimelshein's online softmax); the team merges them, and a
+second pass over the row, in reverse order so that its freshest part is still in L2,
+writes the softmax or the gradient, in place when asked.
+
+Arrays arrive 3-D, ``(outer, C, inner)``: the class axis in the middle, so that PyTorch's
+``(N, C, d1, ...)`` layout needs no transpose; row ``r`` is ``(r // inner, :, r % inner)``.
+Rows that are unit-stride and aligned are read ``V`` elements per memory instruction
+(16 bytes), with ``U`` such loads in flight per thread.
+"""
+
+import math
+from functools import lru_cache
+
+import numpy as np
+
+from ._cuda_ops import (SIM, VEC, cuda, decode, device, encode, lse_finish, merge_max_sum,
+                        team_max, team_sum)
+
+NEG_INF = -math.inf
+U = 2  # vector loads in flight per thread (16 bytes each; 32 KB a 1024-thread block)
+MAX_THREADS = 64 if SIM else 1024
+FLAT_THREADS = 64 if SIM else 256
+NARROW_THREADS = 64 if SIM else 256
+# float64 slots of shared scratch: one a warp; the simulator's reductions use one a thread
+SHARED = 1024 if SIM else 32
+
+
+# At most 64 registers a thread, so that any block up to 1024 threads can launch (the
+# register file holds 64K); the wide kernels need 48-68 in float32/half, a few spill.
+KERNEL = {} if SIM else dict(max_registers=64)
+
+
+def team_size(c):
+    """Threads per row: about 8 elements a thread for narrow rows, up to a block."""
+    ts = 1
+    while ts < MAX_THREADS and ts * 16 < c:
+        ts *= 2
+    return ts
+
+
+def launch(n_rows, ts):
+    """(blocks, threads) for ``n_rows`` rows of ``ts`` threads each."""
+    threads = ts if ts > 32 else NARROW_THREADS
+    rpb = threads // ts
+    return max(1, -(-n_rows // rpb)), threads
+
+
+@device
+def log0(v):
+    """log v with log 0 = -inf and NaN below 0, as on the GPU (the simulator's Python
+    math.log raises there instead)."""
+    if v > 0:
+        return math.log(v)
+    return -math.inf if v == 0 else math.nan
+
+
+# ---------------------------------------------------------------------------- row kernels
+@lru_cache(maxsize=None)
+def kernels(v, f64):
+    """The kernels for rows read ``v`` elements at a time, computing in float64 or float32."""
+    FT = np.float64 if f64 else np.float32
+    load_vec, store_vec = VEC[v]
+    UV = U * v
+
+    @device
+    def row_pass1(row, nv, lane, ts, cap, raw, m, s, nanf):
+        """Fold the row's vectors lane, lane+ts, ... into (m, s, nan flag)."""
+        fcap = FT(cap)
+        icap = FT(1.0 / cap) if cap > 0 else FT(0.0)
+        for base in range(lane, nv, ts * U):
+            for u in range(U):  # U independent loads first: bytes in flight
+                kk = base + u * ts
+                if kk < nv:
+                    load_vec(row, kk, raw, u * v)
+            gm = m
+            for u in range(U):
+                if base + u * ts < nv:
+                    for e in range(v):
+                        y = decode(raw[u * v + e])
+                        if cap > 0:
+                            y = fcap * math.tanh(y * icap)
+                        nanf = nanf | (1 if y != y else 0)
+                        gm = y if y > gm else gm
+            if gm > m:
+                s = s * math.exp(m - gm)
+                m = gm
+            if m != NEG_INF:
+                acc = FT(0.0)
+                for u in range(U):  # decoded again rather than kept: registers
+                    if base + u * ts < nv:
+                        for e in range(v):
+                            y = decode(raw[u * v + e])
+                            if cap > 0:
+                                y = fcap * math.tanh(y * icap)
+                            acc += math.exp(y - m)
+                s += acc
+        return m, s, nanf
+
+    @device
+    def row_stats(row, nv, lane, ts, cap, sm, raw):
+        """Team-wide (max, sum of exp(y - max), any NaN) of a row."""
+        m, s, nanf = row_pass1(row, nv, lane, ts, cap, raw, FT(NEG_INF), FT(0.0), 0)
+        mm, ss = merge_max_sum(m, s, ts, sm)
+        return mm, ss, team_max(nanf, ts, sm)
+
+    @device
+    def row_index(ts, n):
+        rpb = cuda.blockDim.x // ts
+        tid = cuda.threadIdx.x
+        r = np.int64(cuda.blockIdx.x) * rpb + tid // ts
+        return r, tid % ts, r < n
+
+    @device
+    def block_add(val, acc, sm):
+        """acc[0] += the block's sum of val (one atomic a block)."""
+        tot = team_sum(np.float64(val), cuda.blockDim.x, sm)
+        if cuda.threadIdx.x == 0:
+            cuda.atomic.add(acc, 0, tot)
+
+    @cuda.jit(**KERNEL)
+    def lse_kernel(x, out, ts):
+        sm = cuda.shared.array(SHARED, np.float64)
+        raw = cuda.local.array(UV, x.dtype)
+        inner = x.shape[2]
+        n = x.shape[0] * inner
+        r, lane, active = row_index(ts, n)
+        rr = r if active else 0
+        row = x[rr // inner, :, rr % inner]
+        nv = x.shape[1] // v if active else 0
+        m, s, nanf = row_stats(row, nv, lane, ts, 0.0, sm, raw)
+        if active and lane == 0:
+            out[r] = lse_finish(m, s, nanf)
+
+    @cuda.jit(**KERNEL)
+    def softmax_kernel(x, log, out, ts):
+        sm = cuda.shared.array(SHARED, np.float64)
+        raw = cuda.local.array(UV, x.dtype)
+        ob = cuda.local.array(v, out.dtype)
+        inner = x.shape[2]
+        n = x.shape[0] * inner
+        r, lane, active = row_index(ts, n)
+        rr = r if active else 0
+        row = x[rr // inner, :, rr % inner]
+        orow = out[rr // inner, :, rr % inner]
+        nv = x.shape[1] // v if active else 0
+        m, s, nanf = row_stats(row, nv, lane, ts, 0.0, sm, raw)
+        lse = lse_finish(m, s, nanf)
+        special = nanf != 0 or m == NEG_INF or m == math.inf
+        mm = FT(m)
+        ls = FT(math.log(s)) if not special else FT(0.0)
+        inv = FT(1.0 / s) if not special else FT(0.0)
+        c = FT(lse)
+        for j in range(lane, nv, ts):
+            kk = nv - 1 - j
+            load_vec(row, kk, raw, 0)
+            for e in range(v):
+                y = decode(raw[e])
+                if special:
+                    o = y - c if log else math.exp(y - c)
+                elif log:
+                    o = (y - mm) - ls
+                else:
+                    o = math.exp(y - mm) * inv
+                ob[e] = o
+            store_vec(orow, kk, ob, 0)
+
+    @cuda.jit(**KERNEL)
+    def ce_index_kernel(x, t, w, has_w, wsum, eps, z, cap, ignore, den, use_den, want_grad,
+                        g, keep, loss, acc, ts):
+        sm = cuda.shared.array(SHARED, np.float64)
+        raw = cuda.local.array(UV, x.dtype)
+        gb = cuda.local.array(v, g.dtype)
+        inner = x.shape[2]
+        C = x.shape[1]
+        n = x.shape[0] * inner
+        r, lane, active = row_index(ts, n)
+        rr = r if active else 0
+        row = x[rr // inner, :, rr % inner]
+        ti = np.int64(t[rr])
+        ignored = (not active) or ti == ignore or ti < 0 or ti >= C
+        nv = C // v if not ignored else 0
+        yt = FT(0.0)
+        if not ignored:
+            yt = decode(row[ti])
+            if cap > 0:
+                yt = FT(cap) * math.tanh(yt * FT(1.0 / cap))
+        m, s, nanf = row_stats(row, nv, lane, ts, cap, sm, raw)
+        sy = 0.0
+        if eps > 0.0:  # sum_c w_c y_c for the smoothing term
+            fcap = FT(cap)
+            icap = FT(1.0 / cap) if cap > 0 else FT(0.0)
+            part = FT(0.0)
+            for c in range(lane, nv * v, ts):
+                y = decode(row[c])
+                if cap > 0:
+                    y = fcap * math.tanh(y * icap)
+                part += FT(w[c]) * y if has_w else y
+            sy = team_sum(np.float64(part), ts, sm)
+        finite = nanf == 0 and m != NEG_INF and m != math.inf
+        lse = lse_finish(m, s, nanf)
+        lossv = 0.0
+        wt = 1.0
+        if not ignored:
+            wt = np.float64(w[ti]) if has_w else 1.0
+            fm = np.float64(m)
+            if finite:
+                ls = math.log(np.float64(s))
+                nll = ls - (np.float64(yt) - fm)
+                smooth = wsum * ls - (sy - wsum * fm)
+            else:
+                nll = lse - yt
+                smooth = wsum * lse - sy
+            if m == NEG_INF and nanf == 0:
+                nll = math.inf
+                smooth = math.inf
+            lossv = (1.0 - eps) * wt * nll if eps < 1.0 else 0.0
+            if eps > 0.0:
+                lossv += eps / C * smooth
+            if z != 0.0:
+                lossv += z * lse * lse
+        if keep:
+            if active and lane == 0:
+                loss[r] = lossv
+        else:
+            block_add(lossv if lane == 0 else 0.0, acc, sm)
+        if not want_grad or not active:
+            return
+        gs = 1.0
+        if use_den:
+            gs = 1.0 / den[0] if den[0] != 0.0 else math.nan
+        grow = g[rr // inner, :, rr % inner]
+        mode = 1 if ignored else (0 if finite else 2)
+        a_tot = (1.0 - eps) * wt + eps / C * wsum
+        k = FT((a_tot + 2.0 * z * lse) / s * gs) if mode == 0 else FT(0.0)
+        ke = FT(gs * eps / C)
+        kt = FT(gs * (1.0 - eps) * wt)
+        mm = FT(m)
+        fcap = FT(cap)
+        icap = FT(1.0 / cap) if cap > 0 else FT(0.0)
+        nvg = C // v
+        fill = FT(0.0) if mode == 1 else FT(math.nan)
+        for base in range(lane, nvg, ts * U):
+            for u in range(U):  # reverse order: the row's tail is freshest in L2
+                j = base + u * ts
+                if j < nvg and mode == 0:
+                    load_vec(row, nvg - 1 - j, raw, u * v)
+            for u in range(U):
+                j = base + u * ts
+                if j < nvg:
+                    kk = nvg - 1 - j
+                    for e in range(v):
+                        if mode == 0:
+                            c = kk * v + e
+                            y = decode(raw[u * v + e])
+                            if cap > 0:
+                                y = fcap * math.tanh(y * icap)
+                            gv = k * math.exp(y - mm)
+                            if eps > 0.0:
+                                gv -= ke * FT(w[c]) if has_w else ke
+                            if c == ti:
+                                gv -= kt
+                            if cap > 0:
+                                uu = y * icap
+                                gv = gv * (FT(1.0) - uu * uu)
+                        else:
+                            gv = fill
+                        gb[e] = encode(gv, g)
+                    store_vec(grow, kk, gb, 0)
+
+    @cuda.jit(**KERNEL)
+    def ce_prob_kernel(x, p, w, has_w, eps, z, cap, gscale, want_grad, g, keep, loss, acc,
+                       ts):
+        sm = cuda.shared.array(SHARED, np.float64)
+        raw = cuda.local.array(UV, x.dtype)
+        inner = x.shape[2]
+        C = x.shape[1]
+        n = x.shape[0] * inner
+        r, lane, active = row_index(ts, n)
+        rr = r if active else 0
+        row = x[rr // inner, :, rr % inner]
+        prow = p[rr // inner, :, rr % inner]
+        nv = C // v if active else 0
+        fcap = FT(cap)
+        icap = FT(1.0 / cap) if cap > 0 else FT(0.0)
+        ce = FT(1.0 - eps)
+        cs = FT(eps / C) if C > 0 else FT(0.0)
+        pa = FT(0.0)
+        pay = FT(0.0)
+        for c in range(lane, nv * v, ts):
+            a = ce * decode(prow[c]) + cs
+            if has_w:
+                a = a * FT(w[c])
+            y = decode(row[c])
+            if cap > 0:
+                y = fcap * math.tanh(y * icap)
+            pa += a
+            pay += a * y if a != 0 else FT(0.0)
+        m, s, nanf = row_stats(row, nv, lane, ts, cap, sm, raw)
+        a_tot = team_sum(np.float64(pa), ts, sm)
+        ay = team_sum(np.float64(pay), ts, sm)
+        lse = lse_finish(m, s, nanf)
+        if nanf != 0:
+            lossv = math.nan
+        elif m == NEG_INF:
+            lossv = math.inf if a_tot > 0 else 0.0
+        elif m == math.inf:
+            lossv = a_tot * lse - ay
+        else:
+            lossv = a_tot * math.log(np.float64(s)) - (ay - a_tot * np.float64(m))
+        if z != 0.0:
+            lossv += z * lse * lse
+        if not active:
+            lossv = 0.0
+        if keep:
+            if active and lane == 0:
+                loss[r] = lossv
+        else:
+            block_add(lossv if lane == 0 else 0.0, acc, sm)
+        if not want_grad or not active:
+            return
+        grow = g[rr // inner, :, rr % inner]
+        finite = nanf == 0 and m != NEG_INF and m != math.inf
+        k = FT((a_tot + 2.0 * z * lse) / s * gscale) if finite else FT(math.nan)
+        gsf = FT(gscale)
+        mm = FT(m)
+        for j in range(lane, C, ts):
+            c = C - 1 - j
+            y = decode(row[c])
+            if cap > 0:
+                y = fcap * math.tanh(y * icap)
+            a = ce * decode(prow[c]) + cs
+            if has_w:
+                a = a * FT(w[c])
+            gv = k * math.exp(y - mm) - gsf * a if finite else FT(math.nan)
+            if cap > 0:
+                uu = y * icap
+                gv = gv * (FT(1.0) - uu * uu)
+            grow[c] = encode(gv, g)
+
+    @cuda.jit(**KERNEL)
+    def kl_logits_kernel(x, xt, inv_t, gscale, want_grad, g, keep, out, acc, ts):
+        sm = cuda.shared.array(SHARED, np.float64)
+        inner = x.shape[2]
+        C = x.shape[1]
+        n = x.shape[0] * inner
+        r, lane, active = row_index(ts, n)
+        rr = r if active else 0
+        row = x[rr // inner, :, rr % inner]
+        trow = xt[rr // inner, :, rr % inner]
+        cnt = C if active else 0
+        it = FT(inv_t)
+        ms = FT(NEG_INF)
+        mt = FT(NEG_INF)
+        ss = FT(0.0)
+        st = FT(0.0)
+        d = FT(0.0)
+        nanf = 0
+        for c in range(lane, cnt, ts):
+            vs = decode(row[c]) * it
+            vt = decode(trow[c]) * it
+            nanf = nanf | (1 if vs != vs or vt != vt else 0)
+            if vs > ms:
+                ss = ss * math.exp(ms - vs)
+                ms = vs
+            if vt > mt:
+                sc = math.exp(mt - vt)
+                st = st * sc
+                d = d * sc
+                mt = vt
+            if ms != NEG_INF:
+                ss += math.exp(vs - ms)
+            if mt != NEG_INF:
+                et = math.exp(vt - mt)
+                st += et
+                d += et * (vt - vs) if et != 0 else FT(0.0)
+        nanf = team_max(nanf, ts, sm)
+        gms = team_max(ms, ts, sm)
+        gmt = team_max(mt, ts, sm)
+        fs = FT(0.0) if (gms == NEG_INF or ms == NEG_INF) else (
+            FT(1.0) if ms == gms else math.exp(ms - gms))
+        ft = FT(0.0) if (gmt == NEG_INF or mt == NEG_INF) else (
+            FT(1.0) if mt == gmt else math.exp(mt - gmt))
+        ss = team_sum(np.float64(ss * fs), ts, sm)
+        st = team_sum(np.float64(st * ft), ts, sm)
+        d = team_sum(np.float64(d * ft), ts, sm)
+        kl = 0.0
+        if C > 0:
+            lse_s = lse_finish(gms, ss, nanf) if gms != NEG_INF else NEG_INF
+            lse_t = lse_finish(gmt, st, nanf) if gmt != NEG_INF else NEG_INF
+            fin = gms != NEG_INF and gmt != NEG_INF and gms != math.inf and gmt != math.inf
+            if nanf != 0:
+                kl = math.nan
+            elif fin:
+                kl = d / st + (np.float64(gms) - np.float64(gmt)) + (math.log(ss) - math.log(st))
+            else:
+                kl = d / st + lse_s - lse_t
+        if not active:
+            kl = 0.0
+        if keep:
+            if active and lane == 0:
+                out[r] = kl
+        else:
+            block_add(kl if lane == 0 else 0.0, acc, sm)
+        if not want_grad or not active:
+            return
+        grow = g[rr // inner, :, rr % inner]
+        ks = FT(gscale * inv_t / ss)
+        kt = FT(gscale * inv_t / st)
+        ams = FT(gms)
+        amt = FT(gmt)
+        for j in range(lane, C, ts):
+            c = C - 1 - j
+            gv = ks * math.exp(decode(row[c]) * it - ams) - kt * math.exp(decode(trow[c]) * it - amt)
+            grow[c] = encode(gv, g)
+
+    @cuda.jit(**KERNEL)
+    def dist_kernel(p, q, mode, out, bad, ts):
+        sm = cuda.shared.array(SHARED, np.float64)
+        inner = p.shape[2]
+        C = p.shape[1]
+        n = p.shape[0] * inner
+        r, lane, active = row_index(ts, n)
+        rr = r if active else 0
+        prow = p[rr // inner, :, rr % inner]
+        qrow = q[rr // inner, :, rr % inner]
+        cnt = C if active else 0
+        tot = FT(0.0)
+        first = np.int64(2 * C)
+        for c in range(lane, cnt, ts):
+            pv = decode(prow[c])
+            qv = decode(qrow[c])
+            if not (pv >= 0):
+                first = min(first, np.int64(c))
+            if mode != 0 and not (qv >= 0):
+                first = min(first, np.int64(C + c))
+            if pv != 0:
+                if mode == 0:
+                    tot -= pv * log0(pv)
+                elif mode == 1:
+                    tot -= pv * log0(qv)
+                else:
+                    tot += pv * (log0(pv) - log0(qv))
+        total = team_sum(np.float64(tot), ts, sm)
+        worst = np.int64(-team_max(-first, ts, sm))
+        if active and lane == 0:
+            out[r] = total if worst == 2 * C else math.nan
+            if worst < 2 * C:
+                cuda.atomic.min(bad, 0, r * 2 * C + worst)
+
+    return dict(lse=lse_kernel, softmax=softmax_kernel, ce_index=ce_index_kernel,
+                ce_prob=ce_prob_kernel, kl_logits=kl_logits_kernel, dist=dist_kernel)
+
+
+# ---------------------------------------------------------------------------- flat kernels
+@device
+def _grid_add(val, acc, sm):
+    tot = team_sum(np.float64(val), cuda.blockDim.x, sm)
+    if cuda.threadIdx.x == 0:
+        cuda.atomic.add(acc, 0, tot)
+
+
+@cuda.jit(**KERNEL)
+def targets_kernel(t, C, ignore, w, has_w, den, bad):
+    """den[0] += summed weight of kept targets; bad[0] = min index of a bad target."""
+    sm = cuda.shared.array(SHARED, np.float64)
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    n = t.shape[0]
+    part = 0.0
+    nsteps = (n + step - 1) // step
+    for k in range(nsteps):  # the same trip count on every thread: block-wide sums follow
+        i = start + k * step
+        if i < n:
+            ti = np.int64(t[i])
+            if ti != ignore:
+                if ti < 0 or ti >= C:
+                    cuda.atomic.min(bad, 0, np.int64(i))
+                else:
+                    part += np.float64(w[ti]) if has_w else 1.0
+    _grid_add(part, den, sm)
+
+
+@cuda.jit(**KERNEL)
+def finish_kernel(acc, den, use_den, den_host, mean, out):
+    """out[0] = acc[0] (sum) or acc[0] / denominator (mean), with the CPU's rules."""
+    if cuda.grid(1) != 0:
+        return
+    total = acc[0]
+    if not mean:
+        out[0] = total
+        return
+    d = den[0] if use_den else den_host
+    if d == 0.0:
+        if total == 0.0 or total != total:
+            out[0] = math.nan
+        else:
+            out[0] = math.inf if total > 0 else -math.inf
+    else:
+        out[0] = total / d
+
+
+@cuda.jit(**KERNEL)
+def bce_kernel(p, y, w, has_w, keep, out, acc, bad):
+    sm = cuda.shared.array(SHARED, np.float64)
+    n, L = p.shape
+    total = n * L
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    part = 0.0
+    for k in range((total + step - 1) // step):
+        e = start + np.int64(k) * step
+        if e < total:
+            i = e // L
+            j = e % L
+            pv = decode(p[i, j])
+            yv = decode(y[i, j])
+            if not (pv >= 0 and pv <= 1):
+                cuda.atomic.min(bad, 0, e)
+            one = pv - pv + 1
+            lp = max(log0(pv), -100.0)
+            lq = max(log0(one - pv), -100.0)
+            rv = -(yv * lp + (one - yv) * lq)
+            if has_w:
+                rv = rv * w[i, j]
+            if keep:
+                out[i, j] = rv
+            else:
+                part += rv
+    if not keep:
+        _grid_add(part, acc, sm)
+
+
+@cuda.jit(**KERNEL)
+def bce_logits_kernel(x, y, w, has_w, pw, has_pw, gscale, want_grad, g, keep, out, acc):
+    sm = cuda.shared.array(SHARED, np.float64)
+    n, L = x.shape
+    total = n * L
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    part = 0.0
+    for k in range((total + step - 1) // step):
+        e = start + np.int64(k) * step
+        if e < total:
+            i = e // L
+            j = e % L
+            v = decode(x[i, j])
+            t = decode(y[i, j])
+            one = v - v + 1
+            zero = v - v
+            ex = math.exp(-abs(v))
+            sp = math.log1p(ex) + (-v if v < zero else zero)
+            lw = one + (pw[i, j] - one) * t if has_pw else one
+            wv = w[i, j] if has_w else one
+            rv = wv * ((one - t) * v + lw * sp)
+            if keep:
+                out[i, j] = rv
+            else:
+                part += rv
+            if want_grad:
+                sig_neg = (ex / (one + ex)) if v >= zero else (one / (one + ex))
+                g[i, j] = encode(gscale * wv * ((one - t) - lw * sig_neg), g)
+    if not keep:
+        _grid_add(part, acc, sm)
