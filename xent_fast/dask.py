@@ -542,7 +542,7 @@ def _evaluate_files_on_cluster(logits_path, targets_path, address, *, axis=-1,
         futures = client.compute(parts)
         rows_of = {f.key: n for f, n in zip(futures, counts)}
         done = 0
-        for fut in as_completed(futures):
+        for fut in as_completed(futures, loop=client.loop):
             state = state.merge(fut.result())
             done += rows_of[fut.key]
             if progress is not None:

@@ -223,6 +223,7 @@ def evaluate(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n_bins
     """
     x = _last(logits, axis)
     c = x.shape[-1]
+    batch = x.shape[:-1]
     x = x.reshape(-1, c)
     t = np.asarray(targets).reshape(-1)
     kept = t != ignore_index
@@ -244,7 +245,7 @@ def evaluate(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n_bins
     mean = (lambda a: float(np.sum(a)) / n) if n else (lambda a: math.nan)
     ce = mean(k_loss)
     ece = math.nan
-    if n:
+    if n and not np.isnan(k_conf).any():
         b = np.clip(np.ceil(k_conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
         correct = (k_rank == 0).astype(np.float64)
         ece = sum(abs(np.sum(correct[b == i]) - np.sum(k_conf[b == i]))
@@ -254,6 +255,7 @@ def evaluate(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n_bins
     rows = {"loss": np.where(kept, loss, np.nan), "target_prob": np.where(kept, prob, np.nan),
             "entropy": ent, "confidence": conf, "prediction": pred,
             "rank": np.where(kept, rank, -1), "ignored": ~kept}
+    rows = {k: v.reshape(batch) for k, v in rows.items()}
     return {"count": n, "cross_entropy": ce, "perplexity": ppl,
             "accuracy": {k: (float(np.sum(k_rank < k)) / n if n else math.nan) for k in topk},
             "entropy": mean(k_ent), "target_prob": mean(k_prob), "ece": ece, "rows": rows}
