@@ -146,7 +146,7 @@ def test_cli_on_a_cluster(cluster, data, tmp_path, capsys):
     j = json.loads(out)
     ref = xf.evaluate(x, t)
     assert j["count"] == ref.count
-    assert j["cross_entropy"] == pytest.approx(ref.cross_entropy, rel=1e-12)
+    assert j["cross_entropy"] == pytest.approx(ref.cross_entropy, rel=1e-8)  # float32 rows
     assert "100.0%" in err
     bad = t.copy()
     bad[5, 1] = 40

@@ -33,7 +33,10 @@ def data(tmp_path_factory):
     return d, x, t
 
 
-def same(res, ref, rtol=1e-12):
+# Per-row values come from the same kernel on the same rows; they may still differ in
+# the last bit of a float32 row sum when a chunk sits at another memory alignment
+# (vector loops peel differently), and the float64 sums merge in another order.
+def same(res, ref, rtol=1e-8):
     assert res.count == ref.count
     for a in AGG:
         assert getattr(res, a) == pytest.approx(getattr(ref, a), rel=rtol, nan_ok=True), a
@@ -51,7 +54,7 @@ def test_files_equal_in_memory(data, files, chunk_rows):
                            per_row=True)
     same(res, ref)
     for k, v in ref.rows.items():
-        np.testing.assert_array_equal(res.rows[k], v, err_msg=k)
+        np.testing.assert_allclose(res.rows[k], v, rtol=1e-7, atol=1e-12, err_msg=k)
 
 
 def test_class_axis_first_and_half_precision(data):
@@ -139,7 +142,7 @@ def test_cli_table_json_and_progress(data, capsys):
     assert rc == 0
     j = json.loads(out)
     assert j["count"] == ref.count
-    assert j["cross_entropy"] == pytest.approx(ref.cross_entropy, rel=1e-12)
+    assert j["cross_entropy"] == pytest.approx(ref.cross_entropy, rel=1e-8)  # float32 rows
     assert j["accuracy"] == {"top1": ref.accuracy[1], "top3": ref.accuracy[3]}
     assert "100.0%" in err and err.endswith("\n")
     rc, out, err = run_cli(capsys, d / "x_class_first.npy", d / "t.npy", "--axis", "0",
