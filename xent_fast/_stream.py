@@ -3,18 +3,21 @@
 A *source* opens a stored array without reading it and hands out slabs along one axis
 (the first axis that is not the class axis).  ``.npy`` files are memory-mapped: the
 kernels read the mapped pages directly, the kernel is told to read the next slab ahead
-(``MADV_WILLNEED``) and to drop the pages of the slab just done (``MADV_DONTNEED``), so
+(``MADV_POPULATE_READ``, else ``MADV_WILLNEED``) and to drop the pages of the slab just done (``MADV_DONTNEED``), so
 the resident memory stays at a few slabs whatever the file size.  ``.npz`` members are
-read sequentially (decompressing as they go) and Zarr arrays slab by slab, each on a
-background thread one slab ahead of the kernels.
+read sequentially (decompressing as they go) and Zarr arrays slab by slab.  Every
+source is read one slab ahead of the kernels on a background thread.
 
 Every bad file (missing, not an array, truncated, wrong dtype or shape) is a
 ``ValueError`` (``FileNotFoundError`` when missing) with one line naming the file.
 """
 
+import ctypes
+import errno
 import math
 import mmap
 import os
+import sys
 import threading
 import zipfile
 import zlib
@@ -68,8 +71,6 @@ class _Source:
     def done(self, axis, lo, hi):
         """A hint that slab [lo, hi) will not be read again."""
 
-    sequential = False  # reads cost I/O in read() itself: worth a thread ahead
-
     def close(self):
         pass
 
@@ -83,6 +84,33 @@ class _Source:
 
 def _slab(axis, lo, hi):
     return (slice(lo, hi),) if axis == 0 else (slice(None), slice(lo, hi))
+
+
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+_madvise = None
+
+
+def _populate(base, start, length):
+    """madvise(MADV_POPULATE_READ) on a mapped range; False where unsupported."""
+    global _madvise
+    if _madvise is None:
+        _madvise = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                fn = libc.madvise
+                fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+                fn.restype = ctypes.c_int
+                _madvise = fn
+            except (OSError, AttributeError):
+                _madvise = False
+    if not _madvise:
+        return False
+    if _madvise(base + start, length, _MADV_POPULATE_READ) != 0:
+        if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS):
+            _madvise = False  # an older kernel: fall back to MADV_WILLNEED
+        return False
+    return True
 
 
 class NpySource(_Source):
@@ -112,6 +140,7 @@ class NpySource(_Source):
                 self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
             if hasattr(mmap, "MADV_SEQUENTIAL"):
                 self._mm.madvise(mmap.MADV_SEQUENTIAL)
+            self._base = np.frombuffer(self._mm, np.uint8).ctypes.data
             arr = np.ndarray(self.shape, self.dtype, buffer=self._mm, offset=self.offset,
                              order="F" if self.fortran else "C")
             arr.flags.writeable = False
@@ -129,12 +158,21 @@ class NpySource(_Source):
         return self.offset + lo * row, self.offset + hi * row
 
     def will_need(self, axis, lo, hi):
+        """Read slab [lo, hi) into the page cache and map it (called a slab ahead, on
+        the read-ahead thread).  MADV_POPULATE_READ maps a whole range in one call,
+        without it each 64 KB of the slab costs the kernels a page fault; it is called
+        through ctypes, which lets go of the GIL while the disk works."""
         self._array()
         r = self._bytes(axis, lo, hi)
-        if r is not None and hasattr(mmap, "MADV_WILLNEED"):
-            start = r[0] - r[0] % _PAGE
-            if r[1] > start:
-                self._mm.madvise(mmap.MADV_WILLNEED, start, r[1] - start)
+        if r is None:
+            return
+        start = r[0] - r[0] % _PAGE
+        if r[1] <= start:
+            return
+        if _populate(self._base, start, r[1] - start):
+            return
+        if hasattr(mmap, "MADV_WILLNEED"):
+            self._mm.madvise(mmap.MADV_WILLNEED, start, r[1] - start)
 
     def done(self, axis, lo, hi):
         r = self._bytes(axis, lo, hi)
@@ -163,8 +201,6 @@ class NpySource(_Source):
 
 class NpzSource(_Source):
     """One array inside a .npz file, read sequentially from its (compressed) member."""
-
-    sequential = True
 
     def __init__(self, path, key=None, role="array"):
         self.path = os.fspath(path)
@@ -269,8 +305,6 @@ _NPZ_LOCK = threading.Lock()
 
 class ZarrSource(_Source):
     """A Zarr array (needs the ``zarr`` package)."""
-
-    sequential = True
 
     def __init__(self, path, role="array", array=None):
         self.path = os.fspath(path) if array is None else str(getattr(array, "path", ""))
@@ -418,25 +452,23 @@ def evaluate_file(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n
         ax, ca, length, slabs = plan(lsrc, tsrc, axis, chunk_rows)
         state = EvalState(topk, n_bins)
         keep = [] if per_row else None
-        ahead = ThreadPoolExecutor(1) if (lsrc.sequential or tsrc.sequential) else None
+        # one slab ahead on a thread: the next slab is read (or mapped) from disk while
+        # the kernels work on this one
+        ahead = ThreadPoolExecutor(1)
 
         def load(i):
             lo, hi = slabs[i]
             if ca is None:
                 return lsrc.read(0, 0, lsrc.shape[0]), tsrc._array()[()]
+            lsrc.will_need(ca, lo, hi)
             return lsrc.read(ca, lo, hi), tsrc.read(0, lo, hi)
 
         try:
-            pending = ahead.submit(load, 0) if ahead else None
+            pending = ahead.submit(load, 0)
             for i, (lo, hi) in enumerate(slabs):
-                if ahead:
-                    x, t = pending.result()
-                    if i + 1 < len(slabs):
-                        pending = ahead.submit(load, i + 1)
-                else:
-                    x, t = load(i)
-                    if i + 1 < len(slabs) and ca is not None:
-                        lsrc.will_need(ca, *slabs[i + 1])
+                x, t = pending.result()
+                if i + 1 < len(slabs):
+                    pending = ahead.submit(load, i + 1)
                 f = _Float(x, "logits")
                 rows, batch, _ = _class_rows(f.arr, ax, "logits")
                 origin = None if ca is None else (lo,) + (0,) * (len(batch) - 1)
@@ -451,8 +483,7 @@ def evaluate_file(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n
                 if progress is not None:
                     progress(hi, length)
         finally:
-            if ahead:
-                ahead.shutdown(wait=True, cancel_futures=True)
+            ahead.shutdown(wait=True, cancel_futures=True)
     finally:
         lsrc.close()
         tsrc.close()
