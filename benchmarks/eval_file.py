@@ -262,8 +262,8 @@ def render(args, size, rows, results):
         "(`posix_fadvise(POSIX_FADV_DONTNEED)`) before each run; warm = served from the "
         "page cache.  Peak RSS = the eval process's peak resident set (`VmHWM`: Python, "
         "NumPy and Numba included; 'before' is after imports and the kernels' warm-up; "
-        "`ru_maxrss` is reported beside it but Linux carries it over `execve` from the "
-        "parent, which held the file's written pages).",
+        "not `ru_maxrss`, which Linux carries over `execve` from the parent that wrote "
+        "the file, so a child would report at least the parent's peak).",
         "",
         "| mode | run | read GB/s plain / ahead / map | eval GB/s | eval / read | eval rows/s | "
         "peak RSS MB (before) | threads |",
