@@ -12,6 +12,8 @@ from ._api import (binary_cross_entropy, binary_cross_entropy_with_logits, cross
                    entropy, kl_divergence, log_softmax, logsumexp, softmax,
                    softmax_cross_entropy, softmax_kl_divergence)
 from ._warmup import warmup
+from ._evaluate import EvalResult, EvalState, evaluate
+from ._stream import evaluate_file
 
 __version__ = "0.1.0"
 
@@ -27,4 +29,8 @@ __all__ = [
     "softmax_cross_entropy",
     "softmax_kl_divergence",
     "warmup",
+    "EvalResult",
+    "EvalState",
+    "evaluate",
+    "evaluate_file",
 ]

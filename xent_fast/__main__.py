@@ -1,6 +1,8 @@
-"""Command line: ``xent-fast demo`` and ``xent-fast bench`` (also ``python -m xent_fast``)."""
+"""Command line: ``xent-fast demo``, ``xent-fast bench`` and ``xent-fast eval`` (also
+``python -m xent_fast``)."""
 
 import argparse
+import math
 import sys
 import time
 
@@ -90,6 +92,75 @@ def _demo(args):
     return 0 if worst < 1e-4 else 1
 
 
+class _ProgressBar:
+    """A one-line progress bar on stderr, redrawn at most ten times a second."""
+
+    def __init__(self, stream, width=30):
+        self.stream = stream
+        self.width = width
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+
+    def __call__(self, done, total, final=False):
+        now = time.perf_counter()
+        if not final and done < total and now - self.last < 0.1:
+            return
+        self.last = now
+        frac = done / total if total else 1.0
+        fill = int(frac * self.width)
+        rate = done / (now - self.t0) if now > self.t0 else 0.0
+        self.stream.write(f"\r[{'#' * fill}{'.' * (self.width - fill)}] {frac:6.1%} "
+                          f"{done}/{total} rows  {rate:,.0f} rows/s")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _json_number(v):
+    return v if not isinstance(v, float) or math.isfinite(v) else None
+
+
+def _eval(args):
+    import json
+
+    from . import _stream
+
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    bar = _ProgressBar(sys.stderr) if show else None
+    opts = dict(axis=args.axis, ignore_index=args.ignore_index, topk=tuple(args.topk),
+                n_bins=args.n_bins, chunk_rows=args.chunk_rows)
+    try:
+        if args.scheduler:
+            from .dask import _evaluate_files_on_cluster
+
+            res = _evaluate_files_on_cluster(args.logits, args.targets, args.scheduler,
+                                             progress=bar, **opts)
+        else:
+            res = _stream.evaluate_file(args.logits, args.targets, progress=bar,
+                                        backend=args.backend, **opts)
+    except KeyboardInterrupt:
+        print("\nxent-fast eval: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        if bar is not None and bar.last:
+            sys.stderr.write("\n")
+        msg = str(e) or type(e).__name__
+        if type(e) not in (ValueError, IndexError, TypeError, FileNotFoundError,
+                           NotImplementedError):
+            msg = f"{type(e).__name__}: {msg}"
+        print(f"xent-fast eval: error: {msg.splitlines()[0] if msg else msg}",
+              file=sys.stderr)
+        return 1
+    if args.format == "json":
+        d = res.as_dict()
+        d["accuracy"] = {k: _json_number(v) for k, v in d["accuracy"].items()}
+        print(json.dumps({k: (_json_number(v) if not isinstance(v, dict) else v)
+                          for k, v in d.items()}, indent=2))
+    else:
+        print(res.table())
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="xent-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -106,9 +177,38 @@ def main(argv=None):
                    help="peers to compare against (default: every one importable)")
     b.add_argument("--no-sweep", action="store_true", help="skip the class-count sweep")
     b.add_argument("--out", default="bench-results", help="folder for JSON/markdown/PNG")
+    e = sub.add_parser(
+        "eval", help="evaluation metrics (cross-entropy, perplexity, top-k accuracy, "
+                     "entropy, target probability, ECE) of stored logits, streamed",
+        description="Evaluate stored logits against class-index targets in one pass over "
+                    "row chunks (bounded memory). LOGITS and TARGETS are .npy files "
+                    "(memory-mapped), .npz files (FILE.npz or FILE.npz:KEY) or Zarr "
+                    "array directories.")
+    e.add_argument("logits", metavar="LOGITS")
+    e.add_argument("targets", metavar="TARGETS")
+    e.add_argument("--axis", type=int, default=-1, help="the class axis (default -1)")
+    e.add_argument("--ignore-index", type=int, default=-100,
+                   help="target value of rows to leave out (default -100)")
+    e.add_argument("--topk", type=int, nargs="+", default=[1, 5], metavar="K",
+                   help="top-k accuracies to report (default 1 5)")
+    e.add_argument("--n-bins", type=int, default=15, help="ECE confidence bins (default 15)")
+    e.add_argument("--chunk-rows", type=int, default=None, metavar="N",
+                   help="rows per chunk (default: about 32 MB of logits)")
+    e.add_argument("--format", choices=["table", "json"], default="table")
+    e.add_argument("--json", dest="format", action="store_const", const="json",
+                   help="same as --format json")
+    e.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="draw a progress bar on stderr (default: when stderr is a terminal)")
+    e.add_argument("--no-progress", dest="progress", action="store_false")
+    e.add_argument("--backend", choices=["auto", "cpu", "parallel"], default="auto")
+    e.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                   help="run on a Dask distributed cluster (e.g. tcp://host:8786); the "
+                        "workers must see the files at the same paths")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "bench":
         from ._bench import main as bench_main
 

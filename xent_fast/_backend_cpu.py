@@ -29,6 +29,7 @@ from ._scalar import cast_like, flog, fexp, fmax
 from ._rows import (JIT, bce_logits_row, bce_row, ce_index_row, ce_prob_row, dist_row,
                     first_bad_prob, kl_logits_row, row_logsumexp, row_softmax,
                     softcap_grad_row, softcap_row, _row_sum)
+from ._evalrows import eval_row, row_topk
 
 
 # ---------------------------------------------------------------------------- drivers
@@ -137,6 +138,21 @@ def _kl_logits(x, hk, xt, thk, inv_t, gscale, want_grad, g, ghk, out, nblocks):
                 store_grad_row(g[i], gr, ghk)
             else:
                 out[i] = kl_logits_row(y, yt, inv_t, gwork, False, gscale)
+
+
+def _eval_stats(x, hk, t, lo, count, st, top, nblocks):
+    """Per-row evaluation statistics (see _evalrows) of rows ``x``, classes ``lo ..``;
+    with a non-empty ``top`` also each row's ``top.shape[1]`` largest logits."""
+    n, c = x.shape
+    k = top.shape[1]
+    for b in prange(nblocks):
+        lo_r, hi_r = block_bounds(b, nblocks, n)
+        work = half_work_row(x, c)
+        for i in range(lo_r, hi_r):
+            y = load_row(x[i], work, hk)
+            eval_row(y, t[i], lo, count, st[i])
+            if k > 0:
+                row_topk(y, top[i])
 
 
 def _bce(p, phk, y, yhk, w, has_w, keep, colblock, out, partial, bad):
@@ -327,6 +343,7 @@ _DRIVERS = {
     "ce_prob": (_ce_prob, {"g", "loss"}),
     "kl_logits": (_kl_logits, {"g", "out"}),
     "bce": (_bce, {"out", "partial", "bad"}),
+    "eval_stats": (_eval_stats, {"st", "top"}),
     "bce_logits": (_bce_logits, {"g", "out", "partial"}),
 }
 
@@ -417,7 +434,7 @@ def _source_digest():
     return _digest
 
 
-_KERNEL_SOURCES = ("_scalar.py", "_rows.py", "_rowio.py", "_backend_cpu.py")
+_KERNEL_SOURCES = ("_scalar.py", "_rows.py", "_rowio.py", "_evalrows.py", "_backend_cpu.py")
 _digest = None
 
 

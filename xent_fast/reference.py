@@ -212,3 +212,50 @@ def binary_cross_entropy_with_logits(logits, targets, *, weight=None, pos_weight
     sig_neg = 1.0 / (1.0 + np.exp(x))
     g = np.broadcast_to(w * ((1 - y) - l * sig_neg) * scale, x.shape)
     return loss, g
+
+
+def evaluate(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n_bins=15):
+    """Evaluation metrics by their formulas: a dict of aggregates and per-row arrays.
+
+    Rows whose target is ``ignore_index`` are left out of the aggregates (and get NaN
+    loss and target probability and rank -1); rank = #{logits > target logit}; ECE over
+    equal-width confidence bins ((b-1)/B, b/B] with correct = rank 0.
+    """
+    x = _last(logits, axis)
+    c = x.shape[-1]
+    batch = x.shape[:-1]
+    x = x.reshape(-1, c)
+    t = np.asarray(targets).reshape(-1)
+    kept = t != ignore_index
+    safe_t = np.where(kept, t, 0)
+    lse = _lse_last(x)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        logp = _log_softmax_last(x)
+        p = np.exp(logp)
+        xt = x[np.arange(x.shape[0]), safe_t] if c else np.zeros(x.shape[0])
+        loss = np.where(lse == -np.inf, np.inf, -logp[np.arange(x.shape[0]), safe_t]
+                        if c else np.inf)
+        prob = np.exp(-loss)
+        ent = -np.sum(np.where(p == 0, 0.0, p * logp), axis=-1)
+        conf = np.max(p, axis=-1) if c else np.full(x.shape[0], np.nan)
+        rank = np.sum(x > xt[:, None], axis=-1)
+    pred = np.argmax(x, axis=-1) if c else np.zeros(x.shape[0], np.int64)
+    n = int(kept.sum())
+    k_loss, k_ent, k_prob, k_conf, k_rank = (a[kept] for a in (loss, ent, prob, conf, rank))
+    mean = (lambda a: float(np.sum(a)) / n) if n else (lambda a: math.nan)
+    ce = mean(k_loss)
+    ece = math.nan
+    if n and not np.isnan(k_conf).any():
+        b = np.clip(np.ceil(k_conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+        correct = (k_rank == 0).astype(np.float64)
+        ece = sum(abs(np.sum(correct[b == i]) - np.sum(k_conf[b == i]))
+                  for i in range(n_bins)) / n
+    with np.errstate(over="ignore"):
+        ppl = float(np.exp(ce))
+    rows = {"loss": np.where(kept, loss, np.nan), "target_prob": np.where(kept, prob, np.nan),
+            "entropy": ent, "confidence": conf, "prediction": pred,
+            "rank": np.where(kept, rank, -1), "ignored": ~kept}
+    rows = {k: v.reshape(batch) for k, v in rows.items()}
+    return {"count": n, "cross_entropy": ce, "perplexity": ppl,
+            "accuracy": {k: (float(np.sum(k_rank < k)) / n if n else math.nan) for k in topk},
+            "entropy": mean(k_ent), "target_prob": mean(k_prob), "ece": ece, "rows": rows}
