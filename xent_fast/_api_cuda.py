@@ -71,14 +71,14 @@ class Dev:
     with ``bf16`` set); ``out_dtype`` the compute and result dtype.
     """
 
-    def __init__(self, value, name, lib=None):
+    def __init__(self, value, name, lib=None, allow_int=False):
         self.name = name
         self.lib = lib if lib is not None else _lib(value)
         self.host = None
         self.bf16 = False
         if self.lib is None:  # a host array: copy it over once
             a = np.asarray(value)
-            if a.dtype.kind in "biu" and name not in ("targets",):
+            if a.dtype.kind in "biu" and not allow_int:
                 a = a.astype(np.float64)
             if a.dtype.kind == "c":
                 raise TypeError(f"{name} must be real, got complex dtype {a.dtype}")
@@ -105,7 +105,7 @@ class Dev:
                     self.bf16 = True
                     t = t.view(torch.int16)
                 elif t.dtype in (torch.bool, torch.uint8, torch.int8, torch.int16,
-                                 torch.int32) and name != "targets":
+                                 torch.int32) and not allow_int:
                     t = t.to(torch.float64)
                 elif t.is_complex():
                     raise TypeError(f"{name} must be real, got complex dtype {t.dtype}")
@@ -113,7 +113,7 @@ class Dev:
                 self.desc = _describe(t, "cai")
             else:
                 self.desc = _describe(value, self.lib)
-                if self.desc["dtype"].kind in "biu" and name != "targets":
+                if self.desc["dtype"].kind in "biu" and not allow_int:
                     raise TypeError(f"{name}: integer device arrays are not converted on the "
                                     "GPU; pass floating-point values")
             if self.desc["dtype"].kind == "c":
@@ -338,7 +338,7 @@ def _to_host(obj):
     if lib == "cupy":
         return obj.get()
     if lib is not None:
-        d = Dev(obj, "weight")
+        d = Dev(obj, "array", allow_int=True)
         return d.view(d.shape, d.desc["strides"]).copy_to_host()
     return np.asarray(obj)
 
@@ -530,7 +530,7 @@ def softmax_cross_entropy(logits, targets, *, axis, weight, ignore_index, label_
         tkind = th.dtype.kind
         tshape = th.shape
     else:
-        dt = Dev(targets, "targets")
+        dt = Dev(targets, "targets", allow_int=True)
         tkind = "f" if (dt.dtype.kind == "f" or dt.bf16) else dt.dtype.kind
         tshape = dt.shape
     keep = reduction == "none"
@@ -547,7 +547,7 @@ def softmax_cross_entropy(logits, targets, *, axis, weight, ignore_index, label_
         if tl is None:
             tdev = cuda.to_device(np.ascontiguousarray(th.reshape(-1), dtype=np.int64))
         else:
-            dt = Dev(targets, "targets")
+            dt = Dev(targets, "targets", allow_int=True)
             if _merged_stride(dt.shape, dt.desc["strides"]) is None:
                 dt._make_contiguous()
             tdev = dt.view((n,), (_merged_stride(dt.shape, dt.desc["strides"]) or dt.dtype.itemsize,))
@@ -750,3 +750,29 @@ def binary_cross_entropy_with_logits(logits, targets, *, weight, pos_weight, red
     out = dx.finish(res) if keep else _scalar_out(dx, acc, None, False, float(size),
                                                   reduction == "mean", dx.out_dtype)
     return (out, dx.finish(grad)) if want_grad else out
+
+
+# ---------------------------------------------------------------------------- evaluate
+def eval_stats(logits, targets, axis):
+    """(statistics (n, 6) float64 on the host, targets as a flat int64 host array, batch
+    shape): the logits are read once on the device; only n x 6 numbers come back."""
+    _require_gpu()
+    dx = Dev(logits, "logits")
+    ax = _ax(dx, axis, "logits")
+    x3 = dx.rows3(ax)
+    n = x3.shape[0] * x3.shape[2]
+    c = x3.shape[1]
+    batch = dx.shape[:ax] + dx.shape[ax + 1:]
+    th = _to_host(targets) if is_device_array(targets) else np.asarray(targets)
+    if th.dtype.kind not in "iu":
+        raise TypeError(f"targets must be integer class indices, got dtype {th.dtype}")
+    if th.shape != batch:
+        raise ValueError(f"targets must have the logits' shape without the class axis, "
+                         f"{batch}; got {th.shape}")
+    tdev = cuda.to_device(np.ascontiguousarray(th.reshape(-1), dtype=np.int64))
+    st = cuda.device_array((n, 6), np.float64)
+    if n:
+        ts = team_size(c)
+        blocks, threads = launch(n, ts)
+        kernels(1, dx.out_dtype == np.float64)["eval"][blocks, threads](x3, tdev, st, ts)
+    return st.copy_to_host(), th, batch, c

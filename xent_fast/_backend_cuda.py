@@ -453,8 +453,77 @@ def kernels(v, f64):
             if worst < 2 * C:
                 cuda.atomic.min(bad, 0, r * 2 * C + worst)
 
+    @cuda.jit(**KERNEL)
+    def eval_kernel(x, t, st, ts):
+        """Per row for ``evaluate``: max, sum e, sum e (x - max), target logit, count of
+        logits above it, first argmax (e = exp(x - max)), into st[r, 0:6] (float64)."""
+        sm = cuda.shared.array(SHARED, np.float64)
+        inner = x.shape[2]
+        C = x.shape[1]
+        n = x.shape[0] * inner
+        r, lane, active = row_index(ts, n)
+        rr = r if active else 0
+        row = x[rr // inner, :, rr % inner]
+        ti = np.int64(t[rr])
+        has_t = active and ti >= 0 and ti < C
+        xt = decode(row[ti]) if has_t else FT(0.0)
+        cnt = C if active else 0
+        m = FT(NEG_INF)
+        s = FT(0.0)
+        d = FT(0.0)
+        g = 0
+        nanf = 0
+        big = np.int64(C)
+        best = big
+        first_nan = big
+        for c in range(lane, cnt, ts):
+            y = decode(row[c])
+            if y != y:
+                nanf = 1
+                first_nan = min(first_nan, np.int64(c))
+            if has_t and y > xt:
+                g += 1
+            if y > m:
+                if m != NEG_INF and y != math.inf:
+                    delta = m - y
+                    q = math.exp(delta)
+                    d = q * (d + delta * s)
+                    s = q * s
+                m = y
+                best = np.int64(c)
+            if m != NEG_INF and m != math.inf:
+                u = y - m
+                e = math.exp(u)
+                s += e
+                d += e * u if e != 0 else FT(0.0)
+        mm = team_max(m, ts, sm)
+        fin = mm != NEG_INF and mm != math.inf
+        sf = 0.0
+        df = 0.0
+        if fin and m != NEG_INF:
+            delta = np.float64(m) - np.float64(mm)
+            q = math.exp(delta)
+            sf = q * np.float64(s)
+            df = q * (np.float64(d) + delta * np.float64(s))
+        stot = team_sum(sf, ts, sm)
+        dtot = team_sum(df, ts, sm)
+        gtot = team_sum(np.float64(g), ts, sm)
+        cand = best if m == mm else big
+        am = np.int64(-team_max(np.float64(-cand), ts, sm))
+        anynan = team_max(nanf, ts, sm)
+        if anynan != 0:
+            am = np.int64(-team_max(np.float64(-first_nan), ts, sm))
+        if active and lane == 0:
+            st[r, 0] = math.nan if anynan != 0 else np.float64(mm)
+            st[r, 1] = stot
+            st[r, 2] = dtot
+            st[r, 3] = np.float64(xt)
+            st[r, 4] = gtot
+            st[r, 5] = am
+
     return dict(lse=lse_kernel, softmax=softmax_kernel, ce_index=ce_index_kernel,
-                ce_prob=ce_prob_kernel, kl_logits=kl_logits_kernel, dist=dist_kernel)
+                ce_prob=ce_prob_kernel, kl_logits=kl_logits_kernel, dist=dist_kernel,
+                eval=eval_kernel)
 
 
 # ---------------------------------------------------------------------------- flat kernels

@@ -17,7 +17,7 @@ import operator
 
 import numpy as np
 
-from ._api import _backend_module, _class_rows, _Float, _nblocks, _parallel
+from ._api import _backend_module, _class_rows, _Float, _nblocks, _on_gpu, _parallel
 
 # Fields of a row's statistics (as in _evalrows, which imports Numba and so is not
 # imported here).
@@ -53,9 +53,6 @@ def check_bins(n_bins):
 
 
 def check_backend(backend):
-    if backend == "cuda":
-        raise NotImplementedError("evaluate has no CUDA backend yet; use backend='cpu', "
-                                  "'parallel' or 'auto'")
     _parallel(backend, 0)  # validates the name
 
 
@@ -354,9 +351,10 @@ def evaluate(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n_bins
     ``loss``, ``target_prob``, ``rank`` (NaN, NaN and -1 for ignored rows),
     ``entropy``, ``confidence``, ``prediction`` and ``ignored``.
 
-    ``backend``: ``"auto"``, ``"cpu"`` or ``"parallel"`` (``"cuda"`` is not available
-    for evaluation yet).  For arrays larger than memory see :func:`evaluate_file`, for
-    Dask arrays ``xent_fast.dask.evaluate``.
+    ``backend``: ``"auto"``, ``"cpu"``, ``"parallel"`` or ``"cuda"`` (GPU arrays go to
+    CUDA under ``"auto"``: the logits are read once on the device and only six numbers a
+    row come back to the host).  For arrays larger than memory see
+    :func:`evaluate_file`, for Dask arrays ``xent_fast.dask.evaluate``.
 
     Examples
     --------
@@ -368,6 +366,13 @@ def evaluate(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n_bins
     check_backend(backend)
     topk = check_topk(topk)
     n_bins = check_bins(n_bins)
+    if _on_gpu(backend, logits):
+        from . import _api_cuda
+        st, th, batch, c = _api_cuda.eval_stats(logits, targets, axis)
+        tf = check_targets(th, batch, c, ignore_index)
+        r = rows_from_stats(st, tf, ignore_index)
+        state = EvalState(topk, n_bins).add_rows(r)
+        return state.result({k: v.reshape(batch) for k, v in r.items()} if per_row else None)
     f = _Float(logits, "logits")
     rows, batch, _ = _class_rows(f.arr, axis, "logits")
     tf = check_targets(targets, batch, rows.shape[1], ignore_index)

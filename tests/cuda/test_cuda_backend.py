@@ -339,3 +339,30 @@ def test_large_rows_on_the_device(rng):
         close(loss, want, 10 * RTOL[dtype.name], what=dtype.name)
         close(np.asarray(g, np.float64), gwant, GTOL[dtype.name],
               atol=GTOL[dtype.name] * float(np.abs(gwant).max()), what=dtype.name)
+
+
+def test_evaluate(rng):
+    """evaluate on the device equals evaluate on the CPU, per row and in aggregate."""
+    for shape in ((9, 37), (3, 1100)):
+        x = logits(rng, shape, np.float32)
+        x[0, :5] = -np.inf
+        t = rng.integers(0, shape[1], shape[0])
+        t[1] = -100
+        t[2] = int(np.argmax(x[2]))
+        want = xf.evaluate(x, t, topk=(1, 3), per_row=True, backend="cpu")
+        got = xf.evaluate(dev(x), dev(t), topk=(1, 3), per_row=True)
+        for k in ("loss", "target_prob", "entropy", "confidence"):
+            close(got.rows[k], want.rows[k], 1e-5, what=k)
+        for k in ("prediction", "rank", "ignored"):
+            np.testing.assert_array_equal(got.rows[k], want.rows[k], err_msg=k)
+        a, b = got.as_dict(), want.as_dict()
+        for k in a:
+            if isinstance(a[k], dict):
+                for kk in a[k]:
+                    close(a[k][kk], b[k][kk], 1e-5, what=f"{k}{kk}")
+            elif isinstance(a[k], float):
+                close(a[k], b[k], 1e-5, what=k)
+            else:
+                assert a[k] == b[k], k
+    with pytest.raises(IndexError, match="targets"):
+        xf.evaluate(dev(x), dev(np.array([0, 1, 5000])))
