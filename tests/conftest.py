@@ -59,3 +59,10 @@ def assert_grad_close(actual, expected, dtype, what="grad", term=1e-6):
 # tests/cuda runs in its own process (tests/test_cuda_sim.py: Numba's CUDA simulator must
 # be chosen before Numba is imported), or directly on a machine with a GPU.
 collect_ignore = ["cuda"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if any(item.name == "test_cuda_backend_under_the_simulator" for item in items):
+        from test_cuda_sim import start_simulator_run
+
+        start_simulator_run()  # overlaps the rest of the suite; the test waits for it

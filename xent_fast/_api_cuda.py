@@ -289,15 +289,12 @@ def _scalar_out(dev, acc, den, use_den, den_host, mean, out_dtype):
 
 def _flat1(view, res, dev):
     """A 1-element 1-D view of a 0-d device result."""
-    if SIM:
-        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-        return FakeCUDAArray(np.asarray(view._ary if hasattr(view, "_ary") else view).reshape(1))
-    d = view.__cuda_array_interface__
-    return _make_view(dict(ptr=d["data"][0]), (1,), (np.dtype(d["typestr"]).itemsize,),
-                      np.dtype(d["typestr"]), res)
+    d = _describe(view, "numba" if SIM else "cai")
+    return _make_view(d, (1,), (d["dtype"].itemsize,), d["dtype"], res)
 
 
-def _per_row_out(dev, batch, ax_shape_inner, out_dtype):
+def _per_row_out(dev, batch, out_dtype):
+    """A result of the batch shape, and a flat Numba view of it for the kernels."""
     res, view = dev.empty(batch, out_dtype)
     n = math.prod(batch)
     flat = _make_view(_view_desc(view), (n,), (np.dtype(out_dtype).itemsize,), out_dtype, res)
@@ -305,9 +302,7 @@ def _per_row_out(dev, batch, ax_shape_inner, out_dtype):
 
 
 def _view_desc(view):
-    if SIM:
-        return dict(ptr=np.asarray(view._ary).__array_interface__["data"][0])
-    return dict(ptr=view.__cuda_array_interface__["data"][0])
+    return _describe(view, "numba" if SIM else "cai")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -401,11 +396,6 @@ def _rows3_from(view, ax):
     return d.rows3(ax, copy_ok=False)
 
 
-def _check_same_device_shape(a, b, what):
-    if a.shape != b.shape:
-        raise ValueError(what)
-
-
 # ---------------------------------------------------------------------------- building blocks
 def logsumexp(x, axis=-1, keepdims=False):
     _require_gpu()
@@ -414,7 +404,7 @@ def logsumexp(x, axis=-1, keepdims=False):
     x3 = dx.rows3(ax)
     c = x3.shape[1]
     batch = dx.shape[:ax] + dx.shape[ax + 1:]
-    res, flat = _per_row_out(dx, batch, None, dx.out_dtype)
+    res, flat = _per_row_out(dx, batch, dx.out_dtype)
     n = x3.shape[0] * x3.shape[2]
     if n:
         v = _vec_width(dx, x3, c)
@@ -484,7 +474,7 @@ def dist(p, q, axis, base, mode):
         pos = A._position(batch, ax, i, j)
         raise ValueError(f"{name} must hold probabilities (>= 0, not NaN); "
                          f"{name}[{pos}] = {_element(src, pos)!r}")
-    res, flat = _per_row_out(dp, batch, None, dp.out_dtype)
+    res, flat = _per_row_out(dp, batch, dp.out_dtype)
     if n:
         _scale_kernel[max(1, -(-n // 256)), 256](out, 1.0 / scale, flat)
     return dp.finish(res)
@@ -535,7 +525,7 @@ def softmax_cross_entropy(logits, targets, *, axis, weight, ignore_index, label_
         tshape = dt.shape
     keep = reduction == "none"
     acc = _zeros(1, np.float64)
-    res, loss_flat = (_per_row_out(dx, batch, None, dx.out_dtype) if keep
+    res, loss_flat = (_per_row_out(dx, batch, dx.out_dtype) if keep
                       else (None, _dummy(dx.out_dtype, 1)))
     ts = team_size(c)
     blocks, threads = launch(n, ts)
@@ -624,7 +614,7 @@ def softmax_kl_divergence(logits, target_logits, *, axis, temperature, reduction
     gscale = 1.0 / den if den else math.nan
     keep = reduction == "none"
     acc = _zeros(1, np.float64)
-    res, flat = (_per_row_out(dx, batch, None, dx.out_dtype) if keep
+    res, flat = (_per_row_out(dx, batch, dx.out_dtype) if keep
                  else (None, _dummy(dx.out_dtype, 1)))
     grad, g3, gfin = _grad_out(want_grad, grad_out, dx, ax)
     if n:

@@ -15,12 +15,18 @@ Rows that are unit-stride and aligned are read ``V`` elements per memory instruc
 """
 
 import math
+import warnings
 from functools import lru_cache
 
 import numpy as np
 
 from ._cuda_ops import (SIM, VEC, cuda, decode, device, encode, lse_finish, merge_max_sum,
                         team_max, team_sum)
+
+# Small inputs launch small grids on purpose, and numba-cuda warns at every launch of
+# fewer than 128 blocks; that one message is silenced (for this process).
+warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU "
+                        r"under-utilization")
 
 NEG_INF = -math.inf
 U = 2  # vector loads in flight per thread (16 bytes each; 32 KB a 1024-thread block)
