@@ -189,7 +189,7 @@ class Dev:
         h = result.copy_to_host()
         if self.bf16 and h.dtype == np.uint16:
             h = h.view(self.host_dtype)
-        return h
+        return h[()] if h.ndim == 0 else h  # a NumPy scalar, as the CPU backends give
 
 
 def _describe(obj, lib):

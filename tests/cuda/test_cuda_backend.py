@@ -104,6 +104,20 @@ def test_device_arrays_in_and_out(rng):
     close(host(xf.logsumexp(d, axis=0, keepdims=True)), R.logsumexp(x, axis=0, keepdims=True),
           2e-5)
     np.testing.assert_array_equal(host(d), x)  # the input is untouched
+    # strided and Fortran-ordered device arrays, read in place
+    big = logits(np.random.default_rng(3), (6, 80), np.float32)
+    sd = cuda.to_device(big)[1::2, ::2]
+    close(host(xf.logsumexp(sd)), R.logsumexp(big[1::2, ::2]), 2e-5)
+    fd = cuda.to_device(np.asfortranarray(big))
+    loss, g = xf.softmax_cross_entropy(fd, np.arange(6), return_grad=True)
+    want, gwant = R.softmax_cross_entropy(big, np.arange(6), return_grad=True)
+    close(host(loss), want, 2e-5)
+    close(host(g), gwant, 1e-5, atol=1e-5 * float(np.abs(gwant).max()))
+    v = xf.logsumexp(np.log([0.25, 0.75]), backend="cuda")  # NumPy in: a NumPy scalar out
+    assert isinstance(v, np.float64) and abs(v) < 1e-12
+    v = xf.softmax_cross_entropy(x, np.arange(9), backend="cuda")
+    assert isinstance(v, np.float32)
+    close(v, R.softmax_cross_entropy(x, np.arange(9)), 2e-5)
 
 
 def test_special_values():
