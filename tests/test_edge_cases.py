@@ -6,7 +6,7 @@ import pytest
 import xent_fast as xf
 from xent_fast import reference as R
 
-from conftest import BACKENDS, assert_close
+from conftest import BACKENDS, BF16, assert_close
 
 NINF, INF, NAN = -np.inf, np.inf, np.nan
 
@@ -192,6 +192,45 @@ def test_any_layout_gives_the_same_answer(backend, tmp_path):
         assert_close(g, want_g, 1e-6, atol=1e-8, what=name)
         np.testing.assert_array_equal(arr, before, err_msg=name)  # untouched
         assert_close(xf.logsumexp(arr, backend=backend), R.logsumexp(x), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [d for d in (np.float32, np.float64, np.float16, BF16)
+                                   if d is not None], ids=lambda d: np.dtype(d).name)
+def test_rows_at_any_row_stride_are_read_in_place(dtype):
+    """Unit-stride rows at other row strides (a column slice, every other row, reversed
+    rows, one row broadcast) go to the kernels without a copy, and give the answers of
+    the same values in C order, for every row function and gradient."""
+    rng = np.random.default_rng(11)
+    big = (rng.standard_normal((24, 1040)) * 3).astype(dtype)
+    views = {"column-slice": big[:8, :1000], "every-other-row": big[::3, :1000],
+             "reversed-rows": big[7::-1, :1000],
+             "broadcast-row": np.broadcast_to(big[0, :1000], (8, 1000))}
+    t = rng.integers(0, 1000, 8)
+    tol = 1e-10 if dtype == np.float64 else 1e-5
+    for name, x in views.items():
+        assert x.strides[-1] == x.itemsize and not x.flags.c_contiguous
+        c = np.ascontiguousarray(x)
+        before = np.array(x, copy=True)
+        for f in ("logsumexp", "softmax", "log_softmax"):
+            assert_close(getattr(xf, f)(x), getattr(xf, f)(c), tol, what=f"{name} {f}")
+        loss, g = xf.softmax_cross_entropy(x, t, return_grad=True, label_smoothing=0.1)
+        want, gwant = xf.softmax_cross_entropy(c, t, return_grad=True, label_smoothing=0.1)
+        assert_close(loss, want, tol, what=name)
+        assert_close(g, gwant, tol, what=name)
+        kl, kg = xf.softmax_kl_divergence(x, x[::-1], return_grad=True)
+        kwant, kgwant = xf.softmax_kl_divergence(c, c[::-1].copy(), return_grad=True)
+        assert_close(kl, kwant, tol, atol=1e-7, what=name)
+        assert_close(kg, kgwant, tol, what=name)
+        assert_close(xf.evaluate(x, t).cross_entropy, xf.evaluate(c, t).cross_entropy, tol)
+        np.testing.assert_array_equal(x, before, err_msg=name)
+    x = big[:8, :1000]  # writable column slice, gradient in place
+    rest = big[:8, 1000:].copy()
+    want, gwant = xf.softmax_cross_entropy(x.copy(), t, return_grad=True)
+    loss, g = xf.softmax_cross_entropy(x, t, grad_out=x)
+    assert g is x
+    assert_close(loss, want, tol)
+    assert_close(x, gwant, 0)
+    np.testing.assert_array_equal(big[:8, 1000:], rest)  # the columns beside it untouched
 
 
 def test_inputs_are_never_modified():

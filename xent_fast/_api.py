@@ -133,8 +133,12 @@ def _class_rows(a, axis, name):
         raise ValueError(f"{name} must have at least one dimension (the class axis)")
     ax = normalize_axis_index(operator.index(axis), a.ndim, msg_prefix="axis")
     m = a if ax == a.ndim - 1 else np.moveaxis(a, ax, -1)
-    # Kernels vectorise only over unit-stride rows: copy anything else once.
-    return np.ascontiguousarray(m.reshape(_rows_shape(m.shape))), m.shape[:-1], ax
+    # Kernels take rows at any row stride (a column slice, every other row, reversed
+    # rows) but vectorise only over unit-stride rows: copy anything else once.
+    r = m.reshape(_rows_shape(m.shape))  # a view where the batch axes merge
+    if r.shape[1] > 1 and r.strides[1] != r.itemsize:
+        r = np.ascontiguousarray(r)
+    return r, m.shape[:-1], ax
 
 
 def _rows_shape(shape):
@@ -466,6 +470,7 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     nb = _nblocks(n, par)
     be = _backend_module()
     if kind == "ce_index" and 2 <= c <= be.SMALL_CLASSES and f.hk == 0 and cap == 0.0:
+        rows = np.ascontiguousarray(rows)  # the few-classes kernels read rows back to back
         be.run(be.small_name(c, has_w, eps > 0, z != 0, want_grad), par, rows, tf, w, wsum, eps, z,
                ignore, gscale, g2, loss, nb)
     elif kind == "ce_index":

@@ -9,7 +9,8 @@ half format a uint16 array holds: 1 for float16, 2 for bfloat16 (0 for none).
 
 import numpy as np
 from numba import njit, types
-from numba.extending import overload
+from numba.core.imputils import impl_ret_borrowed
+from numba.extending import intrinsic, overload
 
 from ._rows import JIT
 from ._scalar import bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits
@@ -39,6 +40,35 @@ def _half_work_row(x, n):
     return lambda x, n: np.empty(0, dt)
 
 
+@intrinsic
+def _as_unit_stride(typingctx, row):
+    """The same 1-D row typed as contiguous: the API passes rows of any row stride but
+    unit element stride, and loops over an 'A'-layout row do not vectorise."""
+    if not isinstance(row, types.Array) or row.ndim != 1:
+        return None
+    ret = row.copy(layout="C")
+
+    def codegen(context, builder, sig, args):
+        src = context.make_array(sig.args[0])(context, builder, args[0])
+        dst = context.make_array(ret)(context, builder)
+        for field in ("meminfo", "parent", "nitems", "itemsize", "data", "shape", "strides"):
+            setattr(dst, field, getattr(src, field))
+        return impl_ret_borrowed(context, builder, ret, dst._getvalue())
+
+    return ret(row), codegen
+
+
+def unit_row(row):
+    """A row of a kernel array (unit element stride by the API's contract) as 'C'."""
+
+
+@overload(unit_row, jit_options=JIT)
+def _unit_row(row):
+    if row.layout == "C":
+        return lambda row: row
+    return lambda row: _as_unit_stride(row)
+
+
 def load_row(xrow, work, hk):
     """The row as compute-dtype floats: itself, or widened into ``work``."""
 
@@ -47,6 +77,7 @@ def load_row(xrow, work, hk):
 def _load_row(xrow, work, hk):
     if xrow.dtype == types.uint16:
         def impl(xrow, work, hk):
+            xrow = unit_row(xrow)
             n = xrow.shape[0]
             out = work[:n]
             if hk == HK_F16:
@@ -57,7 +88,7 @@ def _load_row(xrow, work, hk):
                     out[j] = bf16_bits_to_f32(xrow[j])
             return out
         return impl
-    return lambda xrow, work, hk: xrow
+    return lambda xrow, work, hk: unit_row(xrow)
 
 
 def grad_row(grow, work):
