@@ -179,6 +179,14 @@ def _shift2(x, a, b, out):
         out[j] = (x[j] - a) - b
 
 
+@njit(nogil=True, error_model="numpy", boundscheck=False,
+      fastmath={"nsz", "arcp", "contract", "afn"})
+def nll_from(ls, xt, m):
+    """log s - (x_t - m), kept in that order: with "reassoc" beside lse = m + log s the
+    optimiser rewrote it as lse - x_t, which is 0 in float32 at x_t ~ m ~ 3e38."""
+    return ls - (xt - m)
+
+
 @njit(**JIT)
 def row_softmax(x, out, log):
     """softmax (or log_softmax when ``log``) of ``x`` into ``out``.
