@@ -259,11 +259,6 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
             tb = t[lo:hi]
             lb = loss[lo:hi]
             gb = gf[lo * C:hi * C] if want_grad else gf[:0]
-            nb = hi - lo if want_grad else 0
-            mb = np.empty(nb, xf.dtype)
-            kb = np.empty(nb, xf.dtype)
-            ab = np.empty(nb, xf.dtype)
-            sb = np.empty(nb, xf.dtype)
             chk = zero
             # Rows go in groups of _SB: each class's logits of the group are gathered
             # into one vector (T[c] = column c), so every step below is a vector op over
@@ -353,28 +348,28 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
                         lg[r] = rowv[r]
                         chk += rowv[r] - rowv[r]
                 if want_grad:
-                    mg = mb[r0:r0 + nv]
-                    kg = kb[r0:r0 + nv]
-                    ag = ab[r0:r0 + nv]
-                    sg = sb[r0:r0 + nv]
-                    for r in range(nv):
-                        mg[r] = mv[r]
-                        kg[r] = kv[r]
-                        ag[r] = av[r]
-                        sg[r] = skv[r]
-            if want_grad:
-                # The gradient as one flat loop over the block (row = k // C, a multiply
-                # by a constant): interleaved stores in the loop above did not vectorise.
-                for k in range(xb.shape[0]):
-                    r = k // C
-                    c = k - r * C
-                    d = kb[r] * fexp(xb[k] - mb[r])
-                    if smooth:
-                        d -= sb[r] * (w[c] if has_w else one)
-                    gb[k] = d
-                for r in range(hi - lo):
-                    if tb[r] != ignore:
-                        gb[r * C + tb[r]] -= ab[r]
+                    # The gradient in the gathered layout, then scattered back to rows.
+                    for c in range(C):
+                        Tc = T[c * _SB:(c + 1) * _SB]
+                        wc = w[c] if has_w else one
+                        for r in range(_SB):
+                            d = kv[r] * fexp(Tc[r] - mv[r])
+                            if smooth:
+                                d -= skv[r] * wc
+                            Tc[r] = d - (av[r] if tv[r] == c else zero)
+                    gs_ = gb[r0 * C:(r0 + nv) * C]
+                    if nv == _SB:
+                        for c in range(C):
+                            col = gs_[c:]
+                            Tc = T[c * _SB:(c + 1) * _SB]
+                            for r in range(_SB):
+                                col[r * C] = Tc[r]
+                    else:
+                        for c in range(C):
+                            col = gs_[c:]
+                            Tc = T[c * _SB:(c + 1) * _SB]
+                            for r in range(nv):
+                                col[r * C] = Tc[r]
             # Rows whose loss came out inf or NaN (a -inf target, all -inf, a +inf,
             # float32 overflow of lse^2) are redone by the general kernel, which keeps
             # SEMANTICS.md's conventions for them and works in float64 where it matters.
