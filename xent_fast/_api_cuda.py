@@ -120,9 +120,6 @@ class Dev:
                 raise TypeError(f"{name} must be real, got complex dtype {self.desc['dtype']}")
         if self.bf16:
             self.desc["dtype"] = np.dtype(np.uint16)
-        dt = self.desc["dtype"]
-        if dt.kind == "i" and dt.itemsize == 2 and self.bf16:
-            self.desc["dtype"] = np.dtype(np.uint16)
         self.dtype = self.desc["dtype"]
         self.shape = self.desc["shape"]
         self.out_dtype = np.dtype(np.float64 if self.dtype == np.float64 else np.float32)
@@ -268,28 +265,31 @@ def _dummy(dtype, ndim):
 def _zeros(n, dtype):
     a = cuda.device_array(n, dtype)
     if n:
-        _fill_kernel[max(1, -(-n // 256)), 256](a, 0)
+        K.fill_kernel[max(1, -(-n // 256)), 256](a, 0)
     return a
 
 
-@cuda.jit
-def _fill_kernel(a, value):
-    i = cuda.grid(1)
-    if i < a.shape[0]:
-        a[i] = value
+_NO_BAD = np.iinfo(np.int64).max
+
+
+def _bad_flag():
+    """A device int64 that kernels lower (atomic min) to the first bad position."""
+    a = cuda.device_array(1, np.int64)
+    K.fill_kernel[1, 1](a, _NO_BAD)
+    return a
 
 
 def _scalar_out(dev, acc, den, use_den, den_host, mean, out_dtype):
     res, view = dev.empty((), out_dtype)
-    flat = _flat1(view, res, dev)
+    flat = _flat1(view, res)
     K.finish_kernel[1, 1](acc, den if den is not None else _dummy(np.float64, 1), use_den,
                           float(den_host), mean, flat)
     return dev.finish(res)
 
 
-def _flat1(view, res, dev):
+def _flat1(view, res):
     """A 1-element 1-D view of a 0-d device result."""
-    d = _describe(view, "numba" if SIM else "cai")
+    d = _describe_view(view)
     return _make_view(d, (1,), (d["dtype"].itemsize,), d["dtype"], res)
 
 
@@ -297,11 +297,12 @@ def _per_row_out(dev, batch, out_dtype):
     """A result of the batch shape, and a flat Numba view of it for the kernels."""
     res, view = dev.empty(batch, out_dtype)
     n = math.prod(batch)
-    flat = _make_view(_view_desc(view), (n,), (np.dtype(out_dtype).itemsize,), out_dtype, res)
+    flat = _make_view(_describe_view(view), (n,), (np.dtype(out_dtype).itemsize,), out_dtype, res)
     return res, flat
 
 
-def _view_desc(view):
+def _describe_view(view):
+    """The description of a Numba device array (a simulator array in the simulator)."""
     return _describe(view, "numba" if SIM else "cai")
 
 
@@ -389,7 +390,7 @@ def _grad_dev(grad_out, dev):
 def _rows3_from(view, ax):
     """The (outer, C, inner) view of a Numba device array."""
     d = Dev.__new__(Dev)
-    d.desc = _describe(view, "numba" if SIM else "cai")
+    d.desc = _describe_view(view)
     d.lib, d.obj, d.host, d.bf16 = "numba", view, None, False
     d.dtype = d.desc["dtype"]
     d.shape = d.desc["shape"]
@@ -460,14 +461,14 @@ def dist(p, q, axis, base, mode):
     n = p3.shape[0] * p3.shape[2]
     c = p3.shape[1]
     out = cuda.device_array(n, np.float64)
-    bad = cuda.to_device(np.array([np.iinfo(np.int64).max], np.int64))
+    bad = _bad_flag()
     if n:
         ts = team_size(c)
         blocks, threads = launch(n, ts)
         f64 = dp.out_dtype == np.float64 or dq.out_dtype == np.float64
         kernels(1, f64)["dist"][blocks, threads](p3, q3, mode, out, bad, ts)
     b = int(bad.copy_to_host()[0])
-    if b != np.iinfo(np.int64).max:
+    if b != _NO_BAD:
         i, j = divmod(b, 2 * c)
         name, src = ("p", dp) if j < c else ("q", dq)
         j = j % c
@@ -476,15 +477,8 @@ def dist(p, q, axis, base, mode):
                          f"{name}[{pos}] = {_element(src, pos)!r}")
     res, flat = _per_row_out(dp, batch, dp.out_dtype)
     if n:
-        _scale_kernel[max(1, -(-n // 256)), 256](out, 1.0 / scale, flat)
+        K.scale_kernel[max(1, -(-n // 256)), 256](out, 1.0 / scale, flat)
     return dp.finish(res)
-
-
-@cuda.jit
-def _scale_kernel(src, k, dst):
-    i = cuda.grid(1)
-    if i < src.shape[0]:
-        dst[i] = src[i] * k
 
 
 def _element(dev, pos):
@@ -514,13 +508,12 @@ def softmax_cross_entropy(logits, targets, *, axis, weight, ignore_index, label_
     batch = dx.shape[:ax] + dx.shape[ax + 1:]
     f64 = dx.out_dtype == np.float64
     w, has_w, wsum = _class_weight_dev(weight, c, dx.out_dtype)
-    tl = _lib(targets)
-    if tl is None:
+    dt = Dev(targets, "targets", allow_int=True) if is_device_array(targets) else None
+    if dt is None:
         th = np.asarray(targets)
         tkind = th.dtype.kind
         tshape = th.shape
     else:
-        dt = Dev(targets, "targets", allow_int=True)
         tkind = "f" if (dt.dtype.kind == "f" or dt.bf16) else dt.dtype.kind
         tshape = dt.shape
     keep = reduction == "none"
@@ -534,15 +527,14 @@ def softmax_cross_entropy(logits, targets, *, axis, weight, ignore_index, label_
             raise ValueError(f"integer targets must have the logits' shape without the "
                              f"class axis, {batch}; got {tshape}")
         ignore = operator.index(ignore_index)
-        if tl is None:
+        if dt is None:
             tdev = cuda.to_device(np.ascontiguousarray(th.reshape(-1), dtype=np.int64))
         else:
-            dt = Dev(targets, "targets", allow_int=True)
             if _merged_stride(dt.shape, dt.desc["strides"]) is None:
                 dt._make_contiguous()
             tdev = dt.view((n,), (_merged_stride(dt.shape, dt.desc["strides"]) or dt.dtype.itemsize,))
         den = _zeros(1, np.float64)
-        bad = cuda.to_device(np.array([np.iinfo(np.int64).max], np.int64))
+        bad = _bad_flag()
         if n:
             K.targets_kernel[min(1024, max(1, -(-n // K.FLAT_THREADS))), K.FLAT_THREADS](tdev, c, ignore, w, has_w,
                                                                   den, bad)
@@ -556,9 +548,9 @@ def softmax_cross_entropy(logits, targets, *, axis, weight, ignore_index, label_
                 x3, tdev, w, has_w, wsum, eps, z, cap, ignore, den, reduction == "mean",
                 want_grad, g3, keep, loss_flat, acc, ts)
         b = int(bad.copy_to_host()[0])  # the only host round trip: the error flag
-        if b != np.iinfo(np.int64).max:
+        if b != _NO_BAD:
             pos = tuple(int(q) for q in np.unravel_index(b, batch)) if batch else ()
-            val = int(th.reshape(-1)[b]) if tl is None else _element(dt, np.unravel_index(b, dt.shape))
+            val = int(th.reshape(-1)[b]) if dt is None else _element(dt, np.unravel_index(b, dt.shape))
             raise IndexError(f"targets{list(pos)} = {val} is not a class index in "
                              f"[0, {c}) nor ignore_index={ignore}")
         if keep:
@@ -569,7 +561,7 @@ def softmax_cross_entropy(logits, targets, *, axis, weight, ignore_index, label_
         if tshape != dx.shape:
             raise ValueError(f"probability targets must have the logits' shape "
                              f"{dx.shape}; got {tshape} (class-index targets must be integers)")
-        dp = Dev(targets, "targets")
+        dp = dt if dt is not None else Dev(targets, "targets")
         p3 = dp.rows3(ax)
         gscale = (1.0 / n if n else math.nan) if reduction == "mean" else 1.0
         grad, g3, gfin = _grad_out(want_grad, grad_out, dx, ax)
@@ -666,7 +658,7 @@ def _weight2(weight, shape, dtype, name):
         return cuda.to_device(b2), True
     wd = cuda.to_device(wh)
     off = b2.__array_interface__["data"][0] - wh.__array_interface__["data"][0]
-    desc = _describe(wd, "numba" if SIM else "cai")
+    desc = _describe_view(wd)
     desc["ptr"] += off
     return _make_view(desc, b2.shape, b2.strides, dtype, wd), True
 
@@ -686,11 +678,11 @@ def binary_cross_entropy(probs, targets, *, weight, reduction):
     res, view = dp.empty(shape, dp.out_dtype) if keep else (None, None)
     o2 = _flat_out(view, res, shape, dp.out_dtype) if keep else _dummy(dp.out_dtype, 2)
     acc = _zeros(1, np.float64)
-    bad = cuda.to_device(np.array([np.iinfo(np.int64).max], np.int64))
+    bad = _bad_flag()
     if size:
         K.bce_kernel[min(4096, -(-size // K.FLAT_THREADS)), K.FLAT_THREADS](p2, y2, w2, has_w, keep, o2, acc, bad)
     b = int(bad.copy_to_host()[0])
-    if b != np.iinfo(np.int64).max:
+    if b != _NO_BAD:
         pos = tuple(int(q) for q in np.unravel_index(b, shape)) if shape else ()
         raise ValueError(f"probs must lie in [0, 1]; probs[{list(pos)}] = "
                          f"{_element(dp, pos)!r}")
@@ -703,7 +695,7 @@ def _flat_out(view, res, shape, dtype):
     last = shape[-1] if shape else 1
     n = math.prod(shape[:-1]) if shape else 1
     it = np.dtype(dtype).itemsize
-    return _make_view(_view_desc(view), (n, last), (last * it, it), dtype, res)
+    return _make_view(_describe_view(view), (n, last), (last * it, it), dtype, res)
 
 
 def binary_cross_entropy_with_logits(logits, targets, *, weight, pos_weight, reduction,

@@ -533,6 +533,20 @@ def kernels(v, f64):
 
 
 # ---------------------------------------------------------------------------- flat kernels
+@cuda.jit(**KERNEL)
+def fill_kernel(a, value):
+    i = cuda.grid(1)
+    if i < a.shape[0]:
+        a[i] = value
+
+
+@cuda.jit(**KERNEL)
+def scale_kernel(src, k, dst):
+    i = cuda.grid(1)
+    if i < src.shape[0]:
+        dst[i] = src[i] * k
+
+
 @device
 def _grid_add(val, acc, sm):
     tot = team_sum(np.float64(val), cuda.blockDim.x, sm)
@@ -540,16 +554,22 @@ def _grid_add(val, acc, sm):
         cuda.atomic.add(acc, 0, tot)
 
 
+@device
+def _grid_loop(total):
+    """(first element, stride, trips) of this thread's grid-stride loop over ``total``
+    elements: the same trip count on every thread, as a block-wide sum follows."""
+    step = np.int64(cuda.gridsize(1))
+    return np.int64(cuda.grid(1)), step, (total + step - 1) // step
+
+
 @cuda.jit(**KERNEL)
 def targets_kernel(t, C, ignore, w, has_w, den, bad):
     """den[0] += summed weight of kept targets; bad[0] = min index of a bad target."""
     sm = cuda.shared.array(SHARED, np.float64)
-    start = cuda.grid(1)
-    step = cuda.gridsize(1)
     n = t.shape[0]
+    start, step, trips = _grid_loop(n)
     part = 0.0
-    nsteps = (n + step - 1) // step
-    for k in range(nsteps):  # the same trip count on every thread: block-wide sums follow
+    for k in range(trips):
         i = start + k * step
         if i < n:
             ti = np.int64(t[i])
@@ -585,11 +605,10 @@ def bce_kernel(p, y, w, has_w, keep, out, acc, bad):
     sm = cuda.shared.array(SHARED, np.float64)
     n, L = p.shape
     total = n * L
-    start = cuda.grid(1)
-    step = cuda.gridsize(1)
+    start, step, trips = _grid_loop(total)
     part = 0.0
-    for k in range((total + step - 1) // step):
-        e = start + np.int64(k) * step
+    for k in range(trips):
+        e = start + k * step
         if e < total:
             i = e // L
             j = e % L
@@ -616,11 +635,10 @@ def bce_logits_kernel(x, y, w, has_w, pw, has_pw, gscale, want_grad, g, keep, ou
     sm = cuda.shared.array(SHARED, np.float64)
     n, L = x.shape
     total = n * L
-    start = cuda.grid(1)
-    step = cuda.gridsize(1)
+    start, step, trips = _grid_loop(total)
     part = 0.0
-    for k in range((total + step - 1) // step):
-        e = start + np.int64(k) * step
+    for k in range(trips):
+        e = start + k * step
         if e < total:
             i = e // L
             j = e % L

@@ -114,6 +114,12 @@ else:
             return cgutils.get_item_pointer(context, builder, aryty, ary, [idx],
                                             wraparound=False)
 
+        def _buf_ptr(context, builder, bty, b, o, i):
+            """Pointer to ``buf[off + i]``."""
+            return cgutils.get_item_pointer(context, builder, bty, b,
+                                            [builder.add(o, ir.Constant(o.type, i))],
+                                            wraparound=False)
+
         def _global(builder, ptr, rty, v):
             """The element pointer as a global-memory pointer to the whole vector: 16
             bytes of 8- or 16-bit elements as four 32-bit words (PTX has no v8 loads)."""
@@ -155,10 +161,7 @@ else:
                              for i in range(v)]
                 o = context.cast(builder, args[3], oty, types.intp)
                 for i in range(v):
-                    bp = cgutils.get_item_pointer(context, builder, bty, b,
-                                                  [builder.add(o, ir.Constant(o.type, i))],
-                                                  wraparound=False)
-                    builder.store(parts[i], bp)
+                    builder.store(parts[i], _buf_ptr(context, builder, bty, b, o, i))
                 return context.get_dummy_value()
 
             return types.void(row, k, buf, off), codegen
@@ -179,10 +182,7 @@ else:
                 o = context.cast(builder, args[3], oty, types.intp)
                 vals = []
                 for i in range(v):
-                    bp = cgutils.get_item_pointer(context, builder, bty, b,
-                                                  [builder.add(o, ir.Constant(o.type, i))],
-                                                  wraparound=False)
-                    vals.append(builder.load(bp))
+                    vals.append(builder.load(_buf_ptr(context, builder, bty, b, o, i)))
                 if gptr.type.pointee.element == _I32 and width < 32:
                     per = 32 // width
                     words = []
