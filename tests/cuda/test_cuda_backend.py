@@ -237,7 +237,7 @@ def test_ce_all_ignored_and_errors(rng):
 
 
 # ---------------------------------------------------------------------------- KL, BCE
-@pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.float64), BF16],
+@pytest.mark.parametrize("dtype", [d for d in DTYPES],
                          ids=lambda d: d.name)
 def test_kl_logits(rng, dtype):
     x = logits(rng, (7, 37), dtype)
@@ -263,7 +263,7 @@ def test_bad_probabilities(rng):
         xf.kl_divergence(probs(rng, (3, 5), np.float32), q, backend="cuda")
 
 
-@pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.float64), BF16],
+@pytest.mark.parametrize("dtype", [d for d in DTYPES],
                          ids=lambda d: d.name)
 def test_bce(rng, dtype):
     shape = (5, 7)
