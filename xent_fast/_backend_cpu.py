@@ -22,10 +22,10 @@ from numba import njit, prange, types
 from numba.np.numpy_support import from_dtype
 from numba.core.errors import TypingError
 
-from . import _threads
+from . import _simd, _threads
 from ._rowio import (block_bounds, grad_row, half_work_row, load_row, store_grad_row,
                      task_bounds, work_row)
-from ._scalar import cast_like, flog, fexp, fmax
+from ._scalar import cast_like, flog, fexp, float_key, fmax
 from ._rows import (JIT, bce_logits_row, bce_row, ce_index_row, ce_prob_row, dist_row,
                     first_bad_prob, kl_logits_row, nll_from, row_logsumexp, row_softmax,
                     softcap_grad_row, softcap_row, _row_sum)
@@ -251,6 +251,7 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
         wsum_c = cast_like(wsum, xf)
         one = cast_like(1.0, xf)
         zero = cast_like(0.0, xf)
+        inf_key = float_key(cast_like(np.inf, xf))
         for b in prange(nblocks):
             lo, hi = block_bounds(b, nblocks, n)
             # Loop from 0 over slices of the block: a loop from ``lo`` over the whole
@@ -259,7 +260,6 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
             tb = t[lo:hi]
             lb = loss[lo:hi]
             gb = gf[lo * C:hi * C] if want_grad else gf[:0]
-            chk = zero
             # Rows go in groups of _SB: each class's logits of the group are gathered
             # into one vector (T[c] = column c), so every step below is a vector op over
             # _SB rows.  Interleaved loads of whole rows ran at half this speed.  The
@@ -275,6 +275,9 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
             kv = np.empty(_SB, xf.dtype)
             av = np.empty(_SB, xf.dtype)
             skv = np.empty(_SB, xf.dtype)
+            wrow = np.empty(C, xf.dtype)
+            badv = np.empty(_SB, np.int64)
+            gbad = np.empty((_SB, C if want_grad else 0), xf.dtype)
             for r0 in range(0, hi - lo, _SB):
                 nv = min(_SB, hi - lo - r0)
                 xs = xb[r0 * C:(r0 + nv) * C]
@@ -339,14 +342,35 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
                         av[r] = kgs * ce * wtv[r]
                         skv[r] = kgs * cs
                 lg = lb[r0:r0 + nv]
+                # An integer max of ordered keys: a row whose loss is inf or NaN gives a
+                # key of at least inf's.  (A float "chk += v - v" was folded to 0 by
+                # re-association; a bool or-reduction stopped the loop vectorising.)
+                chk = float_key(zero)
                 if nv == _SB:
                     for r in range(_SB):
                         lg[r] = rowv[r]
-                        chk += rowv[r] - rowv[r]  # NaN once any row is inf or NaN
+                        k = float_key(abs(rowv[r]))
+                        chk = k if k > chk else chk
                 else:
                     for r in range(nv):
                         lg[r] = rowv[r]
-                        chk += rowv[r] - rowv[r]
+                        k = float_key(abs(rowv[r]))
+                        chk = k if k > chk else chk
+                # Rows whose loss came out inf or NaN (a -inf target, all -inf, a +inf,
+                # float32 overflow of lse^2) are redone by the general kernel, which
+                # keeps SEMANTICS.md's conventions for them and works in float64 where
+                # it matters.  They are redone now, from a copy of the row, while the
+                # input is intact (the gradient may be written over it), and their
+                # gradient rows are put in place after the scatter below.
+                nbad = 0
+                if chk >= inf_key:
+                    for r in range(nv):
+                        if not (abs(lg[r]) < np.inf) and tb[r0 + r] != ignore:
+                            wrow[:] = xs[r * C:(r + 1) * C]
+                            badv[nbad] = r
+                            lg[r] = ce_index_row(wrow, tb[r0 + r], w, has_w, wsum, eps, z,
+                                                 gbad[nbad], want_grad, gscale)
+                            nbad += 1
                 if want_grad:
                     # The gradient in the gathered layout, then scattered back to rows.
                     for c in range(C):
@@ -370,20 +394,9 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
                             Tc = T[c * _SB:(c + 1) * _SB]
                             for r in range(nv):
                                 col[r * C] = Tc[r]
-            # Rows whose loss came out inf or NaN (a -inf target, all -inf, a +inf,
-            # float32 overflow of lse^2) are redone by the general kernel, which keeps
-            # SEMANTICS.md's conventions for them and works in float64 where it matters.
-            # (a bool or-reduction here stopped the copy loop above from vectorising)
-            for r in range(hi - lo if chk != chk else 0):
-                if not (abs(lb[r]) < np.inf):
-                    i = lo + r
-                    if t[i] != ignore:
-                        if want_grad:
-                            loss[i] = ce_index_row(x[i], t[i], w, has_w, wsum, eps, z, g[i],
-                                                   True, gscale)
-                        else:
-                            loss[i] = ce_index_row(x[i], t[i], w, has_w, wsum, eps, z,
-                                                   gf[:0], False, gscale)
+                    for q in range(nbad):
+                        r = badv[q]
+                        gs_[r * C:(r + 1) * C] = gbad[q]
 
     drv.__name__ = drv.__qualname__ = small_name(C, has_w, smooth, has_z, want_grad)
     return drv
@@ -491,11 +504,12 @@ def _source_digest():
         for mod in _KERNEL_SOURCES:
             with open(os.path.join(here, mod), "rb") as fh:
                 h.update(fh.read())
+        h.update(b"simd" if _simd.ENABLED else b"scalar")  # XENT_FAST_SIMD=0 builds apart
         _digest = h.hexdigest()[:12]
     return _digest
 
 
-_KERNEL_SOURCES = ("_scalar.py", "_rows.py", "_rowio.py", "_evalrows.py", "_backend_cpu.py")
+_KERNEL_SOURCES = ("_scalar.py", "_simd.py", "_rows.py", "_rowio.py", "_evalrows.py", "_backend_cpu.py")
 _digest = None
 
 

@@ -15,7 +15,9 @@ import math
 
 import numpy as np
 from numba import njit
+from numba.extending import overload
 
+from . import _simd
 from ._scalar import cast_like, fexp, flog, flog1p, float_key, fmax, key_float
 
 # Loops may re-associate (that is what lets the sums vectorise) but must keep the
@@ -51,7 +53,7 @@ def _seg_max(seg, m):
 
 
 @njit(**INLINE)
-def _seg_sumexp(seg, m):
+def _seg_sumexp_scalar(seg, m):
     """sum(exp(seg - m)) in the row's precision."""
     n = seg.shape[0]
     zero = m - m
@@ -74,8 +76,9 @@ def _seg_sumexp(seg, m):
 
 
 @njit(**INLINE)
-def _seg_exp_store(seg, m, out):
-    """out = exp(seg - m); returns the sum in the row's precision."""
+def _seg_exp_store_scalar(seg, m, out):
+    """out = exp(seg - m); returns the sum in the row's precision.  ``out`` may be
+    ``seg``: the overlapping tail block keeps the values the body already wrote."""
     n = seg.shape[0]
     zero = m - m
     s = zero
@@ -97,10 +100,74 @@ def _seg_exp_store(seg, m, out):
         otail = out[n - _V:]
         skip = _V - (n - main)
         for k in range(_V):
-            e = fexp(tail[k] - m)
-            otail[k] = e  # rewrites the overlap with the same values
-            s += e if k >= skip else zero
+            e = fexp(tail[k] - m)  # may read an overwritten value: then not kept
+            keep = k >= skip
+            otail[k] = e if keep else otail[k]
+            s += e if keep else zero
     return s
+
+
+# With AVX-512, the same two loops on explicit vectors (see _simd): one vector of
+# lanes at a time, the last partial vector handled as a full one ending at the row's
+# end, its lanes already done masked out.
+@njit(**INLINE)
+def _seg_sumexp_simd(seg, m):
+    n = seg.shape[0]
+    lanes = _simd.lanes_of(seg)
+    if n < lanes:
+        return _seg_sumexp_scalar(seg, m)
+    mv = _simd.vsplat(m)
+    acc = _simd.vsplat(m - m)
+    main = n - n % lanes
+    for j in range(0, main, lanes):
+        acc = _simd.vexp_acc(acc, _simd.vload(seg, j), mv, 0)
+    if main < n:
+        acc = _simd.vexp_acc(acc, _simd.vload(seg, n - lanes), mv, lanes - (n - main))
+    return _simd.vsum(acc)
+
+
+@njit(**INLINE)
+def _seg_exp_store_simd(seg, m, out):
+    n = seg.shape[0]
+    lanes = _simd.lanes_of(seg)
+    if n < lanes:
+        return _seg_exp_store_scalar(seg, m, out)
+    mv = _simd.vsplat(m)
+    acc = _simd.vsplat(m - m)
+    main = n - n % lanes
+    # The tail block is computed first: ``out`` may be ``seg``.
+    et = _simd.vexp(_simd.vload(seg, n - lanes), mv)
+    for j in range(0, main, lanes):
+        e = _simd.vexp(_simd.vload(seg, j), mv)
+        _simd.vstore(out, j, e)
+        acc = _simd.vadd(acc, e)
+    if main < n:
+        _simd.vstore(out, n - lanes, et)
+        acc = _simd.vadd(acc, _simd.vmask_head(et, lanes - (n - main)))
+    return _simd.vsum(acc)
+
+
+def _seg_sumexp(seg, m):
+    """sum(exp(seg - m)) in the row's precision."""
+
+
+@overload(_seg_sumexp, jit_options=INLINE)
+def _seg_sumexp_ov(seg, m):
+    if _simd.usable(seg):
+        return lambda seg, m: _seg_sumexp_simd(seg, m)
+    return lambda seg, m: _seg_sumexp_scalar(seg, m)
+
+
+def _seg_exp_store(seg, m, out):
+    """out = exp(seg - m); returns the sum in the row's precision (``out`` may be
+    ``seg``)."""
+
+
+@overload(_seg_exp_store, jit_options=INLINE)
+def _seg_exp_store_ov(seg, m, out):
+    if _simd.usable(seg) and _simd.usable(out):
+        return lambda seg, m, out: _seg_exp_store_simd(seg, m, out)
+    return lambda seg, m, out: _seg_exp_store_scalar(seg, m, out)
 
 
 @njit(**INLINE)
@@ -109,7 +176,7 @@ def row_max(x):
 
 
 @njit(**INLINE)
-def row_max_sumexp(x):
+def _row_max_sumexp_scalar(x):
     """(max, sum(exp(x - max))) in one read of the row: chunk max, then the chunk's exps
     while it is in L1, rescaling the running sum when the max grows."""
     n = x.shape[0]
@@ -132,6 +199,73 @@ def row_max_sumexp(x):
             m = cm
         total += _seg_sumexp(seg, m)
     return m, total
+
+
+# One pass with AVX-512: each lane keeps its own running max and a float64 sum of
+# exps relative to it.  A chunk of _SIMD_CHUNK vectors is read for its lane maxima,
+# the sums are rescaled only when a lane's max grew, and the chunk's exps follow
+# while it is in L1.  Short chunks let the loads of the next chunk overlap the exps
+# of this one: with 2048-element chunks the max pass and the exp pass took turns with
+# memory and ran at 34 of the 46 GB/s.  Lanes start at the lowest finite value, so a
+# -inf element needs no test (it adds exp(-inf) = 0); only an all -inf row ends with
+# a zero sum, and a NaN anywhere makes the sum NaN.
+_SIMD_CHUNK = 16
+
+
+@njit(**INLINE)
+def _vrescale(S, M, cm):
+    return _simd.vmul(S, _simd.vwiden(_simd.vexp(M, cm)))
+
+
+@njit(**INLINE)
+def _row_max_sumexp_simd(x):
+    n = x.shape[0]
+    lanes = _simd.lanes_of(x)
+    if n < lanes:
+        return _row_max_sumexp_scalar(x)
+    zero = cast_like(0.0, x)
+    M = _simd.vlowest(zero)
+    S = _simd.vzero_wide(zero)
+    nv = n - n % lanes
+    step = _SIMD_CHUNK * lanes
+    for lo in range(0, nv, step):
+        hi = min(lo + step, nv)
+        cm = M
+        for j in range(lo, hi, lanes):
+            cm = _simd.vmax(cm, _simd.vload(x, j))
+        if _simd.vany_gt(cm, M):
+            S = _vrescale(S, M, cm)
+            M = cm
+        cs = _simd.vsplat(zero)
+        for j in range(lo, hi, lanes):
+            cs = _simd.vexp_acc(cs, _simd.vload(x, j), M, 0)
+        S = _simd.vadd(S, _simd.vwiden(cs))
+    if nv < n:  # the last lanes, as a full vector ending at n with its head masked
+        v = _simd.vload(x, n - lanes)
+        cm = _simd.vmax(M, v)
+        if _simd.vany_gt(cm, M):
+            S = _vrescale(S, M, cm)
+            M = cm
+        cs = _simd.vexp_acc(_simd.vsplat(zero), v, M, lanes - (n - nv))
+        S = _simd.vadd(S, _simd.vwiden(cs))
+    m = _simd.vhmax(M)
+    if m == np.inf:
+        return m, 0.0
+    s = _simd.vsum(_simd.vmul(S, _simd.vwiden(_simd.vexp(M, _simd.vsplat(m)))))
+    if s == 0.0:  # every element -inf
+        return cast_like(-np.inf, x), 0.0
+    return m, s
+
+
+def row_max_sumexp(x):
+    """(max, sum(exp(x - max))) in one read of the row."""
+
+
+@overload(row_max_sumexp, jit_options=INLINE)
+def _row_max_sumexp_ov(x):
+    if _simd.usable(x):
+        return lambda x: _row_max_sumexp_simd(x)
+    return lambda x: _row_max_sumexp_scalar(x)
 
 
 @njit(**INLINE)
@@ -382,6 +516,58 @@ def softcap_grad_row(y, cap, gr):
 
 
 # ---------------------------------------------------------------------------- distillation KL
+@njit(**INLINE)
+def _kl_chunk_scalar(sx, sxt, it, ms, mt):
+    """(sum e_s, sum e_t, sum e_t (v_t - v_s)) over a chunk, e = exp(v - max)."""
+    zero = it - it
+    a = zero
+    b = zero
+    c = zero
+    for j in range(sx.shape[0]):
+        vs = sx[j] * it
+        vt = sxt[j] * it
+        es = fexp(vs - ms)
+        et = fexp(vt - mt)
+        a += es
+        b += et
+        c += et * (vt - vs) if et != zero else zero
+    return a, b, c
+
+
+@njit(**INLINE)
+def _kl_chunk_simd(sx, sxt, it, ms, mt):
+    n = sx.shape[0]
+    lanes = _simd.lanes_of(sx)
+    main = n - n % lanes
+    itv = _simd.vsplat(it)
+    msv = _simd.vsplat(ms)
+    mtv = _simd.vsplat(mt)
+    va = _simd.vsplat(it - it)
+    vb = va
+    vc = va
+    for j in range(0, main, lanes):
+        vs = _simd.vmul(_simd.vload(sx, j), itv)
+        vt = _simd.vmul(_simd.vload(sxt, j), itv)
+        es = _simd.vexp(vs, msv)
+        et = _simd.vexp(vt, mtv)
+        va = _simd.vadd(va, es)
+        vb = _simd.vadd(vb, et)
+        vc = _simd.vkl_acc(vc, et, vt, vs)
+    a, b, c = _kl_chunk_scalar(sx[main:], sxt[main:], it, ms, mt)
+    return a + _simd.vsum(va), b + _simd.vsum(vb), c + _simd.vsum(vc)
+
+
+def _kl_chunk(sx, sxt, it, ms, mt):
+    """(sum e_s, sum e_t, sum e_t (v_t - v_s)) over a chunk, e = exp(v - max)."""
+
+
+@overload(_kl_chunk, jit_options=INLINE)
+def _kl_chunk_ov(sx, sxt, it, ms, mt):
+    if _simd.usable(sx) and _simd.usable(sxt):
+        return lambda sx, sxt, it, ms, mt: _kl_chunk_simd(sx, sxt, it, ms, mt)
+    return lambda sx, sxt, it, ms, mt: _kl_chunk_scalar(sx, sxt, it, ms, mt)
+
+
 @njit(**JIT)
 def kl_logits_row(x, xt, inv_t, gr, want_grad, gscale):
     """KL(softmax(xt/T) || softmax(x/T)) for one row, without forming either.
@@ -418,14 +604,7 @@ def kl_logits_row(x, xt, inv_t, gr, want_grad, gscale):
                 b += et
                 c += et * (vt - vs) if et != zero else zero
         else:
-            for j in range(sx.shape[0]):
-                vs = sx[j] * it
-                vt = sxt[j] * it
-                es = fexp(vs - ms)
-                et = fexp(vt - mt)
-                a += es
-                b += et
-                c += et * (vt - vs) if et != zero else zero
+            a, b, c = _kl_chunk(sx, sxt, it, ms, mt)
         ss += a
         st += b
         d += c

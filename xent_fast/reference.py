@@ -139,7 +139,9 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     logp = _log_softmax_last(y)
     with np.errstate(invalid="ignore", over="ignore"):
         terms = np.where(a == 0, 0.0, -a * logp)
-        rows = np.sum(terms, axis=-1) + z_loss * lse ** 2
+        rows = np.sum(terms, axis=-1)
+        if z_loss:  # 0 * lse^2 would be NaN where lse^2 overflows (|lse| > 1.3e154)
+            rows = rows + z_loss * lse ** 2
         # an all -inf row: every target logit is -inf
         rows = np.where((lse == -np.inf) & (np.sum(a, axis=-1) > 0), np.inf, rows)
     rows = np.where(kept, rows, 0.0)
