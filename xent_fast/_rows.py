@@ -210,6 +210,7 @@ def _row_max_sumexp_scalar(x):
 # -inf element needs no test (it adds exp(-inf) = 0); only an all -inf row ends with
 # a zero sum, and a NaN anywhere makes the sum NaN.
 _SIMD_CHUNK = 16
+_SIMD_ONE_PASS_MIN = 256  # below: a max pass, then the exps from L1
 
 
 @njit(**INLINE)
@@ -220,9 +221,9 @@ def _vrescale(S, M, cm):
 @njit(**INLINE)
 def _row_max_sumexp_simd(x):
     n = x.shape[0]
-    lanes = _simd.lanes_of(x)
-    if n < lanes:
+    if n < _SIMD_ONE_PASS_MIN:  # a short row: its max pass leaves it in L1
         return _row_max_sumexp_scalar(x)
+    lanes = _simd.lanes_of(x)
     zero = cast_like(0.0, x)
     M = _simd.vlowest(zero)
     S = _simd.vzero_wide(zero)
