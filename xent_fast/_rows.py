@@ -14,7 +14,7 @@ contributes exactly 0 to losses and gradients.
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, types
 from numba.extending import overload
 
 from . import _simd
@@ -685,8 +685,55 @@ def bce_row(p, y, w, has_w, out):
         out[j] = r * w[j] if has_w else r
 
 
+@njit(**INLINE)
+def _bce_logits_simd(x, y, out, gr, want_grad, gscale):
+    n = x.shape[0]
+    lanes = _simd.lanes_of(x)
+    main = n - n % lanes
+    gv = _simd.vsplat(cast_like(gscale, x))
+    for j in range(0, main, lanes):
+        v = _simd.vload(x, j)
+        t = _simd.vload(y, j)
+        loss, e = _simd.vbce_logits(v, t)
+        _simd.vstore(out, j, loss)
+        if want_grad:
+            _simd.vstore(gr, j, _simd.vbce_logits_grad(v, t, e, gv))
+    return main
+
+
+def _bce_logits_fast(x, y, out, gr, want_grad, gscale):
+    """The vector loop over the leading whole vectors of an unweighted float32 row;
+    returns how many elements it did (0 where it does not apply)."""
+
+
+@overload(_bce_logits_fast, jit_options=INLINE)
+def _bce_logits_fast_ov(x, y, out, gr, want_grad, gscale):
+    if (all(_simd.usable(a) for a in (x, y, out, gr))
+            and x.dtype == y.dtype == out.dtype == gr.dtype == types.float32):
+        return lambda x, y, out, gr, want_grad, gscale: _bce_logits_simd(
+            x, y, out, gr, want_grad, gscale)
+    return lambda x, y, out, gr, want_grad, gscale: 0
+
+
 @njit(**JIT)
 def bce_logits_row(x, y, w, has_w, pw, has_pw, out, gr, want_grad, gscale):
+    """(1-y) x + l (log1p(exp(-|x|)) + max(-x, 0)), l = 1 + (pw-1) y, times w.
+
+    This is PyTorch's stable form; without pos_weight it equals max(x,0) - x y +
+    log1p(exp(-|x|)).  Gradient: w ((1-y) - l sigmoid(-x)).
+    """
+    done = 0
+    if not has_w and not has_pw and x.shape[0] >= 16:
+        done = _bce_logits_fast(x, y, out, gr, want_grad, gscale)
+    if done == 0:
+        _bce_logits_row_scalar(x, y, w, has_w, pw, has_pw, out, gr, want_grad, gscale)
+    elif done < x.shape[0]:
+        _bce_logits_row_scalar(x[done:], y[done:], w, has_w, pw, has_pw, out[done:],
+                               gr[done:] if want_grad else gr, want_grad, gscale)
+
+
+@njit(**JIT)
+def _bce_logits_row_scalar(x, y, w, has_w, pw, has_pw, out, gr, want_grad, gscale):
     """(1-y) x + l (log1p(exp(-|x|)) + max(-x, 0)), l = 1 + (pw-1) y, times w.
 
     This is PyTorch's stable form; without pos_weight it equals max(x,0) - x y +
@@ -702,10 +749,15 @@ def bce_logits_row(x, y, w, has_w, pw, has_pw, out, gr, want_grad, gscale):
         v = x[j]
         t = y[j]
         e = fexp(-abs(v))
-        sp = flog1p(e) + (-v if v < zero else zero)
+        lp = flog1p(e)
+        sp = lp + (-v if v < zero else zero)
         l = one + (pw[j] - one) * t if has_pw else one
         wv = w[j] if has_w else one
-        out[j] = wv * ((one - t) * v + l * sp)
+        # (1-t) v + l max(-v, 0) is -pw t v for v < 0: written so, without the
+        # cancellation of (1-t) v against l (-v); infinite v keeps PyTorch's form.
+        lin = -((pw[j] * t) if has_pw else t) * v if v < zero else (one - t) * v
+        fin = (one - t) * v + l * sp if abs(v) == np.inf else lin + l * lp
+        out[j] = wv * fin
         if want_grad:
             sig_neg = (e / (one + e)) if v >= zero else (one / (one + e))
             gr[j] = g * wv * ((one - t) - l * sig_neg)
