@@ -33,6 +33,9 @@ from ._evalrows import eval_row, row_topk
 
 
 # ---------------------------------------------------------------------------- drivers
+_STREAM_BYTES = 1 << 25  # 32 MiB
+
+
 def _logsumexp(x, hk, out, nblocks):
     n, c = x.shape
     for b in prange(nblocks):
@@ -71,6 +74,10 @@ def _dist(p, phk, q, qhk, mode, out, bad, nblocks):
 def _ce_index(x, hk, t, w, has_w, wsum, eps, z, cap, ignore, gscale, want_grad, g, ghk,
               loss, nblocks):
     n, c = x.shape
+    # Non-temporal gradient stores (see _rows._ce_grad_stream) only where the gradient
+    # is the output itself and larger than the caches: a smaller one is better left in
+    # cache for whatever reads it next.
+    stream = cap == 0 and ghk == 0 and g.size * g.itemsize >= _STREAM_BYTES
     for b in prange(nblocks):
         lo, hi = block_bounds(b, nblocks, n)
         work = work_row(x, c) if cap > 0 else half_work_row(x, c)
@@ -91,7 +98,8 @@ def _ce_index(x, hk, t, w, has_w, wsum, eps, z, cap, ignore, gscale, want_grad, 
                 y = work
             if want_grad:
                 gr = grad_row(g[i], gwork)
-                loss[i] = ce_index_row(y, ti, w, has_w, wsum, eps, z, gr, True, gscale)
+                loss[i] = ce_index_row(y, ti, w, has_w, wsum, eps, z, gr, True, gscale,
+                                       stream)
                 if cap > 0:
                     softcap_grad_row(y, cap, gr)
                 store_grad_row(g[i], gr, ghk)

@@ -514,3 +514,44 @@ def vbce_logits_grad(typingctx, v, t, e, g):
         return builder.fmul(g, builder.fsub(builder.fsub(_splat(vty, 1.0), t), sig_neg))
 
     return v(v, t, e, g), codegen
+
+
+@intrinsic
+def vsub(typingctx, a, b):
+    if not (isinstance(a, FloatVec) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fsub(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def vstore_stream(typingctx, arr, j, v):
+    """arr[j:j + lanes] = v with a non-temporal store (64-byte aligned address only):
+    the line goes to memory without being read first."""
+    if not (_float_arr(arr) and isinstance(v, FloatVec) and v.dtype == arr.dtype
+            and arr.mutable):
+        return None
+
+    def codegen(context, builder, sig, args):
+        j = context.cast(builder, args[1], sig.args[1], types.intp)
+        st = builder.store(args[2], _data_ptr(context, builder, sig.args[0], args[0], j),
+                           align=64)
+        st.set_metadata("nontemporal",
+                        builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return types.void(arr, j, v), codegen
+
+
+@intrinsic
+def store_fence(typingctx):
+    """sfence: orders the non-temporal stores before any later store."""
+
+    def codegen(context, builder, sig, args):
+        _call_intrinsic(builder, "llvm.x86.sse.sfence", ir.VoidType(), [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
