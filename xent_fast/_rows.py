@@ -407,15 +407,17 @@ def _ce_grad_stream_simd(y, gr, m, k, ke):
     mv = _simd.vsplat(m)
     kv = _simd.vsplat(k)
     kev = _simd.vsplat(ke)
-    tail = _simd.vsub(_simd.vmul(kv, _simd.vexp(_simd.vload(y, n - lanes), mv)), kev)
-    _ce_grad_stream_scalar(y[:head], gr[:head], m, k, ke)
+    # The first and last whole vectors are computed first (``gr`` may be ``y``) and
+    # stored last with plain stores, over the unaligned head and the partial tail.
+    first = _simd.vsub(_simd.vmul(kv, _simd.vexp(_simd.vload(y, 0), mv)), kev)
+    last = _simd.vsub(_simd.vmul(kv, _simd.vexp(_simd.vload(y, n - lanes), mv)), kev)
     end = head + (n - head) // lanes * lanes
     for j in range(head, end, lanes):
         e = _simd.vexp(_simd.vload(y, j), mv)
         _simd.vstore_stream(gr, j, _simd.vsub(_simd.vmul(kv, e), kev))
-    if end < n:
-        _simd.vstore(gr, n - lanes, tail)
     _simd.store_fence()
+    _simd.vstore(gr, 0, first)
+    _simd.vstore(gr, n - lanes, last)
 
 
 def _ce_grad_stream(y, gr, m, k, ke):
@@ -637,6 +639,86 @@ def _kl_chunk_ov(sx, sxt, it, ms, mt):
     return lambda sx, sxt, it, ms, mt: _kl_chunk_scalar(sx, sxt, it, ms, mt)
 
 
+@njit(**INLINE)
+def _kl_one_pass_simd(x, xt, it):
+    """(done, KL) in one read of both rows, as _row_max_sumexp_simd does for one: lane
+    maxima of x/T and xt/T per chunk, float64 lane sums rescaled when a max grows.
+    Rows with an infinite max or an all -inf row are left to the two-pass kernel."""
+    n = x.shape[0]
+    lanes = _simd.lanes_of(x)
+    zero = cast_like(0.0, x)
+    itv = _simd.vsplat(it)
+    Ms = _simd.vlowest(zero)
+    Mt = Ms
+    A = _simd.vzero_wide(zero)
+    B = A
+    D = A
+    nv = n - n % lanes
+    step = _SIMD_CHUNK * lanes
+    for lo in range(0, nv, step):
+        hi = min(lo + step, nv)
+        tail = hi == nv and nv < n  # the last lanes, as a vector ending at n
+        cs = Ms
+        ct = Mt
+        for j in range(lo, hi, lanes):
+            cs = _simd.vmax(cs, _simd.vmul(_simd.vload(x, j), itv))
+            ct = _simd.vmax(ct, _simd.vmul(_simd.vload(xt, j), itv))
+        if tail:
+            cs = _simd.vmax(cs, _simd.vmul(_simd.vload(x, n - lanes), itv))
+            ct = _simd.vmax(ct, _simd.vmul(_simd.vload(xt, n - lanes), itv))
+        if _simd.vany_gt(cs, Ms):
+            A = _vrescale(A, Ms, cs)
+            Ms = cs
+        if _simd.vany_gt(ct, Mt):
+            f = _simd.vwiden(_simd.vexp(Mt, ct))
+            B = _simd.vmul(B, f)
+            D = _simd.vmul(D, f)
+            Mt = ct
+        a = _simd.vsplat(zero)
+        b = a
+        c = a
+        for j in range(lo, hi, lanes):
+            vs = _simd.vmul(_simd.vload(x, j), itv)
+            vt = _simd.vmul(_simd.vload(xt, j), itv)
+            et = _simd.vexp(vt, Mt)
+            a = _simd.vadd(a, _simd.vexp(vs, Ms))
+            b = _simd.vadd(b, et)
+            c = _simd.vkl_acc(c, et, vt, vs)
+        if tail:
+            skip = lanes - (n - nv)
+            vs = _simd.vmul(_simd.vload(x, n - lanes), itv)
+            vt = _simd.vmul(_simd.vload(xt, n - lanes), itv)
+            et = _simd.vmask_head(_simd.vexp(vt, Mt), skip)
+            a = _simd.vadd(a, _simd.vmask_head(_simd.vexp(vs, Ms), skip))
+            b = _simd.vadd(b, et)
+            c = _simd.vkl_acc(c, et, vt, vs)
+        A = _simd.vadd(A, _simd.vwiden(a))
+        B = _simd.vadd(B, _simd.vwiden(b))
+        D = _simd.vadd(D, _simd.vwiden(c))
+    ms = _simd.vhmax(Ms)
+    mt = _simd.vhmax(Mt)
+    if ms == np.inf or mt == np.inf:
+        return False, 0.0
+    ft = _simd.vwiden(_simd.vexp(Mt, _simd.vsplat(mt)))
+    ss = _simd.vsum(_simd.vmul(A, _simd.vwiden(_simd.vexp(Ms, _simd.vsplat(ms)))))
+    st = _simd.vsum(_simd.vmul(B, ft))
+    d = _simd.vsum(_simd.vmul(D, ft))
+    if ss == 0.0 or st == 0.0:  # an all -inf row
+        return False, 0.0
+    return True, d / st + (float(ms) - float(mt)) + (math.log(ss) - math.log(st))
+
+
+def _kl_one_pass(x, xt, it):
+    """(done, KL): the one-pass vector kernel where it applies."""
+
+
+@overload(_kl_one_pass, jit_options=INLINE)
+def _kl_one_pass_ov(x, xt, it):
+    if _simd.usable(x) and _simd.usable(xt) and x.dtype == xt.dtype:
+        return lambda x, xt, it: _kl_one_pass_simd(x, xt, it)
+    return lambda x, xt, it: (False, 0.0)
+
+
 @njit(**JIT)
 def kl_logits_row(x, xt, inv_t, gr, want_grad, gscale):
     """KL(softmax(xt/T) || softmax(x/T)) for one row, without forming either.
@@ -645,6 +727,10 @@ def kl_logits_row(x, xt, inv_t, gr, want_grad, gscale):
     """
     C = x.shape[0]
     it = cast_like(inv_t, x)
+    if not want_grad and C >= _SIMD_ONE_PASS_MIN:
+        done, kl = _kl_one_pass(x, xt, it)
+        if done:
+            return kl
     ms = row_max(x) * it
     mt = row_max(xt) * it
     if C == 0:
