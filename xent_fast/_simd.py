@@ -239,26 +239,26 @@ def vsplat(typingctx, x):
     return _VEC[x](x), codegen
 
 
-@intrinsic
-def vadd(typingctx, a, b):
-    if not (isinstance(a, FloatVec) and a == b):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fadd(args[0], args[1])
-
-    return a(a, b), codegen
 
 
-@intrinsic
-def vmul(typingctx, a, b):
-    if not (isinstance(a, FloatVec) and a == b):
-        return None
+def _lanewise(op, doc):
+    @intrinsic
+    def binop(typingctx, a, b):
+        if not (isinstance(a, FloatVec) and a == b):
+            return None
 
-    def codegen(context, builder, sig, args):
-        return builder.fmul(args[0], args[1])
+        def codegen(context, builder, sig, args):
+            return getattr(builder, op)(args[0], args[1])
 
-    return a(a, b), codegen
+        return a(a, b), codegen
+
+    binop.__doc__ = doc
+    return binop
+
+
+vadd = _lanewise("fadd", "a + b, lane by lane.")
+vsub = _lanewise("fsub", "a - b, lane by lane.")
+vmul = _lanewise("fmul", "a * b, lane by lane.")
 
 
 @intrinsic
@@ -515,16 +515,6 @@ def vbce_logits_grad(typingctx, v, t, e, g):
 
     return v(v, t, e, g), codegen
 
-
-@intrinsic
-def vsub(typingctx, a, b):
-    if not (isinstance(a, FloatVec) and a == b):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fsub(args[0], args[1])
-
-    return a(a, b), codegen
 
 
 @intrinsic
