@@ -697,7 +697,7 @@ def _kl_one_pass_simd(x, xt, it):
         D = _simd.vadd(D, _simd.vwiden(c))
     ms = _simd.vhmax(Ms)
     mt = _simd.vhmax(Mt)
-    if ms == np.inf or mt == np.inf:
+    if not (abs(ms) < _KL_BIG and abs(mt) < _KL_BIG):  # inf, or x_t - x may overflow
         return False, 0.0
     ft = _simd.vwiden(_simd.vexp(Mt, _simd.vsplat(mt)))
     ss = _simd.vsum(_simd.vmul(A, _simd.vwiden(_simd.vexp(Ms, _simd.vsplat(ms)))))
@@ -706,6 +706,31 @@ def _kl_one_pass_simd(x, xt, it):
     if ss == 0.0 or st == 0.0:  # an all -inf row
         return False, 0.0
     return True, d / st + (float(ms) - float(mt)) + (math.log(ss) - math.log(st))
+
+
+_KL_BIG = 1e30
+
+
+@njit(**JIT)
+def _kl_huge(x, xt, it):
+    """KL for rows whose maxima are beyond +-_KL_BIG, where v_t - v_s itself may
+    overflow: with d = (x - max x)/T and likewise for xt, KL = sum e_t (d_t - d_s) /
+    sum e_t + log(sum e_s / sum e_t).  (x - max x)/T rather than x/T - max/T: the
+    latter, contracted to one multiply-add, keeps the rounding of max/T, about 1e291
+    at 1e308.  Such rows are rare enough for a plain loop."""
+    mx = row_max(x)
+    mxt = row_max(xt)
+    ss = 0.0
+    st = 0.0
+    d = 0.0
+    for j in range(x.shape[0]):
+        ds = (x[j] - mx) * it
+        dt = (xt[j] - mxt) * it
+        et = fexp(dt)
+        ss += fexp(ds)
+        st += et
+        d += et * (dt - ds) if et != 0 else 0.0
+    return d / st + (math.log(ss) - math.log(st))
 
 
 def _kl_one_pass(x, xt, it):
@@ -766,7 +791,10 @@ def kl_logits_row(x, xt, inv_t, gr, want_grad, gscale):
     lse_s = lse_from(x, ms, ss) if ms != -np.inf else -np.inf
     lse_t = lse_from(xt, mt, st) if mt != -np.inf else -np.inf
     if ms != -np.inf and mt != -np.inf and ms != np.inf and mt != np.inf:
-        kl = d / st + (float(ms) - float(mt)) + (math.log(ss) - math.log(st))
+        if abs(ms) < _KL_BIG and abs(mt) < _KL_BIG:
+            kl = d / st + (float(ms) - float(mt)) + (math.log(ss) - math.log(st))
+        else:
+            kl = _kl_huge(x, xt, it)
     else:
         kl = d / st + lse_s - lse_t
     if want_grad:
