@@ -26,8 +26,8 @@ from . import _simd, _threads
 from ._rowio import (block_bounds, grad_row, half_work_row, load_row, store_grad_row,
                      task_bounds, work_row)
 from ._scalar import cast_like, flog, fexp, float_key, fmax
-from ._rows import (JIT, bce_logits_row, bce_row, ce_index_row, ce_prob_row, dist_row,
-                    first_bad_prob, kl_logits_row, nll_from, row_logsumexp, row_softmax,
+from ._rows import (INLINE, JIT, bce_logits_row, bce_row, ce_index_row, ce_prob_row,
+                    dist_row, first_bad_prob, kl_logits_row, nll_from, row_logsumexp, row_softmax,
                     softcap_grad_row, softcap_row, _row_sum)
 from ._evalrows import eval_row, row_topk
 
@@ -244,6 +244,40 @@ SMALL_CLASSES = 16
 _SB = 128
 
 
+@njit(**INLINE)
+def _gather_columns(xs, T, C, nrows):
+    """T[c * _SB + r] = xs[r * C + c] for the first ``nrows`` rows of a group."""
+    for c in range(C):
+        col = xs[c:]
+        Tc = T[c * _SB:(c + 1) * _SB]
+        for r in range(nrows):
+            Tc[r] = col[r * C]
+
+
+@njit(**INLINE)
+def _scatter_columns(T, out, C, nrows):
+    """out[r * C + c] = T[c * _SB + r]: the inverse of _gather_columns."""
+    for c in range(C):
+        col = out[c:]
+        Tc = T[c * _SB:(c + 1) * _SB]
+        for r in range(nrows):
+            col[r * C] = Tc[r]
+
+
+@njit(**INLINE)
+def _store_losses(rowv, lg, nrows):
+    """lg[:nrows] = rowv[:nrows]; returns the largest float_key of |loss|, which is
+    at least inf's key when a loss is inf or NaN.  (An integer max: a float
+    "chk += v - v" was folded to 0 by re-association, and a bool or-reduction
+    stopped the loop vectorising.)"""
+    chk = float_key(rowv[0] - rowv[0])
+    for r in range(nrows):
+        lg[r] = rowv[r]
+        k = float_key(abs(rowv[r]))
+        chk = k if k > chk else chk
+    return chk
+
+
 def _make_ce_small(C, has_w, smooth, has_z, want_grad):
     """The few-classes driver for exactly ``C`` classes.  The option flags are
     compile-time constants too: branches left in the row loop stop it vectorising."""
@@ -290,17 +324,9 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
                 nv = min(_SB, hi - lo - r0)
                 xs = xb[r0 * C:(r0 + nv) * C]
                 if nv == _SB:  # a constant trip count: the gathers vectorise
-                    for c in range(C):
-                        col = xs[c:]
-                        Tc = T[c * _SB:(c + 1) * _SB]
-                        for r in range(_SB):
-                            Tc[r] = col[r * C]
+                    _gather_columns(xs, T, C, _SB)
                 else:
-                    for c in range(C):
-                        col = xs[c:]
-                        Tc = T[c * _SB:(c + 1) * _SB]
-                        for r in range(nv):
-                            Tc[r] = col[r * C]
+                    _gather_columns(xs, T, C, nv)
                 for r in range(nv):
                     tv[r] = tb[r0 + r]
                 for r in range(nv, _SB):
@@ -350,20 +376,10 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
                         av[r] = kgs * ce * wtv[r]
                         skv[r] = kgs * cs
                 lg = lb[r0:r0 + nv]
-                # An integer max of ordered keys: a row whose loss is inf or NaN gives a
-                # key of at least inf's.  (A float "chk += v - v" was folded to 0 by
-                # re-association; a bool or-reduction stopped the loop vectorising.)
-                chk = float_key(zero)
                 if nv == _SB:
-                    for r in range(_SB):
-                        lg[r] = rowv[r]
-                        k = float_key(abs(rowv[r]))
-                        chk = k if k > chk else chk
+                    chk = _store_losses(rowv, lg, _SB)
                 else:
-                    for r in range(nv):
-                        lg[r] = rowv[r]
-                        k = float_key(abs(rowv[r]))
-                        chk = k if k > chk else chk
+                    chk = _store_losses(rowv, lg, nv)
                 # Rows whose loss came out inf or NaN (a -inf target, all -inf, a +inf,
                 # float32 overflow of lse^2) are redone by the general kernel, which
                 # keeps SEMANTICS.md's conventions for them and works in float64 where
@@ -391,17 +407,9 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
                             Tc[r] = d - (av[r] if tv[r] == c else zero)
                     gs_ = gb[r0 * C:(r0 + nv) * C]
                     if nv == _SB:
-                        for c in range(C):
-                            col = gs_[c:]
-                            Tc = T[c * _SB:(c + 1) * _SB]
-                            for r in range(_SB):
-                                col[r * C] = Tc[r]
+                        _scatter_columns(T, gs_, C, _SB)
                     else:
-                        for c in range(C):
-                            col = gs_[c:]
-                            Tc = T[c * _SB:(c + 1) * _SB]
-                            for r in range(nv):
-                                col[r * C] = Tc[r]
+                        _scatter_columns(T, gs_, C, nv)
                     for q in range(nbad):
                         r = badv[q]
                         gs_[r * C:(r + 1) * C] = gbad[q]

@@ -420,28 +420,29 @@ def _ce_grad_stream_simd(y, gr, m, k, ke):
     _simd.vstore(gr, n - lanes, last)
 
 
-def _ce_grad_stream(y, gr, m, k, ke):
-    """gr = k exp(y - m) - ke; returns False where the vector loop does not apply."""
-
-
-@overload(_ce_grad_stream, jit_options=INLINE)
-def _ce_grad_stream_ov(y, gr, m, k, ke):
-    if _simd.usable(y) and _simd.usable(gr) and y.dtype == gr.dtype:
-        def impl(y, gr, m, k, ke):
-            _ce_grad_stream_simd(y, gr, m, k, ke)
-            return True
-        return impl
-    return lambda y, gr, m, k, ke: False
+def _stream_ok(y, gr):
+    return _simd.usable(y) and _simd.usable(gr) and y.dtype == gr.dtype
 
 
 def _streams(y, gr):
-    """At typing time: can ce_index_row write its gradient by ``_ce_grad_stream``?"""
+    """At typing time: can the gradient be written by _ce_grad_stream_simd?"""
 
 
 @overload(_streams, jit_options=INLINE)
 def _streams_ov(y, gr):
-    ok = _simd.usable(y) and _simd.usable(gr) and y.dtype == gr.dtype
+    ok = _stream_ok(y, gr)
     return lambda y, gr: ok
+
+
+def _ce_grad_stream(y, gr, m, k, ke):
+    """gr = k exp(y - m) - ke: streamed where _streams(y, gr), else a plain loop."""
+
+
+@overload(_ce_grad_stream, jit_options=INLINE)
+def _ce_grad_stream_ov(y, gr, m, k, ke):
+    if _stream_ok(y, gr):
+        return lambda y, gr, m, k, ke: _ce_grad_stream_simd(y, gr, m, k, ke)
+    return lambda y, gr, m, k, ke: _ce_grad_stream_scalar(y, gr, m, k, ke)
 
 
 @njit(**JIT)
