@@ -166,3 +166,60 @@ def test_one_pass_kl_from_logits(dtype, c):
             want = R.softmax_kl_divergence(x.astype(np.float64), xt.astype(np.float64),
                                            temperature=temperature, reduction="none")
         np.testing.assert_allclose(got, want, rtol=rt, atol=rt)
+
+
+def _few_class_rows(n, c, dtype, rng):
+    """n rows of c classes with targets, and the conventions' cases among them."""
+    x = (rng.standard_normal((n, c)) * 4).astype(dtype)
+    t = rng.integers(0, c, n)
+    if n >= 12:
+        x[1] = -np.inf                      # all -inf: +inf
+        x[2, t[2]] = -np.inf                # -inf target: +inf
+        x[3, (t[3] + 1) % c] = np.inf       # +inf elsewhere: NaN
+        x[4, 0] = np.nan                    # NaN
+        x[5, (t[5] + 1) % c] = -np.inf      # masked class: finite, exact 0 gradient
+        x[6] *= 1e30 if dtype == np.float64 else 1e7  # far from 0, exps still in range
+        x[7] = 0.0                          # ties
+        t[8] = -100                         # ignored
+        # lse^2 overflows the row's float with z_loss: redone in float64
+        x[9] = 3e19 if dtype == np.float32 else np.finfo(dtype).max / 2
+    return x, t
+
+
+# 2 and 16 bound the few-classes path (C <= 16), 10 is the headline case, 3 is odd;
+# 15, 16, 17, 33 and 300 rows put the vector blocks (16 or 8 rows) and the 128-row
+# groups off their edges.
+@pytest.mark.parametrize("c, dtype", [(2, np.float32), (10, np.float32), (16, np.float32),
+                                      (3, np.float64)])
+def test_few_classes_against_the_reference(c, dtype):
+    rng = np.random.default_rng(c)
+    rt = 2e-6 if dtype == np.float32 else 1e-13
+    w = (rng.random(c) + 0.5).astype(dtype)
+    for n in (1, 15, 17, 33, 300):
+        x, t = _few_class_rows(n, c, dtype, rng)
+        x64 = x.astype(np.float64)
+        for kw in ({}, {"weight": w, "label_smoothing": 0.1, "z_loss": 1e-3}):
+            kw64 = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) else v)
+                    for k, v in kw.items()}
+            with np.errstate(all="ignore"):
+                want, want_g = R.softmax_cross_entropy(x64, t, reduction="none",
+                                                       return_grad=True, **kw64)
+                got, g = xf.softmax_cross_entropy(x, t, reduction="none", return_grad=True,
+                                                  backend="cpu", **kw)
+            np.testing.assert_allclose(got, want, rtol=rt, atol=rt, equal_nan=True)
+            np.testing.assert_allclose(g, want_g, rtol=10 * rt, atol=rt, equal_nan=True)
+            xi = x.copy()
+            xf.softmax_cross_entropy(xi, t, reduction="none", grad_out=xi, **kw)
+            np.testing.assert_array_equal(xi, g)
+            assert got.dtype == dtype
+            if n >= 12 and not kw:
+                assert not np.isnan(g[5]).any() and g[5, (t[5] + 1) % c] == 0
+    # "mean" and "sum" add one partial sum a block of rows: on threads, several blocks
+    x, t = _few_class_rows(5000, c, dtype, rng)
+    x[:12] = 0.0
+    with np.errstate(all="ignore"):
+        for red in ("mean", "sum"):
+            want = R.softmax_cross_entropy(x.astype(np.float64), t, reduction=red)
+            for backend in ("cpu", "parallel"):
+                got = xf.softmax_cross_entropy(x, t, reduction=red, backend=backend)
+                np.testing.assert_allclose(got, want, rtol=rt)

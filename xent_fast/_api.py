@@ -471,6 +471,8 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     be = _backend_module()
     if kind == "ce_index" and 2 <= c <= be.SMALL_CLASSES and f.hk == 0 and cap == 0.0:
         rows = np.ascontiguousarray(rows)  # the few-classes kernels read rows back to back
+        if reduction != "none":
+            loss = np.empty(nb, np.float64)  # one partial sum a block
         be.run(be.small_name(c, has_w, eps > 0, z != 0, want_grad), par, rows, tf, w, wsum, eps, z,
                ignore, gscale, g2, loss, nb)
     elif kind == "ce_index":

@@ -23,8 +23,8 @@ from numba.np.numpy_support import from_dtype
 from numba.core.errors import TypingError
 
 from . import _simd, _threads
-from ._rowio import (block_bounds, grad_row, half_work_row, load_row, store_grad_row,
-                     task_bounds, work_row)
+from ._rowio import (block_bounds, grad_row, half_work_row, load_row, row_at,
+                     store_grad_row, task_bounds, work_row)
 from ._scalar import cast_like, flog, fexp, float_key, fmax
 from ._rows import (INLINE, JIT, bce_logits_row, bce_row, ce_index_row, ce_prob_row,
                     dist_row, first_bad_prob, kl_logits_row, nll_from, row_logsumexp, row_softmax,
@@ -42,7 +42,7 @@ def _logsumexp(x, hk, out, nblocks):
         lo, hi = block_bounds(b, nblocks, n)
         work = half_work_row(x, c)
         for i in range(lo, hi):
-            out[i] = row_logsumexp(load_row(x[i], work, hk))
+            out[i] = row_logsumexp(load_row(row_at(x, i), work, hk))
 
 
 def _softmax(x, hk, log, out, nblocks):
@@ -51,7 +51,7 @@ def _softmax(x, hk, log, out, nblocks):
         lo, hi = block_bounds(b, nblocks, n)
         work = half_work_row(x, c)
         for i in range(lo, hi):
-            row_softmax(load_row(x[i], work, hk), out[i], log)
+            row_softmax(load_row(row_at(x, i), work, hk), row_at(out, i), log)
 
 
 def _dist(p, phk, q, qhk, mode, out, bad, nblocks):
@@ -61,8 +61,8 @@ def _dist(p, phk, q, qhk, mode, out, bad, nblocks):
         pw = half_work_row(p, c)
         qw = half_work_row(q, c)
         for i in range(lo, hi):
-            pr = load_row(p[i], pw, phk)
-            qr = load_row(q[i], qw, qhk)
+            pr = load_row(row_at(p, i), pw, phk)
+            qr = load_row(row_at(q, i), qw, qhk)
             k = first_bad_prob(pr)
             if k < 0 and mode != 0:
                 k = first_bad_prob(qr)
@@ -87,22 +87,22 @@ def _ce_index(x, hk, t, w, has_w, wsum, eps, z, cap, ignore, gscale, want_grad, 
             if ti == ignore:
                 loss[i] = 0.0
                 if want_grad:
-                    gw = grad_row(g[i], gwork)
+                    gw = grad_row(row_at(g, i), gwork)
                     for j in range(c):
                         gw[j] = 0
-                    store_grad_row(g[i], gw, ghk)
+                    store_grad_row(row_at(g, i), gw, ghk)
                 continue
-            y = load_row(x[i], work, hk)
+            y = load_row(row_at(x, i), work, hk)
             if cap > 0:
                 softcap_row(y, cap, work)
                 y = work
             if want_grad:
-                gr = grad_row(g[i], gwork)
+                gr = grad_row(row_at(g, i), gwork)
                 loss[i] = ce_index_row(y, ti, w, has_w, wsum, eps, z, gr, True, gscale,
                                        stream)
                 if cap > 0:
                     softcap_grad_row(y, cap, gr)
-                store_grad_row(g[i], gr, ghk)
+                store_grad_row(row_at(g, i), gr, ghk)
             else:
                 loss[i] = ce_index_row(y, ti, w, has_w, wsum, eps, z, gwork, False, gscale)
 
@@ -115,17 +115,17 @@ def _ce_prob(x, hk, p, phk, w, has_w, eps, z, cap, gscale, want_grad, g, ghk, lo
         pwork = half_work_row(p, c)
         gwork = half_work_row(g, c if want_grad else 0)
         for i in range(lo, hi):
-            y = load_row(x[i], work, hk)
+            y = load_row(row_at(x, i), work, hk)
             if cap > 0:
                 softcap_row(y, cap, work)
                 y = work
-            pr = load_row(p[i], pwork, phk)
+            pr = load_row(row_at(p, i), pwork, phk)
             if want_grad:
-                gr = grad_row(g[i], gwork)
+                gr = grad_row(row_at(g, i), gwork)
                 loss[i] = ce_prob_row(y, pr, w, has_w, eps, z, gr, True, gscale)
                 if cap > 0:
                     softcap_grad_row(y, cap, gr)
-                store_grad_row(g[i], gr, ghk)
+                store_grad_row(row_at(g, i), gr, ghk)
             else:
                 loss[i] = ce_prob_row(y, pr, w, has_w, eps, z, gwork, False, gscale)
 
@@ -138,12 +138,12 @@ def _kl_logits(x, hk, xt, thk, inv_t, gscale, want_grad, g, ghk, out, nblocks):
         twork = half_work_row(xt, c)
         gwork = half_work_row(g, c if want_grad else 0)
         for i in range(lo, hi):
-            y = load_row(x[i], work, hk)
-            yt = load_row(xt[i], twork, thk)
+            y = load_row(row_at(x, i), work, hk)
+            yt = load_row(row_at(xt, i), twork, thk)
             if want_grad:
-                gr = grad_row(g[i], gwork)
+                gr = grad_row(row_at(g, i), gwork)
                 out[i] = kl_logits_row(y, yt, inv_t, gr, True, gscale)
-                store_grad_row(g[i], gr, ghk)
+                store_grad_row(row_at(g, i), gr, ghk)
             else:
                 out[i] = kl_logits_row(y, yt, inv_t, gwork, False, gscale)
 
@@ -157,10 +157,10 @@ def _eval_stats(x, hk, t, lo, count, st, top, nblocks):
         lo_r, hi_r = block_bounds(b, nblocks, n)
         work = half_work_row(x, c)
         for i in range(lo_r, hi_r):
-            y = load_row(x[i], work, hk)
-            eval_row(y, t[i], lo, count, st[i])
+            y = load_row(row_at(x, i), work, hk)
+            eval_row(y, t[i], lo, count, row_at(st, i))
             if k > 0:
-                row_topk(y, top[i])
+                row_topk(y, row_at(top, i))
 
 
 def _bce(p, phk, y, yhk, w, has_w, keep, colblock, out, partial, bad):
@@ -235,7 +235,11 @@ def _targets(t, c, ignore, w, has_w):
 # Up to this many classes, index-target cross-entropy runs a kernel built for the exact
 # class count: with C a compile-time constant the per-class loops unroll and the loop over
 # rows vectorises (16 rows to an AVX-512 vector, log included), instead of paying the
-# per-row overhead of the general kernel (130 ns a row at 10 classes).
+# per-row overhead of the general kernel (130 ns a row at 10 classes).  On AVX-512 hosts
+# a vector's worth of rows (16 float32, 8 float64) is read as C whole vectors and
+# transposed in registers (_simd.vcols_in), and its max, sum of exps and target logit
+# come from one intrinsic (_simd.vsmall_stats): at 1M x 10 that took the kernel from
+# 10.0 to 4.6 ns a row on one core, the strided gather having cost 5.7 of them.
 SMALL_CLASSES = 16
 
 # Rows a vector group in the few-classes kernels (T holds C x _SB logits, 8 KB at most):
@@ -282,6 +286,8 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
     """The few-classes driver for exactly ``C`` classes.  The option flags are
     compile-time constants too: branches left in the row loop stop it vectorising."""
 
+    SIMD = _simd.ENABLED
+
     def drv(x, t, w, wsum, eps, z, ignore, gscale, g, loss, nblocks):
         n = x.shape[0]
         xf = x.reshape(n * C)
@@ -294,18 +300,24 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
         one = cast_like(1.0, xf)
         zero = cast_like(0.0, xf)
         inf_key = float_key(cast_like(np.inf, xf))
+        L = _simd.lanes_of(xf)
+        # ``loss`` holds a loss a row, or (for a sum or mean) one partial sum a block,
+        # which saves writing and summing 8 bytes a row.
+        per_row = loss.shape[0] == n  # the same thing when every block is one row
         for b in prange(nblocks):
             lo, hi = block_bounds(b, nblocks, n)
             # Loop from 0 over slices of the block: a loop from ``lo`` over the whole
             # arrays compiled to gathers and ran 3x slower.
             xb = xf[lo * C:hi * C]
             tb = t[lo:hi]
-            lb = loss[lo:hi]
+            lb = loss[lo:hi] if per_row else np.empty(_SB, loss.dtype)
+            total = 0.0
             gb = gf[lo * C:hi * C] if want_grad else gf[:0]
             # Rows go in groups of _SB: each class's logits of the group are gathered
             # into one vector (T[c] = column c), so every step below is a vector op over
             # _SB rows.  Interleaved loads of whole rows ran at half this speed.  The
-            # last group is padded with zero rows whose results are not stored.
+            # last group is padded (zero rows, or on AVX-512 stale lanes past the last
+            # vector block) and those lanes' results are not stored.
             T = np.zeros(C * _SB, xf.dtype)
             tv = np.empty(_SB, np.int64)
             mv = np.empty(_SB, xf.dtype)
@@ -318,46 +330,67 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
             av = np.empty(_SB, xf.dtype)
             skv = np.empty(_SB, xf.dtype)
             wrow = np.empty(C, xf.dtype)
+            pad = np.zeros(L * C, xf.dtype)
+            wtv[:] = one
+            wyv[:] = zero
             badv = np.empty(_SB, np.int64)
             gbad = np.empty((_SB, C if want_grad else 0), xf.dtype)
             for r0 in range(0, hi - lo, _SB):
                 nv = min(_SB, hi - lo - r0)
                 xs = xb[r0 * C:(r0 + nv) * C]
-                if nv == _SB:  # a constant trip count: the gathers vectorise
-                    _gather_columns(xs, T, C, _SB)
-                else:
-                    _gather_columns(xs, T, C, nv)
                 for r in range(nv):
                     tv[r] = tb[r0 + r]
                 for r in range(nv, _SB):
                     tv[r] = ignore
+                if SIMD:
+                    # Blocks of a vector's rows, transposed in registers; the last
+                    # partial block from a zero-padded copy.
+                    full = nv - nv % L
+                    for q in range(0, full, L):
+                        _simd.vcols_in(xs, q * C, C, T, q, _SB)
+                        _simd.vsmall_stats(T, q, _SB, C, tv, mv, sv, xtv)
+                    if full < nv:
+                        pad[:] = zero
+                        pad[:(nv - full) * C] = xs[full * C:]
+                        _simd.vcols_in(pad, 0, C, T, full, _SB)
+                        _simd.vsmall_stats(T, full, _SB, C, tv, mv, sv, xtv)
+                else:
+                    if nv == _SB:  # a constant trip count: the gathers vectorise
+                        _gather_columns(xs, T, C, _SB)
+                    else:
+                        _gather_columns(xs, T, C, nv)
+                    for r in range(nv, _SB):
+                        for c in range(C):
+                            T[c * _SB + r] = zero
+                    for r in range(_SB):
+                        mv[r] = T[r]
+                    for c in range(1, C):
+                        Tc = T[c * _SB:(c + 1) * _SB]
+                        for r in range(_SB):
+                            mv[r] = fmax(mv[r], Tc[r])
+                    for r in range(_SB):
+                        sv[r] = zero
+                        xtv[r] = zero
+                    # The target's logit by selects over the classes, not by indexed
+                    # loads: a gather per row stopped the loop from vectorising.
                     for c in range(C):
-                        T[c * _SB + r] = zero
-                for r in range(_SB):
-                    mv[r] = T[r]
-                for c in range(1, C):
-                    Tc = T[c * _SB:(c + 1) * _SB]
+                        Tc = T[c * _SB:(c + 1) * _SB]
+                        for r in range(_SB):
+                            v = Tc[r]
+                            sv[r] += fexp(v - mv[r])
+                            xtv[r] = v if tv[r] == c else xtv[r]
+                if has_w or smooth:
                     for r in range(_SB):
-                        mv[r] = fmax(mv[r], Tc[r])
-                for r in range(_SB):
-                    sv[r] = zero
-                    xtv[r] = zero
-                    wtv[r] = zero if has_w else one
-                    wyv[r] = zero
-                # The target's logit and weight by selects over the classes, not by
-                # indexed loads: a gather per row stopped the loop from vectorising.
-                for c in range(C):
-                    Tc = T[c * _SB:(c + 1) * _SB]
-                    wc = w[c] if has_w else one
-                    for r in range(_SB):
-                        v = Tc[r]
-                        sv[r] += fexp(v - mv[r])
-                        hit = tv[r] == c
-                        xtv[r] = v if hit else xtv[r]
-                        if has_w:
-                            wtv[r] = wc if hit else wtv[r]
-                        if smooth:
-                            wyv[r] += wc * (v - mv[r])
+                        wtv[r] = zero if has_w else one
+                        wyv[r] = zero
+                    for c in range(C):
+                        Tc = T[c * _SB:(c + 1) * _SB]
+                        wc = w[c] if has_w else one
+                        for r in range(_SB):
+                            if has_w:
+                                wtv[r] = wc if tv[r] == c else wtv[r]
+                            if smooth:
+                                wyv[r] += wc * (Tc[r] - mv[r])
                 for r in range(_SB):
                     m = mv[r]
                     s_ = sv[r]
@@ -375,7 +408,7 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
                         kv[r] = kgs * (ce * wtv[r] + cs * wsum_c + 2 * zz * lse) / s_
                         av[r] = kgs * ce * wtv[r]
                         skv[r] = kgs * cs
-                lg = lb[r0:r0 + nv]
+                lg = lb[r0:r0 + nv] if per_row else lb[:nv]
                 if nv == _SB:
                     chk = _store_losses(rowv, lg, _SB)
                 else:
@@ -406,13 +439,25 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
                                 d -= skv[r] * wc
                             Tc[r] = d - (av[r] if tv[r] == c else zero)
                     gs_ = gb[r0 * C:(r0 + nv) * C]
-                    if nv == _SB:
+                    if SIMD:
+                        full = nv - nv % L
+                        for q in range(0, full, L):
+                            _simd.vcols_out(T, q, _SB, C, gs_, q * C)
+                        if full < nv:
+                            _simd.vcols_out(T, full, _SB, C, pad, 0)
+                            gs_[full * C:] = pad[:(nv - full) * C]
+                    elif nv == _SB:
                         _scatter_columns(T, gs_, C, _SB)
                     else:
                         _scatter_columns(T, gs_, C, nv)
                     for q in range(nbad):
                         r = badv[q]
                         gs_[r * C:(r + 1) * C] = gbad[q]
+                if not per_row:
+                    for r in range(nv):
+                        total += lg[r]
+            if not per_row:
+                loss[b] = total
 
     drv.__name__ = drv.__qualname__ = small_name(C, has_w, smooth, has_z, want_grad)
     return drv

@@ -9,7 +9,9 @@ half format a uint16 array holds: 1 for float16, 2 for bfloat16 (0 for none).
 
 import numpy as np
 from numba import njit, types
+from numba.core import cgutils
 from numba.core.imputils import impl_ret_borrowed
+from numba.np.arrayobj import populate_array
 from numba.extending import intrinsic, overload
 
 from ._rows import JIT
@@ -56,6 +58,30 @@ def _as_unit_stride(typingctx, row):
         return impl_ret_borrowed(context, builder, ret, dst._getvalue())
 
     return ret(row), codegen
+
+
+@intrinsic
+def row_at(typingctx, x, i):
+    """Row ``i`` of the 2-D kernel array ``x`` as a 'C' row (unit element stride by the
+    API's contract), borrowed: it has no meminfo, so passing it on costs no atomic
+    reference-count updates."""
+    if not (isinstance(x, types.Array) and x.ndim == 2 and isinstance(i, types.Integer)):
+        return None
+    ret = types.Array(x.dtype, 1, "C", readonly=not x.mutable)
+
+    def codegen(context, builder, sig, args):
+        src = context.make_array(sig.args[0])(context, builder, args[0])
+        dst = context.make_array(ret)(context, builder)
+        i = context.cast(builder, args[1], sig.args[1], types.intp)
+        shape = cgutils.unpack_tuple(builder, src.shape, 2)
+        strides = cgutils.unpack_tuple(builder, src.strides, 2)
+        base = builder.ptrtoint(src.data, cgutils.intp_t)
+        data = builder.inttoptr(builder.add(base, builder.mul(i, strides[0])), src.data.type)
+        populate_array(dst, data=data, shape=[shape[1]], strides=[src.itemsize],
+                       itemsize=src.itemsize, meminfo=None)
+        return dst._getvalue()
+
+    return ret(x, i), codegen
 
 
 def unit_row(row):

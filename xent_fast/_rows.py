@@ -229,18 +229,34 @@ def _row_max_sumexp_simd(x):
     S = _simd.vzero_wide(zero)
     nv = n - n % lanes
     step = _SIMD_CHUNK * lanes
+    two = 2 * lanes
     for lo in range(0, nv, step):
         hi = min(lo + step, nv)
+        # Two accumulators each for the max and the sum: one chain of dependent
+        # max or add instructions left half the pipes idle.
         cm = M
-        for j in range(lo, hi, lanes):
+        cm2 = M
+        j = lo
+        while j + two <= hi:
             cm = _simd.vmax(cm, _simd.vload(x, j))
+            cm2 = _simd.vmax(cm2, _simd.vload(x, j + lanes))
+            j += two
+        if j < hi:
+            cm = _simd.vmax(cm, _simd.vload(x, j))
+        cm = _simd.vmax(cm, cm2)
         if _simd.vany_gt(cm, M):
             S = _vrescale(S, M, cm)
             M = cm
         cs = _simd.vsplat(zero)
-        for j in range(lo, hi, lanes):
+        cs2 = cs
+        j = lo
+        while j + two <= hi:
             cs = _simd.vexp_acc(cs, _simd.vload(x, j), M, 0)
-        S = _simd.vadd(S, _simd.vwiden(cs))
+            cs2 = _simd.vexp_acc(cs2, _simd.vload(x, j + lanes), M, 0)
+            j += two
+        if j < hi:
+            cs = _simd.vexp_acc(cs, _simd.vload(x, j), M, 0)
+        S = _simd.vadd(S, _simd.vwiden(_simd.vadd(cs, cs2)))
     if nv < n:  # the last lanes, as a full vector ending at n with its head masked
         v = _simd.vload(x, n - lanes)
         cm = _simd.vmax(M, v)

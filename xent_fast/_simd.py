@@ -88,6 +88,13 @@ def _splat(vty, value):
     return ir.Constant(vty, [ir.Constant(vty.element, value)] * vty.count)
 
 
+def _mask(idx):
+    """A constant shufflevector mask."""
+    idx = list(idx)
+    i32 = ir.IntType(32)
+    return ir.Constant(ir.VectorType(i32, len(idx)), [ir.Constant(i32, i) for i in idx])
+
+
 def _vname(vty):
     t = "f32" if isinstance(vty.element, ir.FloatType) else "f64"
     return f"v{vty.count}{t}"
@@ -287,7 +294,8 @@ def vexp_acc(typingctx, acc, x, m, skip):
         d = builder.fsub(x, m)
         y, keep = _exp_vector(builder, d, dtype)
         keep = builder.and_(keep, _lanes_from(builder, skip, sig.args[3], d.type.count))
-        return builder.select(keep, builder.fadd(acc, y), acc)
+        # the select before the add: the chain through ``acc`` is one add a vector
+        return builder.fadd(acc, builder.select(keep, y, _splat(d.type, 0.0)))
 
     return acc(acc, x, m, skip), codegen
 
@@ -382,9 +390,19 @@ def vhmax(typingctx, v):
         return None
 
     def codegen(context, builder, sig, args):
-        vty = args[0].type
-        return _call_intrinsic(builder, f"llvm.vector.reduce.fmax.{_vname(vty)}",
-                               vty.element, [args[0]])
+        # A tree of half-vector maxnums: llvm.vector.reduce.fmax without "nnan"
+        # became a serial chain of 3 scalar instructions a lane, 60 cycles a row.
+        v = args[0]
+        n = v.type.count
+        while n > 1:
+            h = n // 2
+            lo = builder.shuffle_vector(v, v, _mask(range(h)))
+            hi = builder.shuffle_vector(v, v, _mask(range(h, n)))
+            hty = lo.type
+            t = "f32" if isinstance(hty.element, ir.FloatType) else "f64"
+            v = _call_intrinsic(builder, f"llvm.maxnum.v{h}{t}", hty, [lo, hi])
+            n = h
+        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
 
     return v.dtype(v), codegen
 
@@ -545,3 +563,159 @@ def store_fence(typingctx):
         return context.get_dummy_value()
 
     return types.void(), codegen
+
+
+# ---------------------------------------------------------------------------- few classes
+# A block of ``lanes`` rows of C classes (C <= 16) is C contiguous vectors; the
+# few-classes kernels want it as C column vectors (lane r of column c = row r's logit
+# c).  Strided scalar loads (or gathers) for that transposition cost 5.7 ns a row at
+# 10 classes from memory; whole-vector loads and in-register shuffles cost 1.
+def _pick(builder, srcs, picks):
+    """A vector whose lane i is lane ``picks[i][1]`` of ``srcs[picks[i][0]]``.
+
+    The sources are taken in pairs, each pair's lanes put in place by one two-source
+    permute (``vpermt2ps``), and the partial vectors merged by a tree of blends: half
+    the permutes of a chain through every source, and a dependency depth of log2."""
+    lanes = len(picks)
+    order = list(dict.fromkeys(s for s, _ in picks))
+    parts = []
+    for k in range(0, len(order), 2):
+        a, b = order[k], order[min(k + 1, len(order) - 1)]
+        parts.append((
+            builder.shuffle_vector(srcs[a], srcs[b], _mask(
+                [lane if s == a else (lanes + lane if s == b else 0) for s, lane in picks])),
+            {a, b}))
+    while len(parts) > 1:
+        merged = []
+        for k in range(0, len(parts) - 1, 2):
+            (u, su), (v, sv) = parts[k], parts[k + 1]
+            merged.append((builder.shuffle_vector(u, v, _mask(
+                [lanes + i if s in sv else i for i, (s, _) in enumerate(picks)])), su | sv))
+        if len(parts) % 2:
+            merged.append(parts[-1])
+        parts = merged
+    return parts[0][0]
+
+
+def _columns(builder, rows, C):
+    """The C column vectors of a block held as C row-major vectors."""
+    lanes = rows[0].type.count
+    return [_pick(builder, rows, [divmod(r * C + c, lanes) for r in range(lanes)])
+            for c in range(C)]
+
+
+def _rows_of(builder, cols, C):
+    """The inverse of _columns."""
+    lanes = cols[0].type.count
+    return [_pick(builder, cols, [divmod(i * lanes + lane, C)[::-1] for lane in range(lanes)])
+            for i in range(C)]
+
+
+def _class_count(C):
+    return C.literal_value if isinstance(C, types.IntegerLiteral) else None
+
+
+def _index(context, builder, val, ty, extra=0, scale=None):
+    v = context.cast(builder, val, ty, types.intp)
+    if scale is not None:
+        v = builder.mul(v, ir.Constant(v.type, scale))
+    return builder.add(v, ir.Constant(v.type, extra)) if extra else v
+
+
+@intrinsic
+def vcols_in(typingctx, src, j, C, dst, k, stride):
+    """dst[k + c * stride + r] = src[j + r * C + c] for r < lanes, c < C (a literal)."""
+    nc = _class_count(C)
+    if not (nc and _float_arr(src) and _float_arr(dst) and src.dtype == dst.dtype
+            and dst.mutable and isinstance(j, types.Integer) and isinstance(k, types.Integer)
+            and isinstance(stride, types.Integer)):
+        return None
+    lanes = _VEC[src.dtype].lanes
+
+    def codegen(context, builder, sig, args):
+        src, j, _, dst, k, stride = args
+        sa, ja, _, da, ka, st = sig.args
+        rows = [builder.load(_data_ptr(context, builder, sa, src,
+                                       _index(context, builder, j, ja, i * lanes)), align=4)
+                for i in range(nc)]
+        k0 = _index(context, builder, k, ka)
+        step = _index(context, builder, stride, st)
+        for c, col in enumerate(_columns(builder, rows, nc)):
+            kc = builder.add(k0, builder.mul(step, ir.Constant(step.type, c)))
+            builder.store(col, _data_ptr(context, builder, da, dst, kc), align=4)
+        return context.get_dummy_value()
+
+    return types.void(src, j, C, dst, k, stride), codegen
+
+
+@intrinsic
+def vcols_out(typingctx, src, k, stride, C, dst, j):
+    """dst[j + r * C + c] = src[k + c * stride + r]: the inverse of vcols_in."""
+    nc = _class_count(C)
+    if not (nc and _float_arr(src) and _float_arr(dst) and src.dtype == dst.dtype
+            and dst.mutable and isinstance(j, types.Integer) and isinstance(k, types.Integer)
+            and isinstance(stride, types.Integer)):
+        return None
+    lanes = _VEC[src.dtype].lanes
+
+    def codegen(context, builder, sig, args):
+        src, k, stride, _, dst, j = args
+        sa, ka, st, _, da, ja = sig.args
+        k0 = _index(context, builder, k, ka)
+        step = _index(context, builder, stride, st)
+        cols = [builder.load(_data_ptr(context, builder, sa, src,
+                                       builder.add(k0, builder.mul(step, ir.Constant(step.type, c)))),
+                             align=4)
+                for c in range(nc)]
+        for i, row in enumerate(_rows_of(builder, cols, nc)):
+            builder.store(row, _data_ptr(context, builder, da, dst,
+                                         _index(context, builder, j, ja, i * lanes)), align=4)
+        return context.get_dummy_value()
+
+    return types.void(src, k, stride, C, dst, j), codegen
+
+
+@intrinsic
+def vsmall_stats(typingctx, T, q, stride, C, tv, mv, sv, xtv):
+    """For the rows q .. q + lanes of the column layout T (column c at c * stride):
+    mv = row max, sv = sum of exp(x - max) in the row's precision, xtv = the logit of
+    class tv[r] (0 where tv[r] is no class).  A NaN logit makes sv NaN; an all -inf
+    row gives max -inf and sv NaN: callers redo such rows."""
+    nc = _class_count(C)
+    if not (nc and _float_arr(T) and isinstance(tv, types.Array) and tv.dtype == types.int64
+            and tv.layout == "C" and all(_float_arr(a) and a.dtype == T.dtype and a.mutable
+                                         for a in (mv, sv, xtv))):
+        return None
+    dtype = T.dtype
+    lanes = _VEC[dtype].lanes
+
+    def codegen(context, builder, sig, args):
+        T, q, stride, _, tv, mv, sv, xtv = args
+        Ta, qa, st, _, ta = sig.args[:5]
+        q0 = _index(context, builder, q, qa)
+        step = _index(context, builder, stride, st)
+        cols = [builder.load(_data_ptr(context, builder, Ta, T,
+                                       builder.add(q0, builder.mul(step, ir.Constant(step.type, c)))),
+                             align=4)
+                for c in range(nc)]
+        vty = cols[0].type
+        m = cols[0]
+        for col in cols[1:]:
+            m = builder.select(builder.fcmp_ordered(">", col, m), col, m)
+        tarr = context.make_array(ta)(context, builder, tv)
+        ivty = ir.VectorType(ir.IntType(64), lanes)
+        t = builder.load(builder.bitcast(builder.gep(tarr.data, [q0]), ivty.as_pointer()),
+                         align=8)
+        s = _splat(vty, 0.0)
+        xt = _splat(vty, 0.0)
+        for c, col in enumerate(cols):
+            d = builder.fsub(col, m)
+            y, keep = _exp_vector(builder, d, dtype)
+            s = builder.fadd(s, builder.select(keep, y, _splat(vty, 0.0)))
+            hit = builder.icmp_signed("==", t, _splat(ivty, c))
+            xt = builder.select(hit, col, xt)
+        for arr, ty, val in ((mv, sig.args[5], m), (sv, sig.args[6], s), (xtv, sig.args[7], xt)):
+            builder.store(val, _data_ptr(context, builder, ty, arr, q0), align=4)
+        return context.get_dummy_value()
+
+    return types.void(T, q, stride, C, tv, mv, sv, xtv), codegen
