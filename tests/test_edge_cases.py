@@ -59,6 +59,35 @@ def test_huge_logits_stay_finite(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_smoothing_and_soft_targets_at_large_logits(backend, dtype):
+    # Their sums over the classes are taken about the row max: a plain sum of w_c y_c
+    # cancelled (1e-5 of the loss at logits near 1e4 in float32, 1% near 1e6) and
+    # overflowed near the largest float (-inf or 1e291 for a loss of log 3).
+    rng = np.random.default_rng(11)
+    big = np.finfo(dtype).max / 2
+    x = np.concatenate([rng.standard_normal((3, 40)) + off for off in (1e4, 1e6)]
+                       + [np.full((1, 40), big), np.full((1, 40), -big)]).astype(dtype)
+    x[-2, 5] = big / 4
+    t = np.arange(x.shape[0]) % 40
+    p = rng.random(x.shape).astype(dtype)
+    p /= p.sum(1, keepdims=True)
+    w = np.linspace(0.5, 1.5, 40).astype(dtype)
+    x64, p64, w64 = x.astype(np.float64), p.astype(np.float64), w.astype(np.float64)
+    rt = 1e-6 if dtype == np.float32 else 1e-12
+    for c in (40, 3):  # the general kernel and the few-classes one
+        for kw, kw64 in (({"label_smoothing": 0.2}, {"label_smoothing": 0.2}),
+                         ({"label_smoothing": 0.2, "weight": w[:c]},
+                          {"label_smoothing": 0.2, "weight": w64[:c]})):
+            got = xf.softmax_cross_entropy(x[:, :c], t % c, reduction="none",
+                                           backend=backend, **kw)
+            want = R.softmax_cross_entropy(x64[:, :c], t % c, reduction="none", **kw64)
+            assert_close(got, want, rt, what=f"{c} classes {list(kw)}")
+    got = xf.softmax_cross_entropy(x, p, reduction="none", backend=backend)
+    assert_close(got, R.softmax_cross_entropy(x64, p64, reduction="none"), rt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_ignored_batch(backend):
     x = np.random.default_rng(0).standard_normal((4, 5))
     t = np.full(4, -100)

@@ -197,8 +197,12 @@ def kernels(v, f64):
             if cap > 0:
                 yt = FT(cap) * math.tanh(yt * FT(1.0 / cap))
         m, s, nanf = row_stats(row, nv, lane, ts, cap, sm, raw)
+        finite = nanf == 0 and m != NEG_INF and m != math.inf
+        # sum_c w_c (y_c - m) for the smoothing term: about the row max, every term of
+        # one sign, so it neither cancels nor overflows near the largest float
+        piv = FT(m) if finite else FT(0.0)
         sy = 0.0
-        if eps > 0.0:  # sum_c w_c y_c for the smoothing term
+        if eps > 0.0:
             fcap = FT(cap)
             icap = FT(1.0 / cap) if cap > 0 else FT(0.0)
             part = FT(0.0)
@@ -206,9 +210,8 @@ def kernels(v, f64):
                 y = decode(row[c])
                 if cap > 0:
                     y = fcap * math.tanh(y * icap)
-                part += FT(w[c]) * y if has_w else y
+                part += FT(w[c]) * (y - piv) if has_w else y - piv
             sy = team_sum(np.float64(part), ts, sm)
-        finite = nanf == 0 and m != NEG_INF and m != math.inf
         lse = lse_finish(m, s, nanf)
         lossv = 0.0
         wt = 1.0
@@ -218,7 +221,7 @@ def kernels(v, f64):
             if finite:
                 ls = math.log(np.float64(s))
                 nll = ls - (np.float64(yt) - fm)
-                smooth = wsum * ls - (sy - wsum * fm)
+                smooth = wsum * ls - sy
             else:
                 nll = lse - yt
                 smooth = wsum * lse - sy
@@ -296,6 +299,9 @@ def kernels(v, f64):
         icap = FT(1.0 / cap) if cap > 0 else FT(0.0)
         ce = FT(1.0 - eps)
         cs = FT(eps / C) if C > 0 else FT(0.0)
+        m, s, nanf = row_stats(row, nv, lane, ts, cap, sm, raw)
+        # sum_c a_c (y_c - m): about the row max (see ce_index_kernel)
+        piv = FT(m) if nanf == 0 and m != NEG_INF and m != math.inf else FT(0.0)
         pa = FT(0.0)
         pay = FT(0.0)
         for c in range(lane, nv * v, ts):
@@ -306,8 +312,7 @@ def kernels(v, f64):
             if cap > 0:
                 y = fcap * math.tanh(y * icap)
             pa += a
-            pay += a * y if a != 0 else FT(0.0)
-        m, s, nanf = row_stats(row, nv, lane, ts, cap, sm, raw)
+            pay += a * (y - piv) if a != 0 else FT(0.0)
         a_tot = team_sum(np.float64(pa), ts, sm)
         ay = team_sum(np.float64(pay), ts, sm)
         lse = lse_finish(m, s, nanf)
@@ -318,7 +323,7 @@ def kernels(v, f64):
         elif m == math.inf:
             lossv = a_tot * lse - ay
         else:
-            lossv = a_tot * math.log(np.float64(s)) - (ay - a_tot * np.float64(m))
+            lossv = a_tot * math.log(np.float64(s)) - ay
         if z != 0.0:
             lossv += z * lse * lse
         if not active:

@@ -361,17 +361,22 @@ def row_softmax(x, out, log):
 
 
 @njit(**JIT)
-def row_dot(a, b):
-    """sum(a * b) in float64 (chunked)."""
-    n = a.shape[0]
+def _row_dot_about(w, has_w, y, pivot):
+    """sum(w * (y - pivot)) (w = 1 without ``has_w``) in float64: the differences in
+    float64 too, so a float32 row's cannot overflow."""
+    n = y.shape[0]
     total = 0.0
     for lo in range(0, n, _CHUNK):
         hi = min(lo + _CHUNK, n)
-        sa = a[lo:hi]
-        sb = b[lo:hi]
-        s = cast_like(0.0, sa)
-        for j in range(sa.shape[0]):
-            s += sa[j] * sb[j]
+        sy = y[lo:hi]
+        s = 0.0
+        if has_w:
+            sw = w[lo:hi]
+            for j in range(sy.shape[0]):
+                s += float(sw[j]) * (float(sy[j]) - pivot)
+        else:
+            for j in range(sy.shape[0]):
+                s += float(sy[j]) - pivot
         total += s
     return total
 
@@ -472,9 +477,12 @@ def ce_index_row(y, t, w, has_w, wsum, eps, z, gr, want_grad, gscale, stream=Fal
     C = y.shape[0]
     w_t = w[t] if has_w else 1.0
     y_t = float(y[t])
+    # sum_c w_c (y_c - y_t): about the target, so that it neither overflows nor
+    # cancels at huge logits (sum_c w_c y_c did both)
+    pivot = y_t if abs(y_t) < np.inf else 0.0
     wy = 0.0
     if eps > 0.0:
-        wy = row_dot(w, y) if has_w else _row_sum(y)
+        wy = _row_dot_about(w, has_w, y, pivot)
     # ``stream``: ``gr`` is the caller's output row, not read again here; then the
     # gradient is written in one pass after a one-pass forward (see _ce_grad_stream).
     fast = stream and want_grad and not has_w and _streams(y, gr) and C >= 64
@@ -483,7 +491,8 @@ def ce_index_row(y, t, w, has_w, wsum, eps, z, gr, want_grad, gscale, stream=Fal
     fm = float(m)
     finite = m != np.inf and m != -np.inf
     nll = ls - (y_t - fm) if finite else lse - y_t
-    smooth = wsum * ls - (wy - wsum * fm) if finite else wsum * lse - wy
+    # sum_c w_c (lse - y_c) = wsum (lse - pivot) - wy, where lse - y_t is nll
+    smooth = wsum * (nll if pivot == y_t else lse) - wy
     if m == -np.inf:
         nll = np.inf
         smooth = np.inf
@@ -542,6 +551,12 @@ def ce_prob_row(y, p, w, has_w, eps, z, gr, want_grad, gscale):
     zero = cast_like(0.0, y)
     ce = cast_like(1.0 - eps, y)
     cs = cast_like(eps / C, y) if C > 0 else zero
+    # ay = sum_c a_c (y_c - piv) about the row max: every term has one sign, so it
+    # neither cancels nor overflows (sum_c a_c y_c lost 1e-5 of the loss at logits
+    # near 1e4 in float32, and everything near the largest float)
+    piv = row_max(y)
+    if not abs(piv) < np.inf:
+        piv = zero
     a_tot = 0.0
     ay = 0.0
     for lo in range(0, C, _CHUNK):
@@ -555,21 +570,22 @@ def ce_prob_row(y, p, w, has_w, eps, z, gr, want_grad, gscale):
             for j in range(sy.shape[0]):
                 a = (ce * sp[j] + cs) * sw[j]
                 sa += a
-                say += a * sy[j] if a != zero else zero
+                say += a * (sy[j] - piv) if a != zero else zero
         else:
             for j in range(sy.shape[0]):
                 a = ce * sp[j] + cs
                 sa += a
-                say += a * sy[j] if a != zero else zero
+                say += a * (sy[j] - piv) if a != zero else zero
         a_tot += sa
         ay += say
     m, s, ls, lse = _row_max_lse(y, gr, want_grad)
+    fp = float(piv)
     if m == -np.inf:
         loss = np.inf if a_tot > 0 else 0.0
     elif m == np.inf:
-        loss = a_tot * lse - ay
+        loss = a_tot * lse - (ay + a_tot * fp)
     else:
-        loss = a_tot * ls - (ay - a_tot * float(m))
+        loss = a_tot * ls - ay + a_tot * (float(m) - fp)
     if z != 0.0:
         loss += z * lse * lse
     if want_grad:
