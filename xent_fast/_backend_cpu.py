@@ -26,7 +26,7 @@ from . import _simd, _threads
 from ._rowio import (block_bounds, grad_row, half_work_row, load_row, row_at,
                      store_grad_row, task_bounds, work_row)
 from ._scalar import cast_like, flog, fexp, float_key, fmax
-from ._rows import (INLINE, JIT, bce_logits_row, bce_row, ce_index_row, ce_prob_row,
+from ._rows import (_AHEAD, INLINE, JIT, bce_logits_row, bce_row, ce_index_row, ce_prob_row,
                     dist_row, first_bad_prob, kl_logits_row, nll_from, row_logsumexp, row_softmax,
                     softcap_grad_row, softcap_row, _row_sum)
 from ._evalrows import eval_row, row_topk
@@ -347,6 +347,8 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
                     # partial block from a zero-padded copy.
                     full = nv - nv % L
                     for q in range(0, full, L):
+                        for u in range(C):  # the block 8 KB ahead (see _rows._AHEAD)
+                            _simd.prefetch(xs, q * C + (u + _AHEAD) * L)
                         _simd.vcols_in(xs, q * C, C, T, q, _SB)
                         _simd.vsmall_stats(T, q, _SB, C, tv, mv, sv, xtv)
                     if full < nv:

@@ -211,6 +211,11 @@ def _row_max_sumexp_scalar(x):
 # a zero sum, and a NaN anywhere makes the sum NaN.
 _SIMD_CHUNK = 16
 _SIMD_ONE_PASS_MIN = 256  # below: a max pass, then the exps from L1
+# The vector loops that stream rows from memory prefetch this many vectors (8 KB)
+# ahead: the hardware prefetcher alone left them waiting on memory between chunks.
+# logsumexp 4096 x 32000 float32: 18.6 -> 14.6 ms on one core, 11.8 -> 10.9 ms on 2
+# threads; 65536 x 1000: 6.2 -> 5.3 ms on 2 threads.
+_AHEAD = 128
 
 
 @njit(**INLINE)
@@ -229,6 +234,7 @@ def _row_max_sumexp_simd(x):
     S = _simd.vzero_wide(zero)
     nv = n - n % lanes
     step = _SIMD_CHUNK * lanes
+    ahead = _AHEAD * lanes
     two = 2 * lanes
     for lo in range(0, nv, step):
         hi = min(lo + step, nv)
@@ -238,6 +244,8 @@ def _row_max_sumexp_simd(x):
         cm2 = M
         j = lo
         while j + two <= hi:
+            _simd.prefetch(x, j + ahead)
+            _simd.prefetch(x, j + ahead + lanes)
             cm = _simd.vmax(cm, _simd.vload(x, j))
             cm2 = _simd.vmax(cm2, _simd.vload(x, j + lanes))
             j += two
@@ -688,12 +696,15 @@ def _kl_one_pass_simd(x, xt, it):
     D = A
     nv = n - n % lanes
     step = _SIMD_CHUNK * lanes
+    ahead = _AHEAD * lanes
     for lo in range(0, nv, step):
         hi = min(lo + step, nv)
         tail = hi == nv and nv < n  # the last lanes, as a vector ending at n
         cs = Ms
         ct = Mt
         for j in range(lo, hi, lanes):
+            _simd.prefetch(x, j + ahead)
+            _simd.prefetch(xt, j + ahead)
             cs = _simd.vmax(cs, _simd.vmul(_simd.vload(x, j), itv))
             ct = _simd.vmax(ct, _simd.vmul(_simd.vload(xt, j), itv))
         if tail:
@@ -906,7 +917,10 @@ def _bce_logits_simd(x, y, out, gr, want_grad, gscale):
     lanes = _simd.lanes_of(x)
     main = n - n % lanes
     gv = _simd.vsplat(cast_like(gscale, x))
+    ahead = _AHEAD * lanes
     for j in range(0, main, lanes):
+        _simd.prefetch(x, j + ahead)
+        _simd.prefetch(y, j + ahead)
         v = _simd.vload(x, j)
         t = _simd.vload(y, j)
         loss, e = _simd.vbce_logits(v, t)

@@ -615,34 +615,49 @@ def _class_count(C):
     return C.literal_value if isinstance(C, types.IntegerLiteral) else None
 
 
-def _index(context, builder, val, ty, extra=0, scale=None):
+def _index(context, builder, val, ty, extra=0):
     v = context.cast(builder, val, ty, types.intp)
-    if scale is not None:
-        v = builder.mul(v, ir.Constant(v.type, scale))
     return builder.add(v, ir.Constant(v.type, extra)) if extra else v
+
+
+def _transpose_typed(C, src, dst, *ints):
+    """C's literal value if vcols_in/out can take these argument types, else None."""
+    nc = _class_count(C)
+    ok = (nc and _float_arr(src) and _float_arr(dst) and src.dtype == dst.dtype
+          and dst.mutable and all(isinstance(i, types.Integer) for i in ints))
+    return nc if ok else None
+
+
+def _column_ptrs(context, builder, arrty, arr, k, kty, stride, sty, nc):
+    """Vector pointers to element k + c * stride of ``arr``, for c < nc."""
+    k0 = _index(context, builder, k, kty)
+    step = _index(context, builder, stride, sty)
+    return [_data_ptr(context, builder, arrty, arr,
+                      builder.add(k0, builder.mul(step, ir.Constant(step.type, c))))
+            for c in range(nc)]
+
+
+def _row_ptrs(context, builder, arrty, arr, j, jty, nc):
+    """Vector pointers to the nc vectors from element j of ``arr``."""
+    lanes = _VEC[arrty.dtype].lanes
+    return [_data_ptr(context, builder, arrty, arr, _index(context, builder, j, jty, i * lanes))
+            for i in range(nc)]
 
 
 @intrinsic
 def vcols_in(typingctx, src, j, C, dst, k, stride):
     """dst[k + c * stride + r] = src[j + r * C + c] for r < lanes, c < C (a literal)."""
-    nc = _class_count(C)
-    if not (nc and _float_arr(src) and _float_arr(dst) and src.dtype == dst.dtype
-            and dst.mutable and isinstance(j, types.Integer) and isinstance(k, types.Integer)
-            and isinstance(stride, types.Integer)):
+    nc = _transpose_typed(C, src, dst, j, k, stride)
+    if nc is None:
         return None
-    lanes = _VEC[src.dtype].lanes
 
     def codegen(context, builder, sig, args):
         src, j, _, dst, k, stride = args
         sa, ja, _, da, ka, st = sig.args
-        rows = [builder.load(_data_ptr(context, builder, sa, src,
-                                       _index(context, builder, j, ja, i * lanes)), align=4)
-                for i in range(nc)]
-        k0 = _index(context, builder, k, ka)
-        step = _index(context, builder, stride, st)
-        for c, col in enumerate(_columns(builder, rows, nc)):
-            kc = builder.add(k0, builder.mul(step, ir.Constant(step.type, c)))
-            builder.store(col, _data_ptr(context, builder, da, dst, kc), align=4)
+        rows = [builder.load(p, align=4) for p in _row_ptrs(context, builder, sa, src, j, ja, nc)]
+        for p, col in zip(_column_ptrs(context, builder, da, dst, k, ka, stride, st, nc),
+                          _columns(builder, rows, nc)):
+            builder.store(col, p, align=4)
         return context.get_dummy_value()
 
     return types.void(src, j, C, dst, k, stride), codegen
@@ -651,25 +666,18 @@ def vcols_in(typingctx, src, j, C, dst, k, stride):
 @intrinsic
 def vcols_out(typingctx, src, k, stride, C, dst, j):
     """dst[j + r * C + c] = src[k + c * stride + r]: the inverse of vcols_in."""
-    nc = _class_count(C)
-    if not (nc and _float_arr(src) and _float_arr(dst) and src.dtype == dst.dtype
-            and dst.mutable and isinstance(j, types.Integer) and isinstance(k, types.Integer)
-            and isinstance(stride, types.Integer)):
+    nc = _transpose_typed(C, src, dst, j, k, stride)
+    if nc is None:
         return None
-    lanes = _VEC[src.dtype].lanes
 
     def codegen(context, builder, sig, args):
         src, k, stride, _, dst, j = args
         sa, ka, st, _, da, ja = sig.args
-        k0 = _index(context, builder, k, ka)
-        step = _index(context, builder, stride, st)
-        cols = [builder.load(_data_ptr(context, builder, sa, src,
-                                       builder.add(k0, builder.mul(step, ir.Constant(step.type, c)))),
-                             align=4)
-                for c in range(nc)]
-        for i, row in enumerate(_rows_of(builder, cols, nc)):
-            builder.store(row, _data_ptr(context, builder, da, dst,
-                                         _index(context, builder, j, ja, i * lanes)), align=4)
+        cols = [builder.load(p, align=4)
+                for p in _column_ptrs(context, builder, sa, src, k, ka, stride, st, nc)]
+        for p, row in zip(_row_ptrs(context, builder, da, dst, j, ja, nc),
+                          _rows_of(builder, cols, nc)):
+            builder.store(row, p, align=4)
         return context.get_dummy_value()
 
     return types.void(src, k, stride, C, dst, j), codegen
@@ -693,11 +701,8 @@ def vsmall_stats(typingctx, T, q, stride, C, tv, mv, sv, xtv):
         T, q, stride, _, tv, mv, sv, xtv = args
         Ta, qa, st, _, ta = sig.args[:5]
         q0 = _index(context, builder, q, qa)
-        step = _index(context, builder, stride, st)
-        cols = [builder.load(_data_ptr(context, builder, Ta, T,
-                                       builder.add(q0, builder.mul(step, ir.Constant(step.type, c)))),
-                             align=4)
-                for c in range(nc)]
+        cols = [builder.load(p, align=4)
+                for p in _column_ptrs(context, builder, Ta, T, q, qa, stride, st, nc)]
         vty = cols[0].type
         m = cols[0]
         for col in cols[1:]:
@@ -719,3 +724,22 @@ def vsmall_stats(typingctx, T, q, stride, C, tv, mv, sv, xtv):
         return context.get_dummy_value()
 
     return types.void(T, q, stride, C, tv, mv, sv, xtv), codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, j):
+    """Hint the cache line holding element ``j`` of the contiguous row ``arr`` (any
+    ``j``: a prefetch past the end does not fault)."""
+    if not (_float_arr(arr) and isinstance(j, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        j = context.cast(builder, args[1], sig.args[1], types.intp)
+        p = builder.bitcast(builder.gep(a.data, [j]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        _call_intrinsic(builder, "llvm.prefetch.p0i8", ir.VoidType(),
+                        [p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, j), codegen
