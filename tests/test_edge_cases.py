@@ -58,9 +58,9 @@ def test_huge_logits_stay_finite(backend):
     assert np.isfinite(xf.logsumexp(x, backend=backend)).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_smoothing_and_soft_targets_at_large_logits(backend, dtype):
+def test_smoothing_and_soft_targets_at_large_logits(dtype, backend="cpu"):
+    # (the row kernels are the same on threads; one backend keeps the compiles down)
     # Their sums over the classes are taken about the row max: a plain sum of w_c y_c
     # cancelled (1e-5 of the loss at logits near 1e4 in float32, 1% near 1e6) and
     # overflowed near the largest float (-inf or 1e291 for a loss of log 3).
@@ -75,14 +75,14 @@ def test_smoothing_and_soft_targets_at_large_logits(backend, dtype):
     w = np.linspace(0.5, 1.5, 40).astype(dtype)
     x64, p64, w64 = x.astype(np.float64), p.astype(np.float64), w.astype(np.float64)
     rt = 1e-6 if dtype == np.float32 else 1e-12
-    for c in (40, 3):  # the general kernel and the few-classes one
-        for kw, kw64 in (({"label_smoothing": 0.2}, {"label_smoothing": 0.2}),
-                         ({"label_smoothing": 0.2, "weight": w[:c]},
-                          {"label_smoothing": 0.2, "weight": w64[:c]})):
-            got = xf.softmax_cross_entropy(x[:, :c], t % c, reduction="none",
-                                           backend=backend, **kw)
-            want = R.softmax_cross_entropy(x64[:, :c], t % c, reduction="none", **kw64)
-            assert_close(got, want, rt, what=f"{c} classes {list(kw)}")
+    # (the few-classes kernel takes its sums about the row max already, and its
+    # huge rows are in test_simd's few-classes test)
+    for kw, kw64 in (({"label_smoothing": 0.2}, {"label_smoothing": 0.2}),
+                     ({"label_smoothing": 0.2, "weight": w}, {"label_smoothing": 0.2,
+                                                              "weight": w64})):
+        got = xf.softmax_cross_entropy(x, t, reduction="none", backend=backend, **kw)
+        want = R.softmax_cross_entropy(x64, t, reduction="none", **kw64)
+        assert_close(got, want, rt, what=str(list(kw)))
     got = xf.softmax_cross_entropy(x, p, reduction="none", backend=backend)
     assert_close(got, R.softmax_cross_entropy(x64, p64, reduction="none"), rt)
 

@@ -195,10 +195,14 @@ def test_few_classes_against_the_reference(c, dtype):
     rng = np.random.default_rng(c)
     rt = 2e-6 if dtype == np.float32 else 1e-13
     w = (rng.random(c) + 0.5).astype(dtype)
+    # every option at once where the row count is odd (each combination of options is
+    # a kernel of its own, and compiling them all would double this test's time)
+    options = [{}] + ([{"weight": w, "label_smoothing": 0.1, "z_loss": 1e-3}]
+                      if c in (3, 10) else [])
     for n in (1, 15, 17, 33, 300):
         x, t = _few_class_rows(n, c, dtype, rng)
         x64 = x.astype(np.float64)
-        for kw in ({}, {"weight": w, "label_smoothing": 0.1, "z_loss": 1e-3}):
+        for kw in options:
             kw64 = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) else v)
                     for k, v in kw.items()}
             with np.errstate(all="ignore"):
@@ -220,6 +224,6 @@ def test_few_classes_against_the_reference(c, dtype):
     with np.errstate(all="ignore"):
         for red in ("mean", "sum"):
             want = R.softmax_cross_entropy(x.astype(np.float64), t, reduction=red)
-            for backend in ("cpu", "parallel"):
+            for backend in ("cpu", "parallel") if c == 10 else ("cpu",):
                 got = xf.softmax_cross_entropy(x, t, reduction=red, backend=backend)
                 np.testing.assert_allclose(got, want, rtol=rt)
