@@ -465,14 +465,14 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     if reduction == "mean":
         gscale = 1.0 / den if den != 0 else math.nan
     grad, g2, finish = _grad_target(want_grad, grad_out, logits, f, ax, rows.shape)
-    loss = np.empty(n, np.float64)
     par = _parallel(backend, rows.size)
     nb = _nblocks(n, par)
     be = _backend_module()
-    if kind == "ce_index" and 2 <= c <= be.SMALL_CLASSES and f.hk == 0 and cap == 0.0:
+    small = kind == "ce_index" and 2 <= c <= be.SMALL_CLASSES and f.hk == 0 and cap == 0.0
+    # a loss a row, or for the few-classes kernels' sums and means one partial sum a block
+    loss = np.empty(nb if small and reduction != "none" else n, np.float64)
+    if small:
         rows = np.ascontiguousarray(rows)  # the few-classes kernels read rows back to back
-        if reduction != "none":
-            loss = np.empty(nb, np.float64)  # one partial sum a block
         be.run(be.small_name(c, has_w, eps > 0, z != 0, want_grad), par, rows, tf, w, wsum, eps, z,
                ignore, gscale, g2, loss, nb)
     elif kind == "ce_index":

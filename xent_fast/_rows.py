@@ -391,17 +391,21 @@ def _row_dot_about(w, has_w, y, pivot):
 
 # ---------------------------------------------------------------------------- softmax CE
 @njit(**INLINE)
-def _row_max_lse(y, gr, want_grad):
+def _row_max_lse(y, gr, want_grad, known_max=None):
     """(max m, sum s of exp(y - m), log s, log-sum-exp); exps stored into ``gr`` if wanted.
 
-    Forward only: one read of the row (online max).  With a gradient: a max pass, then
-    an exp pass that writes each exp once into ``gr`` while the row is in cache.  For
-    a row whose max is infinite, log s is NaN and the lse follows SEMANTICS.md.
+    Forward only: one read of the row (online max).  With a gradient: a max pass (none
+    when the caller has ``known_max``, the row's max), then an exp pass that writes each
+    exp once into ``gr`` while the row is in cache.  For a row whose max is infinite,
+    log s is NaN and the lse follows SEMANTICS.md.
     """
     if not want_grad:
         m, s = row_max_sumexp(y)
     else:
-        m = row_max(y)
+        if known_max is None:
+            m = row_max(y)
+        else:
+            m = known_max
         if m == -np.inf or m == np.inf:
             for j in range(gr.shape[0]):
                 gr[j] = np.nan  # softmax is undefined on this row
@@ -562,9 +566,8 @@ def ce_prob_row(y, p, w, has_w, eps, z, gr, want_grad, gscale):
     # ay = sum_c a_c (y_c - piv) about the row max: every term has one sign, so it
     # neither cancels nor overflows (sum_c a_c y_c lost 1e-5 of the loss at logits
     # near 1e4 in float32, and everything near the largest float)
-    piv = row_max(y)
-    if not abs(piv) < np.inf:
-        piv = zero
+    mrow = row_max(y)
+    piv = mrow if abs(mrow) < np.inf else zero
     a_tot = 0.0
     ay = 0.0
     for lo in range(0, C, _CHUNK):
@@ -586,7 +589,7 @@ def ce_prob_row(y, p, w, has_w, eps, z, gr, want_grad, gscale):
                 say += a * (sy[j] - piv) if a != zero else zero
         a_tot += sa
         ay += say
-    m, s, ls, lse = _row_max_lse(y, gr, want_grad)
+    m, s, ls, lse = _row_max_lse(y, gr, want_grad, mrow)
     fp = float(piv)
     if m == -np.inf:
         loss = np.inf if a_tot > 0 else 0.0
