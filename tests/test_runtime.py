@@ -71,16 +71,75 @@ def test_many_python_threads_with_the_workqueue_layer():
         .endswith("ok")
 
 
+def _worker_run(method, executor=False, prelude="", env=None):
+    # The parent runs every public function on the thread pool first, then starts
+    # workers that use it too (tests_worker_job).
+    tests_dir = os.path.join(ROOT, "tests")
+    full_env = {"PYTHONPATH": ROOT + os.pathsep + tests_dir}
+    full_env.update(env or {})
+    out = _run(prelude + f"""
+import tests_worker_job
+if __name__ == "__main__":
+    tests_worker_job.main({method!r}, executor={executor!r})
+""", env=full_env, timeout=600)
+    assert out.strip().endswith("ok")
+    return out.split()[-2]  # the threading layer the parent ran on
+
+
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_worker_processes(method):
-    # The parent runs the thread pool first, then starts workers that use it too.
-    tests_dir = os.path.join(ROOT, "tests")
-    out = _run(f"""
-        import tests_worker_job
-        if __name__ == "__main__":
-            tests_worker_job.main({method!r})
-    """, env={"PYTHONPATH": ROOT + os.pathsep + tests_dir})
-    assert out.strip().endswith("ok")
+    _worker_run(method)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_process_pool_executor(method):
+    _worker_run(method, executor=True)
+
+
+def _tbb_installed():
+    from importlib import metadata
+
+    try:
+        metadata.distribution("tbb")
+    except metadata.PackageNotFoundError:
+        return False
+    return sys.platform == "linux"
+
+
+@pytest.mark.skipif(not _tbb_installed(), reason="the tbb wheel is not installed")
+def test_tbb_loads_from_the_environment():
+    # The tbb wheel's libtbb.so.12 lies off the loader's path inside a virtual
+    # environment; the library loads it so that Numba's TBB layer is the one in use.
+    out = _run("""
+        import numpy as np, xent_fast as xf, numba
+        xf.logsumexp(np.zeros((4, 3)), backend="parallel")
+        print(numba.threading_layer())
+    """)
+    assert out.split()[-1] == "tbb"
+
+
+def test_first_call_anywhere_chooses_the_layer():
+    # Whatever starts the pool first (here the thread count the API asks for with
+    # backend="auto"), the layer is chosen before: never GNU OpenMP when others exist.
+    out = _run("""
+        import numpy as np, xent_fast as xf, numba
+        xf.softmax_cross_entropy(np.zeros((512, 256), np.float32), np.zeros(512, int))
+        print(numba.threading_layer())
+    """)
+    assert out.split()[-1] in ("tbb", "workqueue")
+
+
+# Numba without TBB: its tbbpool module cannot be imported, as where no wheel exists.
+_NO_TBB = "import sys; sys.modules['numba.np.ufunc.tbbpool'] = None\n"
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_worker_processes_without_tbb(method):
+    assert _worker_run(method, prelude=_NO_TBB) == "workqueue"
+
+
+def test_many_python_threads_without_tbb():
+    assert _run(_NO_TBB + textwrap.dedent(CONCURRENT)).strip().endswith("ok")
 
 
 def test_corrupt_cache_is_rebuilt(tmp_path):

@@ -31,6 +31,9 @@ from ._rows import (_AHEAD, INLINE, JIT, bce_logits_row, bce_row, ce_index_row, 
                     softcap_grad_row, softcap_row, _row_sum)
 from ._evalrows import eval_row, row_topk
 
+# Before anything can start Numba's thread pool: every path to a kernel imports this module.
+_threads.configure()
+
 
 # ---------------------------------------------------------------------------- drivers
 _STREAM_BYTES = 1 << 25  # 32 MiB
@@ -597,8 +600,6 @@ def run(name, parallel, *args):
         with _lock:
             fn = _entry_points.get(key)
             if fn is None:
-                if parallel:
-                    _threads.configure()
                 disp = _dispatcher(name, parallel)
                 fn = _compile(disp, _signature(name, args))
                 _entry_points[key] = fn

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from . import _threads
+
 # ---------------------------------------------------------------------------- cases
 
 
@@ -284,6 +286,7 @@ def best_time(fn, budget=1.0, min_repeat=3, max_repeat=200, warm=True):
 
 def measure_bandwidth(nbytes=1 << 30):
     """(read GB/s, write GB/s) of this machine with Numba's threads."""
+    _threads.configure()  # this probe may be the process's first parallel code
     from numba import njit, prange
 
     @njit(parallel=True, fastmath=True)
@@ -361,7 +364,8 @@ def environment():
         "python": platform.python_version(),
         "numpy": np.__version__,
         "numba": numba.__version__,
-        "threads": numba.get_num_threads(),
+        "threads": _threads.num_threads(),
+        "threading_layer": numba.threading_layer(),
     }
     for mod in ("scipy", "torch", "jax"):
         try:
@@ -383,8 +387,6 @@ def _cpu_name():
 
 
 def run(cases, peers, budget=0.5, log=print, bandwidth=None):
-    import numba
-
     # Measured before any peer is imported: their thread pools, idle or not, have been
     # seen to cost the probe up to a third of its bandwidth.
     rd, wr = bandwidth or measure_bandwidth()
@@ -392,7 +394,7 @@ def run(cases, peers, budget=0.5, log=print, bandwidth=None):
     try:
         import torch
 
-        torch.set_num_threads(numba.get_num_threads())
+        torch.set_num_threads(_threads.num_threads())
     except ImportError:
         pass
     env = environment()
