@@ -164,3 +164,116 @@ def test_class_slices_merge_exactly(rng, dtype, cuts):
         assert_close(b[k], a[k], rt, what=k)
     assert np.array_equal(b["rank"], np.minimum(a["rank"], 3))
     assert b["prediction"][2] == 3
+
+
+# ---------------------------------------------------------------------------- NaN rule
+def _nan_rows(c, dtype):
+    """Rows with NaN logits in every kind of place, a clean row first and an ignored
+    NaN row; returns (x, t, which rows hold a NaN and are counted)."""
+    ninf, inf = -np.inf, np.inf
+    mid = c // 2
+    x = np.zeros((12, c), dtype)
+    x[:, 1] = 1.0
+    t = np.full(12, 1)
+    x[1, 1] = np.nan                      # the target's logit
+    x[2, 0] = np.nan                      # the first class (first chunk)
+    x[3, c - 1] = np.nan                  # the last class (last chunk)
+    x[4, mid] = np.nan
+    x[4, 0] = inf                         # and a +inf elsewhere
+    x[5, mid] = np.nan
+    x[5, 2:mid] = ninf                    # and -inf logits
+    x[6, mid] = -np.float64(np.nan)       # a NaN with its sign bit set
+    x[7, 0] = np.nan
+    x[7, 1] = inf                         # NaN with +inf at the target
+    x[8, :] = ninf
+    x[8, c - 1] = np.nan                  # NaN in a row of -inf
+    x[9, 2] = np.nan
+    t[9] = -100                           # ignored: stays out whatever its logits
+    x[10, 2] = np.nan                     # first chunk; the target at the max elsewhere
+    t[10] = c - 2
+    x[10, c - 2] = 5.0
+    x[11, c - 1] = -np.float64(np.nan)    # negative NaN in a -inf/+inf row
+    x[11, 0] = inf
+    x[11, 2] = ninf
+    nan_rows = np.array([False] + [True] * 8 + [False, True, True])
+    return x, t, nan_rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("c", [5, 3000, 4100])
+def test_nan_logits_make_every_metric_of_the_row_nan(backend, dtype, c):
+    from xent_fast._evaluate import NAN_RANK
+
+    x, t, nan_rows = _nan_rows(c, dtype)
+    res = xf.evaluate(x, t, topk=(1, 5), per_row=True, backend=backend)
+    r = res.rows
+    for k in ("loss", "target_prob", "entropy", "confidence"):
+        assert np.isnan(r[k][nan_rows]).all(), (k, r[k])
+    assert (r["prediction"][nan_rows] == -1).all()
+    assert (r["rank"][nan_rows] == NAN_RANK).all()
+    # the loss agrees with softmax_cross_entropy row by row (NaN where it is NaN)
+    ce = np.asarray(xf.softmax_cross_entropy(x, t, reduction="none", backend=backend),
+                    np.float64)
+    assert np.isnan(ce[nan_rows]).all()
+    # the clean row is untouched: uniform over c - 1 classes but the target's 1.0
+    want = math.log(math.e + c - 1) - 1.0
+    assert r["loss"][0] == pytest.approx(want, rel=1e-6)
+    assert r["rank"][0] == 0 and r["prediction"][0] == 1
+    # the ignored NaN row stays ignored
+    assert r["ignored"][9] and r["rank"][9] == -1 and np.isnan(r["loss"][9])
+    # aggregates: NaN means, the NaN rows count as misses
+    assert res.count == 11
+    for name in AGGREGATES:
+        assert math.isnan(getattr(res, name)), name
+    assert res.accuracy == {1: 1 / 11, 5: 1 / 11}
+    ref = R.evaluate(x, t, topk=(1, 5))
+    check_result(res, ref, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_rows_leave_the_other_rows_and_an_all_ignored_nan_batch(backend):
+    x = np.zeros((4, 3000), np.float32)
+    x[:, 7] = 3.0
+    x[0, 5] = np.nan
+    t = np.array([2500, 7, 7, 7])
+    res = xf.evaluate(x, t, per_row=True, backend=backend)
+    # before the fix: the 2048-class chunk holding the NaN was dropped, loss log(952)
+    assert np.isnan(res.rows["loss"][0])
+    assert res.rows["loss"][1:] == pytest.approx([math.log(math.exp(3) + 2999) - 3] * 3)
+    assert math.isnan(res.cross_entropy) and res.accuracy[1] == 0.75
+    ok = xf.evaluate(x, np.array([-100, 7, 7, 7]), backend=backend)  # NaN row ignored
+    assert ok.count == 3 and ok.accuracy[1] == 1.0
+    assert ok.cross_entropy == pytest.approx(math.log(math.exp(3) + 2999) - 3)
+    assert math.isfinite(ok.ece) and math.isfinite(ok.entropy)
+
+
+def test_nan_target_logit_is_never_a_correct_prediction():
+    x = np.array([[np.nan, 0.0, 0.0], [0.0, np.nan, 1.0]])
+    res = xf.evaluate(x, np.array([0, 1]), topk=(1, 2, 3), per_row=True)
+    assert res.accuracy == {1: 0.0, 2: 0.0, 3: 0.0}
+    assert res.rows["prediction"].tolist() == [-1, -1]
+    assert math.isnan(res.ece) and math.isnan(res.perplexity)
+
+
+@pytest.mark.parametrize("cuts", [(0, 13), (0, 4, 13), (0, 4, 5, 9, 13)])
+def test_class_slices_merge_nan(cuts):
+    from xent_fast._evaluate import NAN_RANK
+
+    x = np.tile(np.arange(13.0), (4, 1))
+    x[0, 4] = np.nan                      # alone in a slice for (0, 4, 5, 9, 13)
+    x[1, 12] = np.nan
+    x[2, 0] = -np.float64(np.nan)
+    t = np.array([12, 0, 5, 12])
+    tf = check_targets(t, (4,), 13, -100)
+    parts, tops = [], []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        st, top = row_stats(np.ascontiguousarray(x[:, lo:hi]), 0, tf, lo, False, 3)
+        parts.append(st)
+        tops.append(top)
+    merged, top = merge_class_stats(np.stack(parts, 1), np.stack(tops, 1), 3)
+    r = rows_from_stats(merged, tf, -100, top)
+    for k in ("loss", "target_prob", "entropy", "confidence"):
+        assert np.isnan(r[k][:3]).all() and np.isfinite(r[k][3]), k
+    assert r["prediction"].tolist() == [-1, -1, -1, 12]
+    assert r["rank"].tolist() == [NAN_RANK] * 3 + [0]

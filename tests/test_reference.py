@@ -60,3 +60,32 @@ def test_reference_bce_with_logits_closed_form():
                                expected, rtol=1e-14)
     np.testing.assert_allclose(R.binary_cross_entropy(sig, y, reduction="none"), expected,
                                rtol=1e-14)
+
+
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1}, {"z_loss": 0.1},
+                                  {"weight": np.zeros(0)}, {"softcap": 2.0}],
+                         ids=["plain", "smoothing", "z_loss", "weight", "softcap"])
+def test_reference_softmax_ce_empty_class_axis(opts):
+    """C = 0: no terms, so a row's loss is 0 (+inf with z_loss, lse = -inf), without a
+    warning or a division by zero, and the same as the kernels on every CPU backend."""
+    import warnings
+
+    import xent_fast as xf
+
+    x = np.zeros((2, 0))
+    z = np.inf if "z_loss" in opts else 0.0
+    for t, mean in ((np.zeros((2, 0)), z), (np.full(2, -100), np.nan)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            rows = R.softmax_cross_entropy(x, t, reduction="none", **opts)
+            m, g = R.softmax_cross_entropy(x, t, return_grad=True, **opts)
+        want = np.full(2, z if t.dtype.kind == "f" else 0.0)
+        np.testing.assert_array_equal(rows, want)
+        np.testing.assert_array_equal(m, mean)
+        assert g.shape == (2, 0)
+        for backend in ("cpu", "parallel"):
+            for red in ("none", "sum", "mean"):
+                np.testing.assert_array_equal(
+                    R.softmax_cross_entropy(x, t, reduction=red, **opts),
+                    xf.softmax_cross_entropy(x, t, reduction=red, backend=backend, **opts),
+                    err_msg=f"{backend} {red}")

@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+from . import _threads
+
 
 def _timeit(fn, repeat):
     fn()  # compile / warm
@@ -74,7 +76,7 @@ def _demo(args):
     tb = rng.integers(0, c, n)
     grad = np.empty_like(big)
     print(f"\nSpeed on ({n}, {c}) float32 logits, best of {args.repeat}, "
-          f"{xf._api._backend_module().num_threads()} threads, compile excluded:")
+          f"{_threads.describe()}, compile excluded:")
     print(f"  {'case':38s} {'xent_fast':>10s} {'NumPy ref':>10s} {'speed-up':>9s}")
     cases = [
         ("softmax_cross_entropy forward", lambda: xf.softmax_cross_entropy(big, tb),
@@ -120,6 +122,31 @@ def _json_number(v):
     return v if not isinstance(v, float) or math.isfinite(v) else None
 
 
+def _inspect_logits(path, axis):
+    """Refuse a logits file with no rows (every metric would be NaN: a wrong path or an
+    empty dump, not a result); note on stderr when integer or bool logits are read as
+    float64.  Other problems are left to the evaluation, which names them."""
+    from . import _stream
+
+    src = _stream.open_source(path, "logits")
+    try:
+        shape, dtype, name = tuple(src.shape), src.dtype, src.name
+    finally:
+        src.close()
+    if shape and -len(shape) <= axis < len(shape):
+        batch = shape[:axis % len(shape)] + shape[axis % len(shape) + 1:]
+        if math.prod(batch) == 0:
+            raise ValueError(f"{name} holds no rows (shape {shape}, class axis "
+                             f"{axis % len(shape)}): nothing to evaluate")
+    if dtype.kind in "iub":
+        print(f"xent-fast eval: note: {name} holds {dtype} values, read as float64 logits",
+              file=sys.stderr)
+    elif dtype.kind == "V" and dtype.itemsize == 2 and dtype.name != "bfloat16" \
+            and dtype.fields is None:
+        print(f"xent-fast eval: note: {name} holds 2-byte raw values ({dtype.str}), "
+              "read as bfloat16 (how np.save stores ml_dtypes.bfloat16)", file=sys.stderr)
+
+
 def _eval(args):
     import json
 
@@ -130,6 +157,7 @@ def _eval(args):
     opts = dict(axis=args.axis, ignore_index=args.ignore_index, topk=tuple(args.topk),
                 n_bins=args.n_bins, chunk_rows=args.chunk_rows)
     try:
+        _inspect_logits(args.logits, args.axis)
         if args.scheduler:
             from .dask import _evaluate_files_on_cluster
 
@@ -151,6 +179,10 @@ def _eval(args):
         print(f"xent-fast eval: error: {msg.splitlines()[0] if msg else msg}",
               file=sys.stderr)
         return 1
+    if res.nan_count:
+        print(f"xent-fast eval: warning: {res.nan_count} of {res.count} rows hold NaN "
+              "logits: their metrics are NaN, so are the means and the ECE, and they count "
+              "as wrong in the accuracy", file=sys.stderr)
     if args.format == "json":
         d = res.as_dict()
         d["accuracy"] = {k: _json_number(v) for k, v in d["accuracy"].items()}

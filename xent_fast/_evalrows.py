@@ -16,6 +16,9 @@ keeps its ``K`` largest values (``row_topk``), which decide every rank below ``K
 
 ``exp(x - m) (x - m)`` is taken as 0 where the exp is 0, so ``-inf`` logits (masked
 classes) add exactly nothing, never ``0 * -inf = NaN``.
+
+A row (or slice) holding a NaN gets ``m = s = d = xt = NaN`` and ``am = -1``: the row's
+every metric is NaN (see ``rows_from_stats``), and NaN survives ``merge_class_stats``.
 """
 
 import math
@@ -64,13 +67,27 @@ def _seg_count_greater(seg, xt):
     return g
 
 
+@njit(**INLINE)
+def _seg_has_nan(seg):
+    for j in range(seg.shape[0]):
+        if seg[j] != seg[j]:
+            return True
+    return False
+
+
 @njit(**JIT)
 def eval_row(x, t, lo, count, st):
     """Write the statistics of row slice ``x`` (classes ``lo ..``) for target ``t`` into
     ``st``.  ``count``: the slice is the whole row, so count the logits above the
     target's.  One read of the row: chunk max, then the chunk's sums while it is in L1,
     rescaling the running sums when the max grows (Milakov & Gimelshein's online
-    softmax, extended to the sum of ``e (x - m)``)."""
+    softmax, extended to the sum of ``e (x - m)``).
+
+    NaN: the max runs on ordered integer keys, where a positive NaN orders above
+    ``+inf`` (the chunk max comes out NaN) and a negative one below ``-inf`` (the max
+    skips it, but ``exp(NaN - m)`` makes the sum NaN).  Both must be caught here: a
+    NaN chunk max compares false with everything, so without the check the chunk was
+    silently left out of the row (a finite loss over the other chunks)."""
     n = x.shape[0]
     j_t = t - lo
     has_t = j_t >= 0 and j_t < n
@@ -81,9 +98,13 @@ def eval_row(x, t, lo, count, st):
     d = 0.0
     g = 0
     best = 0
+    nan = False
     for clo in range(0, n, _MAX_CHUNK):
         seg = x[clo:min(clo + _MAX_CHUNK, n)]
         cm = _seg_max(seg, m)
+        if cm != cm:  # a positive NaN: the rest of the row cannot change the answer
+            nan = True
+            break
         if cm > m:
             best = clo
             if m != -np.inf and cm != np.inf:
@@ -93,6 +114,10 @@ def eval_row(x, t, lo, count, st):
                 s = r * s
             m = cm
         if m == np.inf or m == -np.inf:
+            # no sums here to carry a negative NaN: look for one (inf rows are rare)
+            if _seg_has_nan(seg):
+                nan = True
+                break
             if cnt:
                 g += _seg_count_greater(seg, xt)
             continue
@@ -100,6 +125,14 @@ def eval_row(x, t, lo, count, st):
         s += cs
         d += cd
         g += cg
+    if nan or s != s:  # NaN somewhere in the row (a negative one shows in s)
+        st[M] = np.nan
+        st[S] = np.nan
+        st[D] = np.nan
+        st[XT] = np.nan
+        st[GT] = 0.0
+        st[AM] = -1.0
+        return
     # the first index of the max lies in the chunk where the max last grew
     am = best
     seg = x[best:min(best + _MAX_CHUNK, n)]

@@ -25,6 +25,9 @@ M, S, D, XT, GT, AM = range(6)
 NFIELDS = 6
 ROW_METRICS = ("loss", "target_prob", "entropy", "confidence", "prediction", "rank",
                "ignored")
+# The rank of a row with a NaN logit: never < k, so the row is a miss for every top-k
+# (a NaN logit is never a correct prediction); its prediction is -1, no class.
+NAN_RANK = np.iinfo(np.int64).max
 _NO_WEIGHT = np.ones(1, np.float64)
 
 
@@ -98,7 +101,9 @@ def merge_class_stats(parts, tops=None, k=0):
     """Merge statistics of consecutive class slices of the same rows: ``parts`` is
     (..., p, 6), slices along axis -2 in class order; ``tops`` (..., p, k) their
     largest logits.  Returns (..., 6) and (..., k).  Exact up to rounding: the
-    log-sum-exp rule for the sums, the first slice holding the max for the argmax."""
+    log-sum-exp rule for the sums, the first slice holding the max for the argmax.
+    A NaN in any slice (its max NaN, as ``eval_row`` writes it) makes the row's
+    statistics NaN."""
     parts = np.asarray(parts, np.float64)
     m = parts[..., M]
     with np.errstate(invalid="ignore", over="ignore"):
@@ -109,14 +114,17 @@ def merge_class_stats(parts, tops=None, k=0):
         s = np.sum(r * parts[..., S], axis=-1)
         term = parts[..., D] + np.where(r != 0, delta * parts[..., S], 0.0)
         d = np.sum(np.where(r != 0, r * term, 0.0), axis=-1)
+    # np.max propagates a NaN slice max, but the sums above would drop that slice
+    nan = np.isnan(big) | np.isnan(parts[..., S]).any(axis=-1)
     out = np.empty(parts.shape[:-2] + (NFIELDS,), np.float64)
-    out[..., M] = big
-    out[..., S] = s
-    out[..., D] = d
+    out[..., M] = np.where(nan, np.nan, big)
+    out[..., S] = np.where(nan, np.nan, s)
+    out[..., D] = np.where(nan, np.nan, d)
     out[..., XT] = np.sum(parts[..., XT], axis=-1)  # 0 in every slice but the target's
     out[..., GT] = np.sum(parts[..., GT], axis=-1)
     first = np.argmax(m, axis=-1)[..., None]  # the first slice with the max (or a NaN)
-    out[..., AM] = np.take_along_axis(parts[..., AM], first, axis=-1)[..., 0]
+    out[..., AM] = np.where(nan, -1.0,
+                            np.take_along_axis(parts[..., AM], first, axis=-1)[..., 0])
     if not k:
         return out, None
     flat = np.asarray(tops, np.float64).reshape(parts.shape[:-2] + (-1,))
@@ -129,9 +137,14 @@ def rows_from_stats(st, tf, ignore_index, top=None):
 
     With ``top`` (each row's largest logits, from slices that could not count) the rank
     is counted among them and so saturates at ``top.shape[-1]``.
+
+    A row with a NaN logit (NaN statistics) gets NaN loss, target probability, entropy
+    and confidence, prediction -1 and rank ``NAN_RANK``, whatever the other fields say
+    (the kernels stop reading a row at its first NaN).
     """
     m, s, d, xt = st[:, M], st[:, S], st[:, D], st[:, XT]
     ignored = tf == operator.index(ignore_index)
+    nan = np.isnan(m) | np.isnan(s) | np.isnan(xt)
     with np.errstate(all="ignore"):
         fin = np.isfinite(m)
         ls = np.log(s)
@@ -145,11 +158,15 @@ def rows_from_stats(st, tf, ignore_index, top=None):
             rank = st[:, GT].astype(np.int64)
         else:
             rank = np.sum(top > xt[:, None], axis=1).astype(np.int64)
+        pred = np.where(nan, -1, st[:, AM]).astype(np.int64)
+    for a in (loss, prob, ent, conf):
+        a[nan] = np.nan
+    rank[nan] = NAN_RANK
     loss[ignored] = np.nan
     prob[ignored] = np.nan
     rank[ignored] = -1
     return {"loss": loss, "target_prob": prob, "entropy": ent, "confidence": conf,
-            "prediction": st[:, AM].astype(np.int64), "rank": rank, "ignored": ignored}
+            "prediction": pred, "rank": rank, "ignored": ignored}
 
 
 # ---------------------------------------------------------------------------- state
@@ -159,7 +176,7 @@ class EvalState:
     calibration-bin counts exact integers."""
 
     __slots__ = ("topk", "n_bins", "count", "sum_loss", "sum_entropy", "sum_target_prob",
-                 "correct", "bin_count", "bin_confidence", "bin_correct")
+                 "correct", "bin_count", "bin_confidence", "bin_correct", "nan_count")
 
     def __init__(self, topk=(1, 5), n_bins=15):
         self.topk = check_topk(topk)
@@ -172,6 +189,7 @@ class EvalState:
         self.bin_count = np.zeros(self.n_bins, np.int64)
         self.bin_confidence = np.zeros(self.n_bins, np.float64)
         self.bin_correct = np.zeros(self.n_bins, np.int64)
+        self.nan_count = 0
 
     def add_rows(self, rows):
         """Add the kept rows of a ``rows_from_stats`` dict; returns ``self``."""
@@ -182,7 +200,8 @@ class EvalState:
         self.sum_loss += float(np.sum(rows["loss"]))
         self.sum_entropy += float(np.sum(rows["entropy"]))
         self.sum_target_prob += float(np.sum(rows["target_prob"]))
-        rank = rows["rank"]
+        rank = rows["rank"]  # NAN_RANK for NaN rows: a miss for every k
+        self.nan_count += int(np.count_nonzero(rank == NAN_RANK))
         for i, k in enumerate(self.topk):
             self.correct[i] += int(np.count_nonzero(rank < k))
         conf = rows["confidence"]
@@ -208,6 +227,7 @@ class EvalState:
         out.bin_count = self.bin_count + other.bin_count
         out.bin_confidence = self.bin_confidence + other.bin_confidence
         out.bin_correct = self.bin_correct + other.bin_correct
+        out.nan_count = self.nan_count + other.nan_count
         return out
 
     __add__ = merge
@@ -255,18 +275,23 @@ class EvalResult:
     ece : float
         expected calibration error of the top-1 prediction, ``n_bins`` equal-width
         confidence bins.
+    nan_count : int
+        counted rows with a NaN logit (their metrics are NaN; see :func:`evaluate`).
     rows : dict or None
         per-row arrays when asked for (``per_row=True``).
     state : EvalState
         the mergeable sums these were computed from.
 
-    With no counted rows every mean is NaN (as a ``"mean"`` cross-entropy is).
+    With no counted rows every mean is NaN (as a ``"mean"`` cross-entropy is).  A
+    counted row with a NaN logit makes ``cross_entropy``, ``perplexity``, ``entropy``,
+    ``target_prob`` and ``ece`` NaN and counts as wrong in ``accuracy``.
     """
 
     def __init__(self, state, rows=None):
         self.state = state
         n = state.count
         self.count = n
+        self.nan_count = state.nan_count
         self.topk = state.topk
         self.n_bins = state.n_bins
         nan = math.nan
@@ -343,9 +368,17 @@ def evaluate(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n_bins
     confidence, where correct means rank 0 (Guo et al. 2017, 15 bins by default).
 
     Conventions: a target whose logit is ``-inf`` has loss ``+inf`` and probability 0;
-    a row of all ``-inf`` has loss ``+inf`` and NaN entropy and confidence; NaN logits
-    propagate into the means.  With no counted rows every mean is NaN.  Out-of-range
-    targets raise ``IndexError`` naming the first one, as in ``softmax_cross_entropy``.
+    a row of all ``-inf`` has loss ``+inf`` and NaN entropy and confidence.  With no
+    counted rows every mean is NaN.  Out-of-range targets raise ``IndexError`` naming
+    the first one, as in ``softmax_cross_entropy``.
+
+    NaN: a NaN anywhere in a row's logits (the target's or any other) makes the row's
+    loss, target probability, entropy and confidence NaN, its prediction -1 and its
+    rank ``np.iinfo(np.int64).max`` (so ``rank < k`` is false: a NaN row is never a
+    correct prediction, for any k).  A counted NaN row makes ``cross_entropy``,
+    ``perplexity``, ``entropy``, ``target_prob`` and ``ece`` NaN, and counts as wrong
+    in ``accuracy`` (which stays a number: the fraction of rows known to be right).
+    Ignored rows stay out of every aggregate whatever their logits hold.
 
     ``per_row=True`` also returns the per-row arrays (batch shape) in ``result.rows``:
     ``loss``, ``target_prob``, ``rank`` (NaN, NaN and -1 for ignored rows),

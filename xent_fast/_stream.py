@@ -9,7 +9,10 @@ read sequentially (decompressing as they go) and Zarr arrays slab by slab.  Ever
 source is read one slab ahead of the kernels on a background thread.
 
 Every bad file (missing, not an array, truncated, wrong dtype or shape) is a
-``ValueError`` (``FileNotFoundError`` when missing) with one line naming the file.
+``ValueError`` (``FileNotFoundError`` when missing) with one line naming the file.  A
+``.npy`` file truncated or rewritten while it is being read is one too: touching a
+mapped page past the file's new end would kill the process with SIGBUS, so the file's
+size and modification time are checked before each slab is touched (``check``).
 """
 
 import ctypes
@@ -71,11 +74,20 @@ class _Source:
     def done(self, axis, lo, hi):
         """A hint that slab [lo, hi) will not be read again."""
 
+    def check(self):
+        """Raise ``ValueError`` if the stored array changed since it was opened (called
+        before a slab read with ``read`` is touched)."""
+
     def close(self):
         pass
 
+    def _as_dtype(self, a):
+        """``a`` as ``self.dtype``: a 2-byte void array read as bfloat16 (see
+        ``_check_logits_dtype``) is viewed as such."""
+        return a if a.dtype == self.dtype else a.view(self.dtype)
+
     def __getitem__(self, key):  # for dask.array.from_array
-        return np.asarray(self._array()[key])
+        return self._as_dtype(np.asarray(self._array()[key]))
 
     @property
     def ndim(self):
@@ -128,16 +140,22 @@ class NpySource(_Source):
             raise ValueError(f"{self.name} is truncated: its header promises "
                              f"{self.shape} {self.dtype} ({nbytes} bytes of data) but it "
                              f"holds {size - self.offset}")
+        self._end = self.offset + nbytes
         self._mm = None
         self._arr = None
+        self._fh = None
 
     def _array(self):
         if self._arr is None:
             if math.prod(self.shape) == 0:
                 self._arr = np.empty(self.shape, self.dtype)
                 return self._arr
-            with open(self.path, "rb") as fh:
-                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            # kept open: check() asks it (fstat) whether the mapped file has changed
+            self._fh = open(self.path, "rb")
+            st = os.fstat(self._fh.fileno())
+            self._stamp = (st.st_size, st.st_mtime_ns)
+            self._check_size(st.st_size)
+            self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
             if hasattr(mmap, "MADV_SEQUENTIAL"):
                 self._mm.madvise(mmap.MADV_SEQUENTIAL)
             self._base = np.frombuffer(self._mm, np.uint8).ctypes.data
@@ -149,6 +167,25 @@ class NpySource(_Source):
 
     def read(self, axis, lo, hi):
         return self._array()[_slab(axis, lo, hi)]
+
+    def _check_size(self, size):
+        if size < self._end:
+            raise ValueError(f"{self.name} was truncated while being read: it holds "
+                             f"{max(size - self.offset, 0)} bytes of data, its header "
+                             f"promises {self._end - self.offset}")
+
+    def check(self):
+        """Pages past the end of a truncated file raise SIGBUS when touched, which no
+        Python code can catch; a rewritten file would mix two arrays silently.  Racy
+        (the file may still change after the check) but catches the common cases."""
+        if self._fh is None:
+            return
+        st = os.fstat(self._fh.fileno())
+        self._check_size(st.st_size)
+        if (st.st_size, st.st_mtime_ns) != self._stamp:
+            raise ValueError(f"{self.name} was modified while being read (its size or "
+                             "modification time changed); the result would mix old and "
+                             "new data")
 
     def _bytes(self, axis, lo, hi):
         """The byte range of a slab, when it is one range (C order, axis 0)."""
@@ -169,10 +206,15 @@ class NpySource(_Source):
         start = r[0] - r[0] % _PAGE
         if r[1] <= start:
             return
+        # (pages past a truncated end: populate fails with EFAULT, no SIGBUS; the main
+        # thread's check() reports it before the kernels touch them)
         if _populate(self._base, start, r[1] - start):
             return
         if hasattr(mmap, "MADV_WILLNEED"):
-            self._mm.madvise(mmap.MADV_WILLNEED, start, r[1] - start)
+            try:
+                self._mm.madvise(mmap.MADV_WILLNEED, start, r[1] - start)
+            except OSError:  # only a hint
+                pass
 
     def done(self, axis, lo, hi):
         r = self._bytes(axis, lo, hi)
@@ -191,11 +233,15 @@ class NpySource(_Source):
             except BufferError:  # a view is still alive somewhere: let GC close it
                 pass
             self._mm = None
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_mm"] = None
         d["_arr"] = None
+        d["_fh"] = None
         return d
 
 
@@ -328,7 +374,7 @@ class ZarrSource(_Source):
 
     def read(self, axis, lo, hi):
         try:
-            return np.asarray(self.zarray[_slab(axis, lo, hi)])
+            return self._as_dtype(np.asarray(self.zarray[_slab(axis, lo, hi)]))
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"{self.name}: cannot read rows {lo}..{hi} "
                              f"({type(e).__name__}: {e})") from None
@@ -347,7 +393,7 @@ class ArraySource(_Source):
         self.dtype = np.dtype(array.dtype)
 
     def read(self, axis, lo, hi):
-        return np.asarray(self.array[_slab(axis, lo, hi)])
+        return self._as_dtype(np.asarray(self.array[_slab(axis, lo, hi)]))
 
     def _array(self):
         return self.array
@@ -382,8 +428,25 @@ def open_source(spec, role="array"):
 
 # ---------------------------------------------------------------------------- streaming
 def _check_logits_dtype(src):
+    """Refuse what cannot be logits; as the API, integers and bools are read as float64.
+
+    A plain 2-byte void dtype (``|V2``, no fields) is taken as bfloat16 and ``src`` is
+    read as such from then on: that is how ``np.save`` stores an ``ml_dtypes.bfloat16``
+    array (NumPy knows no bfloat16, so ``np.load`` gives ``|V2``), and bfloat16 is
+    ml_dtypes' only 2-byte type.
+    """
     dt = src.dtype
-    if not (dt.kind in "fiu" or (dt.kind == "V" and dt.name == "bfloat16")):
+    if dt.kind == "V" and dt.itemsize == 2 and dt.fields is None and dt.subdtype is None \
+            and dt.name != "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ValueError(f"{src.name} holds 2-byte raw values (dtype {dt}), as np.save "
+                             "stores bfloat16; reading them as bfloat16 needs the "
+                             "ml_dtypes package (pip install ml_dtypes)") from None
+        src.dtype = np.dtype(ml_dtypes.bfloat16)
+        return
+    if not (dt.kind in "fiub" or (dt.kind == "V" and dt.name == "bfloat16")):
         raise ValueError(f"{src.name} must hold real numbers (logits), got dtype {dt}")
 
 
@@ -436,10 +499,16 @@ def evaluate_file(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n
     into one :class:`EvalState`: the result equals ``evaluate`` on the whole array up
     to the order of the float64 additions.
 
+    Logits may be float16, bfloat16, float32 or float64; integers and bools are read
+    as float64 (as in :func:`evaluate`), and a 2-byte void dtype (``|V2``: what
+    ``np.load`` gives for a bfloat16 array saved with ``np.save``) as bfloat16.
+    NaN logits follow :func:`evaluate`'s rule.
+
     ``progress``, if given, is called as ``progress(rows_done, rows_total)`` after each
     chunk.  Bad files raise one-line ``ValueError``s (``FileNotFoundError`` when
-    missing) naming the file; an out-of-range target raises ``IndexError`` with its
-    position in the whole array.
+    missing) naming the file, also when a ``.npy`` file is truncated or rewritten while
+    it is being read (checked before each chunk is touched); an out-of-range target
+    raises ``IndexError`` with its position in the whole array.
     """
     check_backend(backend)
     topk = check_topk(topk)
@@ -469,6 +538,10 @@ def evaluate_file(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n
                 x, t = pending.result()
                 if i + 1 < len(slabs):
                     pending = ahead.submit(load, i + 1)
+                # nothing above touched the slab's pages (the read-ahead only maps and
+                # hints): a file that shrank is caught here, before a SIGBUS could be
+                lsrc.check()
+                tsrc.check()
                 f = _Float(x, "logits")
                 rows, batch, _ = _class_rows(f.arr, ax, "logits")
                 origin = None if ca is None else (lo,) + (0,) * (len(batch) - 1)

@@ -380,3 +380,38 @@ def test_evaluate(rng):
                 assert a[k] == b[k], k
     with pytest.raises(IndexError, match="targets"):
         xf.evaluate(dev(x), dev(np.array([0, 1, 5000])))
+
+
+def test_evaluate_nan_rows():
+    """The NaN rule on the device as on the CPU: a NaN anywhere in a row (the target's
+    logit, next to +-inf, sign bit set, in a wide row) gives NaN metrics, prediction -1
+    and rank int64 max; the means are NaN and the NaN rows are misses."""
+    from xent_fast._evaluate import NAN_RANK
+
+    for c in (6, 1100):
+        x = np.zeros((7, c), np.float32)
+        x[:, 1] = 2.0
+        t = np.full(7, 1)
+        x[1, 1] = np.nan                   # the target's logit
+        x[2, c - 1] = np.nan               # the last class, next to +inf
+        x[2, 0] = np.inf
+        x[3, 0] = -np.float32(np.nan)      # sign bit set, next to -inf
+        x[3, 2] = -np.inf
+        x[4, 3] = np.nan
+        t[4] = -100                        # ignored
+        x[5, :] = -np.inf
+        x[5, 4] = np.nan
+        nan_rows = np.array([False, True, True, True, False, True, False])
+        want = xf.evaluate(x, t, topk=(1, 3), per_row=True, backend="cpu")
+        got = xf.evaluate(dev(x), dev(t), topk=(1, 3), per_row=True)
+        for k in ("loss", "target_prob", "entropy", "confidence"):
+            assert np.isnan(got.rows[k][nan_rows]).all(), (c, k)
+            close(got.rows[k], want.rows[k], 1e-5, what=k)
+        assert got.rows["prediction"][nan_rows].tolist() == [-1] * 4
+        assert got.rows["rank"][nan_rows].tolist() == [NAN_RANK] * 4
+        for k in ("prediction", "rank", "ignored"):
+            np.testing.assert_array_equal(got.rows[k], want.rows[k], err_msg=k)
+        assert got.count == 6
+        for k in ("cross_entropy", "perplexity", "entropy", "target_prob", "ece"):
+            assert np.isnan(getattr(got, k)), k
+        assert got.accuracy == want.accuracy == {1: 2 / 6, 3: 2 / 6}
