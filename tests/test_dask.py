@@ -157,3 +157,44 @@ def test_cli_on_a_cluster(cluster, data, tmp_path, capsys):
     assert rc == 1 and out == ""
     assert err.strip() == ("xent-fast eval: error: targets[5, 1] = 40 is not a class index "
                            "in [0, 37) nor ignore_index=-100")
+
+
+# ---------------------------------------------------------------------------- NaN rule
+@pytest.mark.parametrize("chunks", [(6, 3000), (2, 3000), (3, 1000), (1, 700)],
+                         ids=["one", "rows", "classes", "both"])
+def test_nan_rows_every_chunking(chunks):
+    """A NaN in any class chunk of a row makes the row NaN (prediction -1, rank int64
+    max, a miss for every k) and the means NaN, as evaluate in memory."""
+    from xent_fast._evaluate import NAN_RANK
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((6, 3000)).astype(np.float32)
+    t = rng.integers(0, 3000, 6)
+    x[0, 5] = np.nan                       # first chunk, target elsewhere
+    t[0] = 2500
+    x[1, 2999] = np.nan                    # last chunk, next to +inf
+    x[1, 1500] = np.inf
+    x[2, 40] = -np.float32(np.nan)
+    t[2] = 40                              # the target's own logit, sign bit set
+    x[3, 7] = np.nan
+    t[3] = -100                            # ignored
+    t[4] = int(np.argmax(x[4]))            # a correct row
+    x[5, :100] = -np.inf
+    t[5] = 50                              # a -inf target: a miss
+    nan_rows = np.array([True, True, True, False, False, False])
+    ref = xf.evaluate(x, t, topk=(1, 5), per_row=True)
+    X = da.from_array(x, chunks=chunks)
+    res = xfd.evaluate(X, t, topk=(1, 5)).compute()
+    assert res.count == 5
+    for a in AGG:
+        assert np.isnan(getattr(res, a)), a
+    assert res.accuracy == ref.accuracy == {1: 0.2, 5: 0.2}
+    rows = dask.compute(xfd.evaluate_rows(X, t, topk=(1, 5)))[0]
+    for k in ("loss", "target_prob", "entropy", "confidence"):
+        assert np.isnan(rows[k][nan_rows]).all(), k
+        assert_close(rows[k], ref.rows[k], 1e-6, what=k)
+    assert rows["prediction"][nan_rows].tolist() == [-1] * 3
+    assert rows["rank"][nan_rows].tolist() == [NAN_RANK] * 3
+    assert rows["rank"][3] == -1 and rows["rank"][4] == 0
+    loss = xfd.softmax_cross_entropy(X, t, reduction="none").compute()
+    assert np.isnan(loss[nan_rows]).all() and np.isfinite(loss[4])

@@ -118,7 +118,12 @@ class _Float:
         """Another float input read with this one (targets, target logits): kept as is
         when half precision, else brought to this input's compute dtype."""
         other = _Float(value, name)
-        if other.hk == 0 and other.dtype != self.out_dtype:
+        if other.hk and self.out_dtype == np.float64:
+            # float64 logits with half targets: widened once here, so that no kernel
+            # mixes a float64 row with a float32 one
+            other.arr = other.source.astype(np.float64)
+            other.hk = 0
+        elif other.hk == 0 and other.dtype != self.out_dtype:
             other.arr = other.arr.astype(self.out_dtype)
         return other
 
@@ -146,13 +151,15 @@ def _rows_shape(shape):
     return math.prod(shape[:-1]), shape[-1]
 
 
-def _grad_target(want_grad, grad_out, logits, f, ax, shape2):
+def _grad_target(want_grad, grad_out, logits, f, ax, shape2, others=()):
     """The gradient array, the kernels' 2-D view of it, and a finisher to call after.
 
     The kernels see the logits moved to put axis ``ax`` last (no move for ``None``) and
     reshaped to ``shape2``; the gradient is written through the same view of
-    ``grad_out`` when that view is C-contiguous and either is the logits (in place) or
-    overlaps nothing, else into a temporary copied back by the finisher.
+    ``grad_out`` when that view is C-contiguous, either is the logits (in place) or
+    overlaps them nowhere, and overlaps none of the ``others`` (the call's other array
+    inputs: targets, target logits, weights), which the kernels read after writing the
+    gradient; else into a temporary copied back by the finisher.
     """
     if not want_grad:  # the kernels still take an array argument
         return None, np.empty((0, 0), f.arr.dtype), None
@@ -175,7 +182,8 @@ def _grad_target(want_grad, grad_out, logits, f, ax, shape2):
         grad_out.__array_interface__["data"][0] == f.source.__array_interface__["data"][0]
         and grad_out.strides == f.source.strides)
     view = None
-    if in_place or not np.may_share_memory(grad_out, f.source):
+    apart = not any(o is not None and np.may_share_memory(grad_out, o) for o in others)
+    if apart and (in_place or not np.may_share_memory(grad_out, f.source)):
         try:
             view = moved.reshape(shape2, copy=False)
         except (ValueError, TypeError):
@@ -208,6 +216,8 @@ def _reduce(rows, batch_shape, reduction, denominator, out_dtype):
 
 
 def _scalar_option(value, name, lo=None, hi=None, lo_open=False):
+    if isinstance(value, (str, bytes)) or (isinstance(value, np.ndarray) and value.ndim):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -218,6 +228,46 @@ def _scalar_option(value, name, lo=None, hi=None, lo_open=False):
         raise ValueError(f"{name} must be in {lo_s}{lo}, {hi if hi is not None else 'inf'}], "
                          f"got {value!r}")
     return v
+
+
+def ignore_index_option(value):
+    """``ignore_index`` as an int64-sized Python int."""
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an integer, got {value!r}") from None
+    if not -2 ** 63 <= v < 2 ** 63:
+        raise ValueError(f"ignore_index must fit in a signed 64-bit integer, got {v}")
+    return v
+
+
+def index_targets(t, c, ignore):
+    """Integer targets as a flat int64 array, checked before the cast: a uint64 target
+    beyond the int64 range would wrap (onto ``ignore_index`` even) and is an error."""
+    flat = t.reshape(-1)
+    if t.dtype.kind == "u" and t.dtype.itemsize == 8 and flat.size:
+        big = np.flatnonzero(flat > np.iinfo(np.int64).max)
+        if big.size:
+            bad_target(t, int(big[0]), c, ignore)
+    return np.ascontiguousarray(flat, dtype=np.int64)
+
+
+def bad_target(t, i, c, ignore, origin=None):
+    """Raise the IndexError for flat target ``i`` of ``t`` (``origin``: the offset of a
+    chunk's position in the whole array)."""
+    pos = [int(v) for v in np.unravel_index(i, t.shape)] if t.ndim else []
+    if origin is not None:
+        pos = [p + o for p, o in zip(pos, origin)]
+    raise IndexError(f"targets{pos} = {int(t.reshape(-1)[i])} is not a class index in "
+                     f"[0, {c}) nor ignore_index={ignore}")
+
+
+def _check_inverse(v, name, dtype):
+    """A divisor option whose reciprocal must be finite in the compute precision."""
+    with np.errstate(over="ignore"):
+        if not np.isfinite(dtype.type(1.0 / v)):
+            raise ValueError(f"{name} must be at least {1 / float(np.finfo(dtype).max):.3g} "
+                             f"for {dtype} computation (1/{name} overflows), got {v!r}")
 
 
 # placeholders for an absent class weight (the kernels take an array either way)
@@ -432,6 +482,8 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     cap = 0.0 if softcap is None else _scalar_option(softcap, "softcap", 0.0, None, True)
     want_grad = bool(return_grad) or grad_out is not None
     f = _Float(logits, "logits")
+    if cap:
+        _check_inverse(cap, "softcap", f.out_dtype)
     rows, batch, ax = _class_rows(f.arr, axis, "logits")
     n, c = rows.shape
     t = np.asarray(targets)
@@ -440,14 +492,12 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
         if t.shape != batch:
             raise ValueError(f"integer targets must have the logits' shape without the "
                              f"class axis, {batch}; got {t.shape}")
-        ignore = operator.index(ignore_index)
-        tf = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
+        ignore = ignore_index_option(ignore_index)
+        tf = index_targets(t, c, ignore)
         # one compiled pass: the first bad target, and the mean's denominator
         i, den = _backend_module().run("targets", False, tf, c, ignore, w, has_w)
         if i >= 0:
-            pos = tuple(int(v) for v in np.unravel_index(i, batch)) if batch else ()
-            raise IndexError(f"targets{list(pos)} = {int(tf[i])} is not a class index in "
-                             f"[0, {c}) nor ignore_index={ignore}")
+            bad_target(t, i, c, ignore)
         kind = "ce_index"
     elif t.dtype.kind == "f" or _is_bfloat16(t.dtype):
         if t.shape != f.source.shape:
@@ -464,7 +514,14 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     gscale = 1.0
     if reduction == "mean":
         gscale = 1.0 / den if den != 0 else math.nan
-    grad, g2, finish = _grad_target(want_grad, grad_out, logits, f, ax, rows.shape)
+        if z != 0.0 and has_w and kind == "ce_index":
+            # The z-loss is not class-weighted: its mean is over the kept rows, not over
+            # the summed weight the kernels divide by, so it enters them rescaled.
+            kept = np.count_nonzero(tf != ignore)
+            if kept and den != 0:
+                z = z * den / kept
+    grad, g2, finish = _grad_target(want_grad, grad_out, logits, f, ax, rows.shape,
+                                    (t, weight))
     par = _parallel(backend, rows.size)
     nb = _nblocks(n, par)
     be = _backend_module()
@@ -473,8 +530,11 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     loss = np.empty(nb if small and reduction != "none" else n, np.float64)
     if small:
         rows = np.ascontiguousarray(rows)  # the few-classes kernels read rows back to back
-        be.run(be.small_name(c, has_w, eps > 0, z != 0, want_grad), par, rows, tf, w, wsum, eps, z,
-               ignore, gscale, g2, loss, nb)
+        general = has_w or eps > 0  # the kernel that weighs and smooths, with w = 1 if unweighted
+        if general and not has_w:
+            w = np.ones(c, f.out_dtype)
+        be.run(be.small_name(c, general, want_grad), par, rows, tf, w, wsum, eps, z, ignore,
+               gscale, g2, loss, nb)
     elif kind == "ce_index":
         be.run("ce_index", par, rows, f.hk, tf, w, has_w, wsum, eps, z, cap, ignore, gscale,
                want_grad, g2, f.hk, loss, nb)
@@ -510,6 +570,7 @@ def softmax_kl_divergence(logits, target_logits, *, axis=-1, temperature=1.0,
     temp = _scalar_option(temperature, "temperature", 0.0, None, lo_open=True)
     want_grad = bool(return_grad) or grad_out is not None
     f = _Float(logits, "logits")
+    _check_inverse(temp, "temperature", f.out_dtype)
     ft = f.companion(target_logits, "target_logits")
     if ft.source.shape != f.source.shape:
         raise ValueError(f"target_logits must have the logits' shape {f.source.shape}; "
@@ -519,7 +580,8 @@ def softmax_kl_divergence(logits, target_logits, *, axis=-1, temperature=1.0,
     n, c = rows.shape
     den = {"batchmean": n, "mean": n * c, "sum": 1, "none": 1}[reduction]
     gscale = 1.0 / den if den else math.nan
-    grad, g2, finish = _grad_target(want_grad, grad_out, logits, f, ax, rows.shape)
+    grad, g2, finish = _grad_target(want_grad, grad_out, logits, f, ax, rows.shape,
+                                    (ft.source,))
     out = np.empty(n, np.float64)
     par = _parallel(backend, rows.size)
     _backend_module().run("kl_logits", par, rows, f.hk, trows, ft.hk, 1.0 / temp, gscale,
@@ -538,15 +600,15 @@ def _elementwise_rows(arrays, shape):
     """2-D (rows, cols) views for elementwise kernels; one long row when contiguous."""
     if all(a is None or (a.shape == shape and a.flags.c_contiguous) for a in arrays):
         return [None if a is None else a.reshape(1, -1) for a in arrays]
-    last = shape[-1] if shape else 1
+    shape2 = _rows_shape(shape) if shape else (1, 1)  # explicit: -1 fails for size 0
     out = []
     for a in arrays:
         if a is None:
             out.append(None)
         elif a.shape == shape:
-            out.append(np.ascontiguousarray(a.reshape(-1, last)))
+            out.append(np.ascontiguousarray(a.reshape(shape2)))
         else:  # a broadcast weight: keep its zero strides rather than materialise it
-            out.append(np.broadcast_to(a, shape).reshape(-1, last))
+            out.append(np.broadcast_to(a, shape).reshape(shape2))
     return out
 
 
@@ -647,7 +709,8 @@ def binary_cross_entropy_with_logits(logits, targets, *, weight=None, pos_weight
     size = int(np.prod(shape, dtype=np.int64))
     gscale = (1.0 / size if size else math.nan) if reduction == "mean" else 1.0
     x2, y2, w2, pw2 = _elementwise_rows([fx.arr, fy.arr, w, pw], shape)
-    grad, g2, finish = _grad_target(want_grad, grad_out, logits, fx, None, x2.shape)
+    grad, g2, finish = _grad_target(want_grad, grad_out, logits, fx, None, x2.shape,
+                                    (fy.source, w, pw))
     keep = reduction == "none"
     out, partial, _ = _elementwise_buffers(x2.shape, keep, fx.out_dtype)
     dummy = np.ones((1, 0), fx.out_dtype)

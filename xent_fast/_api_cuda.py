@@ -501,6 +501,8 @@ def softmax_cross_entropy(logits, targets, *, axis, weight, ignore_index, label_
     cap = 0.0 if softcap is None else A._scalar_option(softcap, "softcap", 0.0, None, True)
     want_grad = bool(return_grad) or grad_out is not None
     dx = Dev(logits, "logits")
+    if cap:
+        A._check_inverse(cap, "softcap", dx.out_dtype)
     ax = _ax(dx, axis, "logits")
     x3 = dx.rows3(ax)
     c = x3.shape[1]
@@ -526,14 +528,14 @@ def softmax_cross_entropy(logits, targets, *, axis, weight, ignore_index, label_
         if tshape != batch:
             raise ValueError(f"integer targets must have the logits' shape without the "
                              f"class axis, {batch}; got {tshape}")
-        ignore = operator.index(ignore_index)
+        ignore = A.ignore_index_option(ignore_index)
         if dt is None:
-            tdev = cuda.to_device(np.ascontiguousarray(th.reshape(-1), dtype=np.int64))
+            tdev = cuda.to_device(A.index_targets(th, c, ignore))
         else:
             if _merged_stride(dt.shape, dt.desc["strides"]) is None:
                 dt._make_contiguous()
             tdev = dt.view((n,), (_merged_stride(dt.shape, dt.desc["strides"]) or dt.dtype.itemsize,))
-        den = _zeros(1, np.float64)
+        den = _zeros(2, np.float64)  # summed weight, number of kept targets
         bad = _bad_flag()
         if n:
             K.targets_kernel[min(1024, max(1, -(-n // K.FLAT_THREADS))), K.FLAT_THREADS](tdev, c, ignore, w, has_w,
@@ -593,6 +595,7 @@ def softmax_kl_divergence(logits, target_logits, *, axis, temperature, reduction
     temp = A._scalar_option(temperature, "temperature", 0.0, None, lo_open=True)
     want_grad = bool(return_grad) or grad_out is not None
     dx = Dev(logits, "logits")
+    A._check_inverse(temp, "temperature", dx.out_dtype)
     dt = Dev(target_logits, "target_logits")
     if dt.shape != dx.shape:
         raise ValueError(f"target_logits must have the logits' shape {dx.shape}; got {dt.shape}")

@@ -285,9 +285,13 @@ def _store_losses(rowv, lg, nrows):
     return chk
 
 
-def _make_ce_small(C, has_w, smooth, has_z, want_grad):
-    """The few-classes driver for exactly ``C`` classes.  The option flags are
-    compile-time constants too: branches left in the row loop stop it vectorising."""
+def _make_ce_small(C, general, want_grad):
+    """The few-classes driver for exactly ``C`` classes.  ``general`` (class weights or
+    label smoothing: the kernel then always takes ``w``, ones when unweighted, and
+    ``eps``, which may be 0) and ``want_grad`` are compile-time constants too: branches
+    left in the row loop stop it vectorising.  The z-loss costs a few operations a row
+    and is always computed (``z`` may be 0): one kernel fewer per class count."""
+    has_w = smooth = general
 
     SIMD = _simd.ENABLED
 
@@ -405,8 +409,7 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
                     row = (ce * wtv[r]) * nll_from(ls, xtv[r], m)
                     if smooth:
                         row += cs * (wsum_c * ls - wyv[r])
-                    if has_z:
-                        row += zz * lse * lse
+                    row += zz * lse * lse  # 0 where z is 0 (non-finite rows are redone)
                     rowv[r] = row if kept else zero
                     if want_grad:
                         kgs = gs if kept else zero  # 0, not 0 * NaN, when all ignored
@@ -442,7 +445,10 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
                             d = kv[r] * fexp(Tc[r] - mv[r])
                             if smooth:
                                 d -= skv[r] * wc
-                            Tc[r] = d - (av[r] if tv[r] == c else zero)
+                            d -= av[r] if tv[r] == c else zero
+                            # an ignored row's gradient is exactly 0, also where its
+                            # logits are all -inf or hold NaN (0 * NaN would be NaN)
+                            Tc[r] = d if tv[r] != ignore else zero
                     gs_ = gb[r0 * C:(r0 + nv) * C]
                     if SIMD:
                         full = nv - nv % L
@@ -464,12 +470,12 @@ def _make_ce_small(C, has_w, smooth, has_z, want_grad):
             if not per_row:
                 loss[b] = total
 
-    drv.__name__ = drv.__qualname__ = small_name(C, has_w, smooth, has_z, want_grad)
+    drv.__name__ = drv.__qualname__ = small_name(C, general, want_grad)
     return drv
 
 
-def small_name(C, has_w, smooth, has_z, want_grad):
-    return f"ce_small{C}_{int(has_w)}{int(smooth)}{int(has_z)}{int(want_grad)}"
+def small_name(C, general, want_grad):
+    return f"ce_small{C}_{int(general)}{int(want_grad)}"
 
 
 # Which positional arguments each driver writes (typed mutable); all others that are
@@ -519,9 +525,30 @@ def _dispatcher(name, parallel):
         func.__qualname__ = cname
         opts = dict(JIT)
         opts.update(parallel=parallel, cache=True)
-        disp = njit(**opts)(func)
+        try:
+            disp = njit(**opts)(func)
+        except RuntimeError as e:  # no writable cache location: compile every process
+            if "cannot cache" not in str(e):
+                raise
+            _warn_no_cache(e)
+            opts.update(cache=False)
+            disp = njit(**opts)(func)
         _dispatchers[key] = disp
     return disp
+
+
+_warned_no_cache = False
+
+
+def _warn_no_cache(err):
+    global _warned_no_cache
+    if not _warned_no_cache:
+        _warned_no_cache = True
+        import warnings
+
+        warnings.warn(f"xent_fast: kernels are compiled without an on-disk cache ({err}); "
+                      "set NUMBA_CACHE_DIR to a writable folder to keep them between "
+                      "processes", RuntimeWarning, stacklevel=4)
 
 
 def _numba_type(value, writable):

@@ -191,6 +191,9 @@ def kernels(v, f64):
         ti = np.int64(t[rr])
         ignored = (not active) or ti == ignore or ti < 0 or ti >= C
         nv = C // v if not ignored else 0
+        if use_den and has_w and z != 0.0 and den[0] != 0.0 and den[1] != 0.0:
+            # the z-loss is not class-weighted: its mean is over the kept rows
+            z = z * den[0] / den[1]
         yt = FT(0.0)
         if not ignored:
             yt = decode(row[ti])
@@ -210,7 +213,10 @@ def kernels(v, f64):
                 y = decode(row[c])
                 if cap > 0:
                     y = fcap * math.tanh(y * icap)
-                part += FT(w[c]) * (y - piv) if has_w else y - piv
+                if has_w:  # a weight of 0 is no mass, even at y = -inf
+                    part += FT(w[c]) * (y - piv) if w[c] != 0 else FT(0.0)
+                else:
+                    part += y - piv
             sy = team_sum(np.float64(part), ts, sm)
         lse = lse_finish(m, s, nanf)
         lossv = 0.0
@@ -228,7 +234,7 @@ def kernels(v, f64):
             if m == NEG_INF and nanf == 0:
                 nll = math.inf
                 smooth = math.inf
-            lossv = (1.0 - eps) * wt * nll if eps < 1.0 else 0.0
+            lossv = (1.0 - eps) * wt * nll if eps < 1.0 and wt != 0.0 else 0.0
             if eps > 0.0:
                 lossv += eps / C * smooth
             if z != 0.0:
@@ -303,7 +309,8 @@ def kernels(v, f64):
         # sum_c a_c (y_c - m): about the row max (see ce_index_kernel)
         piv = FT(m) if nanf == 0 and m != NEG_INF and m != math.inf else FT(0.0)
         pa = FT(0.0)
-        pay = FT(0.0)
+        pay = 0.0  # float64: y - piv overflows float32 at logits near +-2e38
+        fpiv = np.float64(piv)
         for c in range(lane, nv * v, ts):
             a = ce * decode(prow[c]) + cs
             if has_w:
@@ -312,7 +319,7 @@ def kernels(v, f64):
             if cap > 0:
                 y = fcap * math.tanh(y * icap)
             pa += a
-            pay += a * (y - piv) if a != 0 else FT(0.0)
+            pay += np.float64(a) * (np.float64(y) - fpiv) if a != 0 else 0.0
         a_tot = team_sum(np.float64(pa), ts, sm)
         ay = team_sum(np.float64(pay), ts, sm)
         lse = lse_finish(m, s, nanf)
@@ -467,7 +474,9 @@ def kernels(v, f64):
     @cuda.jit(**KERNEL)
     def eval_kernel(x, t, st, ts):
         """Per row for ``evaluate``: max, sum e, sum e (x - max), target logit, count of
-        logits above it, first argmax (e = exp(x - max)), into st[r, 0:6] (float64)."""
+        logits above it, first argmax (e = exp(x - max)), into st[r, 0:6] (float64).
+        A row with a NaN gets NaN max, sums and target logit and argmax -1, as on the
+        CPU (``_evalrows.eval_row``): every metric of the row is then NaN."""
         sm = cuda.shared.array(SHARED, np.float64)
         inner = x.shape[2]
         C = x.shape[1]
@@ -486,12 +495,10 @@ def kernels(v, f64):
         nanf = 0
         big = np.int64(C)
         best = big
-        first_nan = big
         for c in range(lane, cnt, ts):
             y = decode(row[c])
             if y != y:
                 nanf = 1
-                first_nan = min(first_nan, np.int64(c))
             if has_t and y > xt:
                 g += 1
             if y > m:
@@ -522,15 +529,21 @@ def kernels(v, f64):
         cand = best if m == mm else big
         am = np.int64(-team_max(np.float64(-cand), ts, sm))
         anynan = team_max(nanf, ts, sm)
-        if anynan != 0:
-            am = np.int64(-team_max(np.float64(-first_nan), ts, sm))
         if active and lane == 0:
-            st[r, 0] = math.nan if anynan != 0 else np.float64(mm)
-            st[r, 1] = stot
-            st[r, 2] = dtot
-            st[r, 3] = np.float64(xt)
-            st[r, 4] = gtot
-            st[r, 5] = am
+            if anynan != 0:
+                st[r, 0] = math.nan
+                st[r, 1] = math.nan
+                st[r, 2] = math.nan
+                st[r, 3] = math.nan
+                st[r, 4] = 0.0
+                st[r, 5] = -1.0
+            else:
+                st[r, 0] = np.float64(mm)
+                st[r, 1] = stot
+                st[r, 2] = dtot
+                st[r, 3] = np.float64(xt)
+                st[r, 4] = gtot
+                st[r, 5] = am
 
     return dict(lse=lse_kernel, softmax=softmax_kernel, ce_index=ce_index_kernel,
                 ce_prob=ce_prob_kernel, kl_logits=kl_logits_kernel, dist=dist_kernel,
@@ -553,10 +566,10 @@ def scale_kernel(src, k, dst):
 
 
 @device
-def _grid_add(val, acc, sm):
+def _grid_add(val, acc, sm, i):
     tot = team_sum(np.float64(val), cuda.blockDim.x, sm)
     if cuda.threadIdx.x == 0:
-        cuda.atomic.add(acc, 0, tot)
+        cuda.atomic.add(acc, i, tot)
 
 
 @device
@@ -569,11 +582,13 @@ def _grid_loop(total):
 
 @cuda.jit(**KERNEL)
 def targets_kernel(t, C, ignore, w, has_w, den, bad):
-    """den[0] += summed weight of kept targets; bad[0] = min index of a bad target."""
+    """den[0] += summed weight of kept targets, den[1] += their number; bad[0] = min
+    index of a bad target."""
     sm = cuda.shared.array(SHARED, np.float64)
     n = t.shape[0]
     start, step, trips = _grid_loop(n)
     part = 0.0
+    kept = 0.0
     for k in range(trips):
         i = start + k * step
         if i < n:
@@ -583,7 +598,9 @@ def targets_kernel(t, C, ignore, w, has_w, den, bad):
                     cuda.atomic.min(bad, 0, np.int64(i))
                 else:
                     part += np.float64(w[ti]) if has_w else 1.0
-    _grid_add(part, den, sm)
+                    kept += 1.0
+    _grid_add(part, den, sm, 0)
+    _grid_add(kept, den, sm, 1)
 
 
 @cuda.jit(**KERNEL)
@@ -632,7 +649,7 @@ def bce_kernel(p, y, w, has_w, keep, out, acc, bad):
             else:
                 part += rv
     if not keep:
-        _grid_add(part, acc, sm)
+        _grid_add(part, acc, sm, 0)
 
 
 @cuda.jit(**KERNEL)
@@ -664,4 +681,4 @@ def bce_logits_kernel(x, y, w, has_w, pw, has_pw, gscale, want_grad, g, keep, ou
                 sig_neg = (ex / (one + ex)) if v >= zero else (one / (one + ex))
                 g[i, j] = encode(gscale * wv * ((one - t) - lw * sig_neg), g)
     if not keep:
-        _grid_add(part, acc, sm)
+        _grid_add(part, acc, sm, 0)

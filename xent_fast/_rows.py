@@ -324,10 +324,71 @@ def lse_from(x, m, s):
     return float(m) + math.log(s)
 
 
+# Where the max carries nearly all of a row's mass (s = sum exp(x - max) below this),
+# s = 1 + rest has lost the low digits of rest, and with them log s, which is then the
+# whole of a tiny result (logsumexp([0, -40]) = 4.2e-18, the loss of a confident right
+# prediction, the max's log-probability).  Such rows get log s again with the max terms
+# split off, log k + log1p(rest / k), rest summed in float64 (as SciPy's logsumexp).
+_CONCENTRATED = 1.0625
+
+
+@njit(**JIT)
+def log_mass_split(x, m):
+    """log(sum(exp(x - m))) for the finite row max ``m``, max terms split off."""
+    fm = float(m)
+    n = x.shape[0]
+    k = 0.0
+    rest = 0.0
+    for lo in range(0, n, _CHUNK):
+        seg = x[lo:min(lo + _CHUNK, n)]
+        sk = 0.0
+        sr = 0.0
+        for j in range(seg.shape[0]):
+            v = float(seg[j])
+            top = v == fm
+            e = fexp(v - fm)
+            sk += 1.0 if top else 0.0
+            sr += 0.0 if top else e
+        k += sk
+        rest += sr
+    return math.log(k) + math.log1p(rest / k)
+
+
+@njit(**JIT)
+def log_mass_split_exps(e):
+    """The same from the stored exps ``e = exp(x - m)`` (the max's are exactly 1)."""
+    n = e.shape[0]
+    k = 0.0
+    rest = 0.0
+    for lo in range(0, n, _CHUNK):
+        seg = e[lo:min(lo + _CHUNK, n)]
+        sk = 0.0
+        sr = 0.0
+        for j in range(seg.shape[0]):
+            v = float(seg[j])
+            top = v == 1.0
+            sk += 1.0 if top else 0.0
+            sr += 0.0 if top else v
+        k += sk
+        rest += sr
+    return math.log(k) + math.log1p(rest / k) if k > 0 else math.log(rest)
+
+
+@njit(**INLINE)
+def tiny_log(x):
+    """Below this a log s computed from the row sums has lost digits that matter in
+    the row's precision (float32 rows are summed in float32 lanes)."""
+    low = float(cast_like(1.0 + 1e-10, x)) == 1.0
+    return 2.0 ** -6 if low else 2.0 ** -16
+
+
 @njit(**JIT)
 def row_logsumexp(x):
     m, s = row_max_sumexp(x)
-    return lse_from(x, m, s)
+    lse = lse_from(x, m, s)
+    if s < _CONCENTRATED and abs(lse) < 1.0 and abs(m) < np.inf:
+        lse = float(m) + log_mass_split(x, m)
+    return lse
 
 
 @njit(nogil=True, error_model="numpy", boundscheck=False,
@@ -336,6 +397,14 @@ def _shift2(x, a, b, out):
     """out = (x - a) - b in that order: no "reassoc", which would fold a + b first."""
     for j in range(x.shape[0]):
         out[j] = (x[j] - a) - b
+
+
+@njit(nogil=True, error_model="numpy", boundscheck=False, fastmath={"nsz", "arcp", "afn"})
+def shift_scale(v, m, it):
+    """(v - m) * it with neither contraction nor re-association (the flags live on the
+    instructions, so they hold where LLVM inlines this): at v = m it is exactly 0,
+    where v * it - m * it under "reassoc"/"contract" is off by the rounding of m * it."""
+    return (v - m) * it
 
 
 @njit(nogil=True, error_model="numpy", boundscheck=False,
@@ -361,7 +430,10 @@ def row_softmax(x, out, log):
         return
     mm = cast_like(m, out)
     if log:
-        _shift2(x, mm, cast_like(math.log(s), out), out)
+        ls = math.log(s)
+        if s < _CONCENTRATED and ls < tiny_log(x):  # the max's own log-probability
+            ls = log_mass_split(x, m)
+        _shift2(x, mm, cast_like(ls, out), out)
     else:
         inv = cast_like(1.0 / s, out)
         for j in range(x.shape[0]):
@@ -380,8 +452,8 @@ def _row_dot_about(w, has_w, y, pivot):
         s = 0.0
         if has_w:
             sw = w[lo:hi]
-            for j in range(sy.shape[0]):
-                s += float(sw[j]) * (float(sy[j]) - pivot)
+            for j in range(sy.shape[0]):  # a weight of 0 is no mass, even at y = -inf
+                s += float(sw[j]) * (float(sy[j]) - pivot) if sw[j] != 0 else 0.0
         else:
             for j in range(sy.shape[0]):
                 s += float(sy[j]) - pivot
@@ -503,12 +575,19 @@ def ce_index_row(y, t, w, has_w, wsum, eps, z, gr, want_grad, gscale, stream=Fal
     fm = float(m)
     finite = m != np.inf and m != -np.inf
     nll = ls - (y_t - fm) if finite else lse - y_t
+    if finite and s < _CONCENTRATED and nll < tiny_log(y):
+        # a confident right prediction: its loss is log s, recomputed to keep its digits
+        # (from the stored exps where the gradient pass has written them, maybe over y)
+        ls = log_mass_split_exps(gr) if want_grad and not fast else log_mass_split(y, m)
+        nll = ls - (y_t - fm)
+        lse = fm + ls
     # sum_c w_c (lse - y_c) = wsum (lse - pivot) - wy, where lse - y_t is nll
     smooth = wsum * (nll if pivot == y_t else lse) - wy
     if m == -np.inf:
         nll = np.inf
         smooth = np.inf
-    loss = (1.0 - eps) * w_t * nll if eps < 1.0 else 0.0
+    # a target of weight 0 carries no mass: exactly 0, even where its logit is -inf
+    loss = (1.0 - eps) * w_t * nll if eps < 1.0 and w_t != 0 else 0.0
     if eps > 0.0:
         loss += eps / C * smooth
     if z != 0.0:
@@ -553,6 +632,20 @@ def _row_sum(y):
 
 
 @njit(**JIT)
+def _prob_dot_about(y, p, w, has_w, eps, piv):
+    """sum_c a_c (y_c - piv), a_c = ((1-eps) p_c + eps/C) w_c, all in float64."""
+    C = y.shape[0]
+    cs = eps / C
+    total = 0.0
+    for j in range(C):
+        a = (1.0 - eps) * float(p[j]) + cs
+        if has_w:
+            a *= float(w[j])
+        total += a * (float(y[j]) - piv) if a != 0.0 else 0.0
+    return total
+
+
+@njit(**JIT)
 def ce_prob_row(y, p, w, has_w, eps, z, gr, want_grad, gscale):
     """Softmax cross-entropy of one row against target probabilities ``p``.
 
@@ -589,6 +682,10 @@ def ce_prob_row(y, p, w, has_w, eps, z, gr, want_grad, gscale):
                 say += a * (sy[j] - piv) if a != zero else zero
         a_tot += sa
         ay += say
+    if not (abs(ay) < np.inf) and abs(mrow) < np.inf:
+        # y_c - piv overflowed the row's precision (logits near +-2e38 in float32), or a
+        # target class has a -inf logit: again in float64, which tells the two apart
+        ay = _prob_dot_about(y, p, w, has_w, eps, float(piv))
     m, s, ls, lse = _row_max_lse(y, gr, want_grad, mrow)
     fp = float(piv)
     if m == -np.inf:
@@ -755,29 +852,7 @@ def _kl_one_pass_simd(x, xt, it):
     return True, d / st + (float(ms) - float(mt)) + (math.log(ss) - math.log(st))
 
 
-_KL_BIG = 1e30
-
-
-@njit(**JIT)
-def _kl_huge(x, xt, it):
-    """KL for rows whose maxima are beyond +-_KL_BIG, where v_t - v_s itself may
-    overflow: with d = (x - max x)/T and likewise for xt, KL = sum e_t (d_t - d_s) /
-    sum e_t + log(sum e_s / sum e_t).  (x - max x)/T rather than x/T - max/T: the
-    latter, contracted to one multiply-add, keeps the rounding of max/T, about 1e291
-    at 1e308.  Such rows are rare enough for a plain loop."""
-    mx = row_max(x)
-    mxt = row_max(xt)
-    ss = 0.0
-    st = 0.0
-    d = 0.0
-    for j in range(x.shape[0]):
-        ds = (x[j] - mx) * it
-        dt = (xt[j] - mxt) * it
-        et = fexp(dt)
-        ss += fexp(ds)
-        st += et
-        d += et * (dt - ds) if et != 0 else 0.0
-    return d / st + (math.log(ss) - math.log(st))
+_KL_BIG = 1e30  # beyond: x_t/T - x/T may overflow in the one pass; two passes instead
 
 
 def _kl_one_pass(x, xt, it):
@@ -795,7 +870,15 @@ def _kl_one_pass_ov(x, xt, it):
 def kl_logits_row(x, xt, inv_t, gr, want_grad, gscale):
     """KL(softmax(xt/T) || softmax(x/T)) for one row, without forming either.
 
-    With ``want_grad`` writes ``gscale * dKL/dx = gscale/T (softmax(x/T) - softmax(xt/T))``.
+    With ``want_grad`` writes ``gscale * dKL/dx = gscale/T (softmax(x/T) - softmax(xt/T))``
+    (``gr`` may be ``x`` itself: each element is read before it is written).
+
+    Outside the one-pass forward, every logit is shifted by its row's max before the
+    division by T, ``d = (x - max x)/T``: the max then gives exactly exp(0), whereas
+    ``x/T - max/T`` (one multiply-add under "contract") keeps the rounding of max/T,
+    which at 1e8 is a whole unit of the exponent.  With ``d_s``, ``d_t`` so,
+    KL = sum e_t (d_t - d_s) / sum e_t + log(sum e_s) - log(sum e_t), which neither
+    overflows nor loses the max's digits at the largest floats.
     """
     C = x.shape[0]
     it = cast_like(inv_t, x)
@@ -803,12 +886,13 @@ def kl_logits_row(x, xt, inv_t, gr, want_grad, gscale):
         done, kl = _kl_one_pass(x, xt, it)
         if done:
             return kl
-    ms = row_max(x) * it
-    mt = row_max(xt) * it
     if C == 0:
         return 0.0
-    one = cast_like(1.0, x)
-    zero = one - one
+    mx = row_max(x)
+    mxt = row_max(xt)
+    if not (abs(mx) < np.inf and abs(mxt) < np.inf):
+        return _kl_infinite(gr, want_grad)
+    zero = cast_like(0.0, x)
     st = 0.0
     ss = 0.0
     d = 0.0
@@ -822,34 +906,43 @@ def kl_logits_row(x, xt, inv_t, gr, want_grad, gscale):
         if want_grad:
             sg = gr[lo:hi]
             for j in range(sx.shape[0]):
-                vs = sx[j] * it
-                vt = sxt[j] * it
-                es = fexp(vs - ms)
-                et = fexp(vt - mt)
+                ds = shift_scale(sx[j], mx, it)
+                dt = shift_scale(sxt[j], mxt, it)
+                es = fexp(ds)
+                et = fexp(dt)
                 sg[j] = es
                 a += es
                 b += et
-                c += et * (vt - vs) if et != zero else zero
+                c += et * (dt - ds) if et != zero else zero
         else:
-            a, b, c = _kl_chunk(sx, sxt, it, ms, mt)
+            for j in range(sx.shape[0]):
+                ds = shift_scale(sx[j], mx, it)
+                dt = shift_scale(sxt[j], mxt, it)
+                es = fexp(ds)
+                et = fexp(dt)
+                a += es
+                b += et
+                c += et * (dt - ds) if et != zero else zero
         ss += a
         st += b
         d += c
-    lse_s = lse_from(x, ms, ss) if ms != -np.inf else -np.inf
-    lse_t = lse_from(xt, mt, st) if mt != -np.inf else -np.inf
-    if ms != -np.inf and mt != -np.inf and ms != np.inf and mt != np.inf:
-        if abs(ms) < _KL_BIG and abs(mt) < _KL_BIG:
-            kl = d / st + (float(ms) - float(mt)) + (math.log(ss) - math.log(st))
-        else:
-            kl = _kl_huge(x, xt, it)
-    else:
-        kl = d / st + lse_s - lse_t
+    kl = d / st + (math.log(ss) - math.log(st))
     if want_grad:
         ks = cast_like(gscale * inv_t / ss, gr)
         kt = cast_like(gscale * inv_t / st, gr)
         for j in range(C):
-            gr[j] = ks * gr[j] - kt * fexp(xt[j] * it - mt)
+            gr[j] = ks * gr[j] - kt * fexp(shift_scale(xt[j], mxt, it))
     return kl
+
+
+@njit(**JIT)
+def _kl_infinite(gr, want_grad):
+    """A row with a +inf, an all -inf row or a NaN (either input): softmax is undefined
+    there, so the KL and its gradient are NaN, as in the reference."""
+    if want_grad:
+        for j in range(gr.shape[0]):
+            gr[j] = np.nan
+    return np.nan
 
 
 # ---------------------------------------------------------------------------- distributions
@@ -875,6 +968,8 @@ def dist_row(p, q, mode):
     if n == 0:
         return total
     zero = cast_like(0.0, p)
+    half = cast_like(0.5, p)
+    two = cast_like(2.0, p)
     for lo in range(0, n, _CHUNK):
         hi = min(lo + _CHUNK, n)
         sp = p[lo:hi]
@@ -889,9 +984,14 @@ def dist_row(p, q, mode):
                 v = sp[j]
                 s -= v * flog(sq[j]) if v != zero else zero
         else:
+            # log(p/q) as log1p((p - q)/q) where p and q are within a factor 2 (p - q is
+            # then exact): log p - log q cancels to a few ulps of log p there
             for j in range(sp.shape[0]):
                 v = sp[j]
-                s += v * (flog(v) - flog(sq[j])) if v != zero else zero
+                u = sq[j]
+                near = v >= half * u and v <= two * u
+                d = flog1p((v - u) / u) if near else flog(v) - flog(u)
+                s += v * d if v != zero else zero
         total += s
     return total
 

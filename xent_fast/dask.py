@@ -27,7 +27,7 @@ import numpy as np
 from numpy.lib.array_utils import normalize_axis_index
 
 from . import _api
-from ._evaluate import (NFIELDS, EvalState, check_backend, check_bins,
+from ._evaluate import (NAN_RANK, NFIELDS, EvalState, check_backend, check_bins,
                         check_targets, check_topk, merge_class_stats, merge_states,
                         row_stats, rows_from_stats, ROW_METRICS)
 
@@ -152,8 +152,18 @@ def _rows_block(s, tb, ignore, k):
     sf = s.reshape(n, s.shape[-1])
     r = rows_from_stats(sf[:, :NFIELDS], tb.reshape(-1).astype(np.int64), ignore,
                         sf[:, NFIELDS:] if k else None)
-    out = np.stack([np.asarray(r[m], np.float64) for m in ROW_METRICS], axis=-1)
+    cols = [np.asarray(r[m], np.float64) for m in ROW_METRICS]
+    # NAN_RANK (int64 max) does not survive the float64 table: NaN there, see _rank_col
+    cols[ROW_METRICS.index("rank")][r["rank"] == NAN_RANK] = np.nan
+    out = np.stack(cols, axis=-1)
     return out.reshape(tb.shape + (len(ROW_METRICS),))
+
+
+def _rank_col(a):
+    out = np.full(a.shape, NAN_RANK, np.int64)
+    ok = ~np.isnan(a)
+    out[ok] = a[ok].astype(np.int64)
+    return out
 
 
 def _state_block(s, tb, ignore, topk, n_bins, k):
@@ -189,7 +199,8 @@ def evaluate(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n_bins
     An out-of-range target raises ``IndexError`` (with its position in the whole
     array) when the graph is computed.  With the class axis split, top-k accuracy
     comes from each slice's ``max(topk)`` largest logits, which decide every rank below
-    ``max(topk)`` exactly.
+    ``max(topk)`` exactly.  A NaN in any chunk of a row makes the row NaN, as in
+    :func:`xent_fast.evaluate` (NaN means, a miss in the accuracy).
 
     Examples
     --------
@@ -214,7 +225,8 @@ def evaluate_rows(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5),
     """The per-row metrics of :func:`xent_fast.evaluate` as a dict of lazy Dask arrays
     (batch shape, chunked like the rows): ``loss``, ``target_prob``, ``entropy``,
     ``confidence`` (float64), ``prediction``, ``rank`` (int64) and ``ignored`` (bool).
-    With the class axis split over chunks ``rank`` saturates at ``max(topk)``."""
+    With the class axis split over chunks ``rank`` saturates at ``max(topk)``.  Rows with
+    a NaN logit: NaN metrics, ``prediction`` -1 and ``rank`` ``np.iinfo(np.int64).max``."""
     topk = check_topk(topk)
     x, t, ignore = _prepare(logits, targets, axis, ignore_index, backend)
     s, k = _row_stats(x, t, ignore, max(topk), backend)
@@ -223,8 +235,9 @@ def evaluate_rows(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5),
     table = da.blockwise(_rows_block, idx + "z", s, idx + "z", t, idx,
                          adjust_chunks={"z": len(ROW_METRICS)}, dtype=np.float64,
                          meta=np.empty((0,) * (nd + 1), np.float64), ignore=ignore, k=k)
-    kinds = {"prediction": np.int64, "rank": np.int64, "ignored": bool}
-    return {m: table[..., i].astype(kinds.get(m, np.float64))
+    kinds = {"prediction": np.int64, "ignored": bool}
+    return {m: (table[..., i].map_blocks(_rank_col, dtype=np.int64) if m == "rank"
+                else table[..., i].astype(kinds.get(m, np.float64)))
             for i, m in enumerate(ROW_METRICS)}
 
 
@@ -279,11 +292,21 @@ def _ce_den_block(tb, c, ignore, weight):
     return np.where(kept, w[np.clip(t, 0, c - 1)], 0.0)
 
 
-def _ce_split_block(s, tb, ignore, weight, z_loss, c):
+def _ce_z_block(xb, tb, ignore, z_loss, softcap, backend):
+    """z_loss * lse^2 of the kept rows of one block whose rows are complete."""
+    x = np.asarray(xb)
+    if softcap is not None:
+        x = softcap * np.tanh(_api._Float(x, "logits").source.astype(np.float64) / softcap)
+    with np.errstate(all="ignore"):
+        lse = np.asarray(_api.logsumexp(x, backend=backend), np.float64)
+        return np.where(np.asarray(tb) != ignore, z_loss * lse * lse, 0.0)
+
+
+def _ce_split_block(s, tb, ignore, weight, z_loss, c, z_only=False):
     tf = tb.reshape(-1).astype(np.int64)
     sf = s.reshape(tf.size, s.shape[-1])
     r = rows_from_stats(sf[:, :NFIELDS], tf, ignore)
-    loss = r["loss"]
+    loss = np.zeros(tf.size) if z_only else r["loss"]
     if weight is not None:
         loss = loss * np.asarray(weight, np.float64)[np.clip(tf, 0, c - 1)]
     if z_loss:
@@ -317,7 +340,7 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
         if weight.shape != (c,):
             raise ValueError(f"weight must have shape ({c},) (one weight per class), "
                              f"got {weight.shape}")
-    ignore = operator.index(ignore_index)
+    ignore = _api.ignore_index_option(ignore_index)
     t = da.asarray(targets)
     nd = x.ndim
     idx = _LETTERS[:nd]
@@ -335,21 +358,42 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     else:
         raise TypeError(f"targets must be integer class indices or float probabilities, "
                         f"got dtype {t.dtype}")
+    # The z-loss is not class-weighted: under "mean" with weights its rows are summed
+    # apart and divided by the number of kept rows, not by the summed weight.
+    z_apart = (reduction == "mean" and bool(z_loss) and weight is not None
+               and t.dtype.kind in "iu")
+    zrows = None
+    meta = np.empty((0,) * (nd - 1), np.float64)
     if len(x.chunks[-1]) == 1:
-        kw = dict(ignore_index=ignore, label_smoothing=label_smoothing, z_loss=z_loss,
-                  softcap=softcap)
+        kw = dict(ignore_index=ignore, label_smoothing=label_smoothing,
+                  z_loss=0.0 if z_apart else z_loss, softcap=softcap)
         rows = da.blockwise(_ce_whole_block, idx[:-1], x, idx, t, tidx, dtype=np.float64,
-                            concatenate=True, meta=np.empty((0,) * (nd - 1), np.float64),
-                            weight=weight, backend=backend, kw=kw)
+                            concatenate=True, meta=meta, weight=weight, backend=backend,
+                            kw=kw)
+        if z_apart:
+            zrows = da.blockwise(_ce_z_block, idx[:-1], x, idx, t, tidx, dtype=np.float64,
+                                 concatenate=True, meta=meta, ignore=ignore,
+                                 z_loss=float(z_loss), softcap=softcap, backend=backend)
     else:
         if label_smoothing or softcap is not None:
             raise NotImplementedError("label_smoothing and softcap need the class axis in "
                                       "one chunk: rechunk it ({axis: -1})")
         s, _ = _row_stats(x, t, ignore, 0, backend)
         rows = da.blockwise(_ce_split_block, idx[:-1], s, idx[:-1] + "z", t, idx[:-1],
-                            dtype=np.float64, concatenate=True,
-                            meta=np.empty((0,) * (nd - 1), np.float64), ignore=ignore,
-                            weight=weight, z_loss=float(z_loss), c=c)
+                            dtype=np.float64, concatenate=True, meta=meta, ignore=ignore,
+                            weight=weight, z_loss=0.0 if z_apart else float(z_loss), c=c)
+        if z_apart:
+            zrows = da.blockwise(_ce_split_block, idx[:-1], s, idx[:-1] + "z", t, idx[:-1],
+                                 dtype=np.float64, concatenate=True, meta=meta,
+                                 ignore=ignore, weight=None, z_loss=float(z_loss), c=c,
+                                 z_only=True)
+    if zrows is not None:
+        kept = da.map_blocks(_ce_den_block, t, dtype=np.float64, c=c, ignore=ignore,
+                             weight=None).sum()
+        den = da.map_blocks(_ce_den_block, t, dtype=np.float64, c=c, ignore=ignore,
+                            weight=weight).sum()
+        return (_reduce_rows(rows, den, "mean", np.dtype(np.float64))
+                + _reduce_rows(zrows, kept, "mean", np.dtype(np.float64))).astype(out_dtype)
     if reduction == "mean":
         if t.dtype.kind in "iu":
             den = da.map_blocks(_ce_den_block, t, dtype=np.float64, c=c, ignore=ignore,

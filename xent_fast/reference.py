@@ -21,6 +21,18 @@ def _last(a, axis):
     return np.moveaxis(_f64(a), axis, -1)
 
 
+def _log_mass(d):
+    """log(sum(exp(d))) over the last axis for d = x - max x, with the max terms (d = 0)
+    split off as SciPy does: log k + log1p(rest / k), so that a row whose max carries
+    nearly all of the mass keeps the digits of the rest (log(1 + 1e-18) is 0)."""
+    top = d == 0
+    k = np.sum(top, axis=-1)
+    rest = np.sum(np.where(top, 0.0, np.exp(d)), axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(k > 0, np.log(np.maximum(k, 1)) + np.log1p(rest / np.maximum(k, 1)),
+                        np.log(rest))
+
+
 def _lse_last(x):
     """log-sum-exp over the last axis with the conventions of SEMANTICS.md."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -28,8 +40,7 @@ def _lse_last(x):
             return np.full(x.shape[:-1], -np.inf)
         m = np.max(x, axis=-1)
         safe = np.where(np.isfinite(m), m, 0.0)
-        s = np.sum(np.exp(x - safe[..., None]), axis=-1)
-        out = safe + np.log(s)
+        out = safe + _log_mass(x - safe[..., None])
         out = np.where(m == -np.inf, -np.inf, out)
         out = np.where(m == np.inf, np.inf, out)
         out = np.where(np.isnan(x).any(axis=-1), np.nan, out)
@@ -50,7 +61,7 @@ def _log_softmax_last(x):
             return x.copy()
         m = np.max(x, axis=-1, keepdims=True)
         d = x - m
-        out = d - np.log(np.sum(np.exp(d), axis=-1, keepdims=True))
+        out = d - _log_mass(d)[..., None]
         lse = _lse_last(x)[..., None]
         special = ~np.isfinite(lse)
         return np.where(special, x - lse, out)
@@ -95,8 +106,11 @@ def kl_divergence(p, q, axis=-1, base=None):
     p, q = _last(p, axis), _last(q, axis)
     _check_probs(p, "p")
     _check_probs(q, "q")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d = np.sum(np.where(p == 0, 0.0, p * (np.log(p) - np.log(q))), axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        # log(p/q) = log1p((p - q)/q) where p - q is exact: no cancellation at p ~ q
+        near = (p >= q / 2) & (p <= 2 * q)
+        logr = np.where(near, np.log1p((p - q) / q), np.log(p) - np.log(q))
+        d = np.sum(np.where(p == 0, 0.0, p * logr), axis=-1)
     return d / math.log(base) if base is not None else d
 
 
@@ -116,6 +130,12 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     """Loss (and gradient with ``return_grad``) by the formulas of SEMANTICS.md.
 
     Per row: ``sum_c a_c (lse - y_c) + z_loss lse^2`` with target weights ``a_c``.
+
+    An empty class axis (C = 0) has no terms: each row's loss is 0 (an empty sum; the
+    row carries no target mass, so it is not an all ``-inf`` row's ``+inf``), label
+    smoothing has no classes to spread over (``eps / C`` is taken as 0), and only
+    ``z_loss lse^2`` remains, ``+inf`` since ``lse = -inf``; the gradient is empty.
+    As the kernels: with probability targets ``"mean"`` is 0 over the rows.
     """
     x = _last(logits, axis)
     c = x.shape[-1]
@@ -123,41 +143,54 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     t = np.asarray(targets)
     w = np.ones(c) if weight is None else _f64(weight)
     eps = float(label_smoothing)
+    spread = eps / c if c else 0.0  # C = 0: no class to smooth over (and no 0/0)
     if t.dtype.kind in "iu":
         kept = t != ignore_index
         safe_t = np.where(kept, t, 0)
         onehot = np.zeros(x.shape)
-        np.put_along_axis(onehot, safe_t[..., None], 1.0, axis=-1)
-        a = ((1 - eps) * onehot + eps / c) * w
+        if c:  # with no classes every target is ignore_index: nothing to set
+            np.put_along_axis(onehot, safe_t[..., None], 1.0, axis=-1)
+        a = ((1 - eps) * onehot + spread) * w
         a = np.where(kept[..., None], a, 0.0)
-        den = np.sum(np.where(kept, w[safe_t], 0.0))
+        den = np.sum(np.where(kept, w[safe_t], 0.0)) if c else 0.0
     else:
         kept = np.ones(x.shape[:-1], bool)
-        a = ((1 - eps) * _last(t, axis) + eps / c) * w
+        a = ((1 - eps) * _last(t, axis) + spread) * w
         den = np.prod(x.shape[:-1])
     lse = _lse_last(y)
     logp = _log_softmax_last(y)
     with np.errstate(invalid="ignore", over="ignore"):
         terms = np.where(a == 0, 0.0, -a * logp)
         rows = np.sum(terms, axis=-1)
-        if z_loss:  # 0 * lse^2 would be NaN where lse^2 overflows (|lse| > 1.3e154)
-            rows = rows + z_loss * lse ** 2
         # an all -inf row: every target logit is -inf
         rows = np.where((lse == -np.inf) & (np.sum(a, axis=-1) > 0), np.inf, rows)
+        # the z-loss is not class-weighted: under "mean" it is averaged over the kept rows
+        # (0 * lse^2 would be NaN where lse^2 overflows, |lse| > 1.3e154)
+        zrows = z_loss * lse ** 2 if z_loss else np.zeros_like(rows)
     rows = np.where(kept, rows, 0.0)
-    loss = _reduce(rows, reduction, den)
+    zrows = np.where(kept, zrows, 0.0)
+    nkept = np.count_nonzero(kept)
+    if reduction == "mean":
+        loss = _reduce(rows, "mean", den) + (_reduce(zrows, "mean", nkept) if z_loss else 0.0)
+    else:
+        loss = _reduce(rows + zrows, reduction, den)
     if not return_grad:
         return loss
-    scale = 1.0
+    scale = zscale = 1.0
     if reduction == "mean":
         scale = 1.0 / den if den != 0 else np.nan
+        zscale = 1.0 / nkept if nkept != 0 else np.nan
     with np.errstate(invalid="ignore", over="ignore"):
         p = np.exp(logp)
         atot = np.sum(a, axis=-1)
-        g = (atot + 2 * z_loss * lse)[..., None] * p - a
+        g = (atot * scale)[..., None] * p - a * scale
+        if z_loss:
+            g = g + (2 * z_loss * zscale * lse)[..., None] * p
+        # softmax is undefined on a row with a +inf logit or with no finite one
+        g = np.where(np.isfinite(lse)[..., None], g, np.nan)
         if softcap is not None:
             g = g * (1 - (y / softcap) ** 2)
-    g = np.where(kept[..., None], g * scale, 0.0)
+    g = np.where(kept[..., None], g, 0.0)
     return loss, np.moveaxis(g, -1, axis)
 
 
@@ -221,7 +254,10 @@ def evaluate(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n_bins
 
     Rows whose target is ``ignore_index`` are left out of the aggregates (and get NaN
     loss and target probability and rank -1); rank = #{logits > target logit}; ECE over
-    equal-width confidence bins ((b-1)/B, b/B] with correct = rank 0.
+    equal-width confidence bins ((b-1)/B, b/B] with correct = rank 0.  A row with a NaN
+    logit has NaN loss, target probability, entropy and confidence, prediction -1 and
+    rank ``np.iinfo(np.int64).max`` (never in a top k), so the means and the ECE are
+    NaN and the row counts as wrong in the accuracy.
     """
     x = _last(logits, axis)
     c = x.shape[-1]
@@ -242,6 +278,11 @@ def evaluate(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n_bins
         conf = np.max(p, axis=-1) if c else np.full(x.shape[0], np.nan)
         rank = np.sum(x > xt[:, None], axis=-1)
     pred = np.argmax(x, axis=-1) if c else np.zeros(x.shape[0], np.int64)
+    nan = np.isnan(x).any(axis=-1)
+    for a in (loss, prob, ent, conf):
+        a[nan] = np.nan
+    pred = np.where(nan, -1, pred)
+    rank = np.where(nan, np.iinfo(np.int64).max, rank)
     n = int(kept.sum())
     k_loss, k_ent, k_prob, k_conf, k_rank = (a[kept] for a in (loss, ent, prob, conf, rank))
     mean = (lambda a: float(np.sum(a)) / n) if n else (lambda a: math.nan)
