@@ -147,7 +147,7 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     code = """
         import numpy as np, xent_fast as xf
         x = np.arange(12.0).reshape(3, 4)
-        print(float(xf.softmax_cross_entropy(x, np.array([0, 1, 3]), backend="cpu")))
+        print(float(xf.logsumexp(x, backend="cpu").sum()))
     """
     first = _run(code, env)
     files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]

@@ -241,14 +241,14 @@ def ignore_index_option(value):
     return v
 
 
-def index_targets(t, c, ignore):
+def index_targets(t, c, ignore, origin=None):
     """Integer targets as a flat int64 array, checked before the cast: a uint64 target
     beyond the int64 range would wrap (onto ``ignore_index`` even) and is an error."""
     flat = t.reshape(-1)
     if t.dtype.kind == "u" and t.dtype.itemsize == 8 and flat.size:
         big = np.flatnonzero(flat > np.iinfo(np.int64).max)
         if big.size:
-            bad_target(t, int(big[0]), c, ignore)
+            bad_target(t, int(big[0]), c, ignore, origin)
     return np.ascontiguousarray(flat, dtype=np.int64)
 
 

@@ -25,7 +25,7 @@ from numba.core.errors import TypingError
 from . import _simd, _threads
 from ._rowio import (block_bounds, grad_row, half_work_row, load_row, row_at,
                      store_grad_row, task_bounds, work_row)
-from ._scalar import cast_like, flog, fexp, float_key, fmax
+from ._scalar import cast_like, flog, flog1p, fexp, float_key, fmax
 from ._rows import (_AHEAD, INLINE, JIT, bce_logits_row, bce_row, ce_index_row, ce_prob_row,
                     dist_row, first_bad_prob, kl_logits_row, nll_from, row_logsumexp, row_softmax,
                     softcap_grad_row, softcap_row, _row_sum)
@@ -329,6 +329,7 @@ def _make_ce_small(C, general, want_grad):
             tv = np.empty(_SB, np.int64)
             mv = np.empty(_SB, xf.dtype)
             sv = np.empty(_SB, xf.dtype)
+            kcv = np.empty(_SB, xf.dtype)
             xtv = np.empty(_SB, xf.dtype)
             wtv = np.empty(_SB, xf.dtype)
             wyv = np.empty(_SB, xf.dtype)
@@ -386,8 +387,19 @@ def _make_ce_small(C, general, want_grad):
                         Tc = T[c * _SB:(c + 1) * _SB]
                         for r in range(_SB):
                             v = Tc[r]
-                            sv[r] += fexp(v - mv[r])
+                            e = fexp(v - mv[r])
+                            sv[r] += zero if v == mv[r] else e  # the rest: see below
                             xtv[r] = v if tv[r] == c else xtv[r]
+                # sv holds the sum of exps without the max terms (exactly 1 each), whose
+                # number is counted here: log s = log1p(k - 1 + rest) keeps the digits of
+                # the rest where the max carries nearly all the mass (a confident right
+                # prediction's loss is then ~rest, not a rounded 0).
+                for r in range(_SB):
+                    kcv[r] = zero
+                for c in range(C):
+                    Tc = T[c * _SB:(c + 1) * _SB]
+                    for r in range(_SB):
+                        kcv[r] += one if Tc[r] == mv[r] else zero
                 if has_w or smooth:
                     for r in range(_SB):
                         wtv[r] = zero if has_w else one
@@ -402,8 +414,8 @@ def _make_ce_small(C, general, want_grad):
                                 wyv[r] += wc * (Tc[r] - mv[r])
                 for r in range(_SB):
                     m = mv[r]
-                    s_ = sv[r]
-                    ls = flog(s_)
+                    s_ = kcv[r] + sv[r]
+                    ls = flog1p((kcv[r] - one) + sv[r])
                     lse = m + ls
                     kept = tv[r] != ignore
                     row = (ce * wtv[r]) * nll_from(ls, xtv[r], m)

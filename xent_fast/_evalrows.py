@@ -110,7 +110,9 @@ def eval_row(x, t, lo, count, st):
             if m != -np.inf and cm != np.inf:
                 delta = float(m) - float(cm)
                 r = math.exp(delta)
-                d = r * (d + delta * s) if s != 0.0 else 0.0
+                # r = 0 (the max grew past all that was summed): nothing is left, and
+                # 0 * (d + delta * s) would be 0 * -inf where delta overflows
+                d = r * (d + delta * s) if s != 0.0 and r != 0.0 else 0.0
                 s = r * s
             m = cm
         if m == np.inf or m == -np.inf:

@@ -17,7 +17,8 @@ import operator
 
 import numpy as np
 
-from ._api import _backend_module, _class_rows, _Float, _nblocks, _on_gpu, _parallel
+from ._api import (_backend_module, _class_rows, _Float, _nblocks, _on_gpu, _parallel,
+                   bad_target, ignore_index_option, index_targets)
 
 # Fields of a row's statistics (as in _evalrows, which imports Numba and so is not
 # imported here).
@@ -69,17 +70,11 @@ def check_targets(targets, batch, c, ignore_index, origin=None):
     if t.shape != tuple(batch):
         raise ValueError(f"targets must have the logits' shape without the class axis, "
                          f"{tuple(batch)}; got {t.shape}")
-    ignore = operator.index(ignore_index)
-    tf = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
-    if t.dtype.kind == "u" and t.dtype.itemsize == 8 and t.size and t.max() > 2 ** 62:
-        tf = np.where(t.reshape(-1) > 2 ** 62, -2 ** 62, tf)  # huge: bad, not wrapped
+    ignore = ignore_index_option(ignore_index)
+    tf = index_targets(t, c, ignore, origin)
     i, _ = _backend_module().run("targets", False, tf, c, ignore, _NO_WEIGHT, False)
     if i >= 0:
-        pos = [int(v) for v in np.unravel_index(i, batch)] if batch else []
-        if origin is not None:
-            pos = [p + o for p, o in zip(pos, origin)]
-        raise IndexError(f"targets{pos} = {int(t.reshape(-1)[i])} is not a class index "
-                         f"in [0, {c}) nor ignore_index={ignore}")
+        bad_target(t, i, c, ignore, origin)
     return tf
 
 

@@ -335,7 +335,7 @@ _CONCENTRATED = 1.0625
 @njit(**JIT)
 def log_mass_split(x, m):
     """log(sum(exp(x - m))) for the finite row max ``m``, max terms split off."""
-    fm = float(m)
+    fm = np.float64(m)  # (Numba's float() keeps a float32 a float32)
     n = x.shape[0]
     k = 0.0
     rest = 0.0
@@ -344,7 +344,7 @@ def log_mass_split(x, m):
         sk = 0.0
         sr = 0.0
         for j in range(seg.shape[0]):
-            v = float(seg[j])
+            v = np.float64(seg[j])
             top = v == fm
             e = fexp(v - fm)
             sk += 1.0 if top else 0.0
@@ -365,7 +365,7 @@ def log_mass_split_exps(e):
         sk = 0.0
         sr = 0.0
         for j in range(seg.shape[0]):
-            v = float(seg[j])
+            v = np.float64(seg[j])
             top = v == 1.0
             sk += 1.0 if top else 0.0
             sr += 0.0 if top else v
@@ -453,10 +453,10 @@ def _row_dot_about(w, has_w, y, pivot):
         if has_w:
             sw = w[lo:hi]
             for j in range(sy.shape[0]):  # a weight of 0 is no mass, even at y = -inf
-                s += float(sw[j]) * (float(sy[j]) - pivot) if sw[j] != 0 else 0.0
+                s += np.float64(sw[j]) * (np.float64(sy[j]) - pivot) if sw[j] != 0 else 0.0
         else:
             for j in range(sy.shape[0]):
-                s += float(sy[j]) - pivot
+                s += np.float64(sy[j]) - pivot
         total += s
     return total
 
@@ -638,10 +638,10 @@ def _prob_dot_about(y, p, w, has_w, eps, piv):
     cs = eps / C
     total = 0.0
     for j in range(C):
-        a = (1.0 - eps) * float(p[j]) + cs
+        a = (1.0 - eps) * np.float64(p[j]) + cs
         if has_w:
-            a *= float(w[j])
-        total += a * (float(y[j]) - piv) if a != 0.0 else 0.0
+            a *= np.float64(w[j])
+        total += a * (np.float64(y[j]) - piv) if a != 0.0 else 0.0
     return total
 
 
@@ -685,7 +685,7 @@ def ce_prob_row(y, p, w, has_w, eps, z, gr, want_grad, gscale):
     if not (abs(ay) < np.inf) and abs(mrow) < np.inf:
         # y_c - piv overflowed the row's precision (logits near +-2e38 in float32), or a
         # target class has a -inf logit: again in float64, which tells the two apart
-        ay = _prob_dot_about(y, p, w, has_w, eps, float(piv))
+        ay = _prob_dot_about(y, p, w, has_w, eps, np.float64(piv))
     m, s, ls, lse = _row_max_lse(y, gr, want_grad, mrow)
     fp = float(piv)
     if m == -np.inf:

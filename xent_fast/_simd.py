@@ -686,9 +686,10 @@ def vcols_out(typingctx, src, k, stride, C, dst, j):
 @intrinsic
 def vsmall_stats(typingctx, T, q, stride, C, tv, mv, sv, xtv):
     """For the rows q .. q + lanes of the column layout T (column c at c * stride):
-    mv = row max, sv = sum of exp(x - max) in the row's precision, xtv = the logit of
-    class tv[r] (0 where tv[r] is no class).  A NaN logit makes sv NaN; an all -inf
-    row gives max -inf and sv NaN: callers redo such rows."""
+    mv = row max, sv = sum of exp(x - max) over the classes whose logit is not the max
+    (the max terms are exactly 1 each; the caller counts them), in the row's precision,
+    xtv = the logit of class tv[r] (0 where tv[r] is no class).  A NaN logit makes sv
+    NaN; an all -inf row gives max -inf: callers redo such rows."""
     nc = _class_count(C)
     if not (nc and _float_arr(T) and isinstance(tv, types.Array) and tv.dtype == types.int64
             and tv.layout == "C" and all(_float_arr(a) and a.dtype == T.dtype and a.mutable
@@ -716,6 +717,8 @@ def vsmall_stats(typingctx, T, q, stride, C, tv, mv, sv, xtv):
         for c, col in enumerate(cols):
             d = builder.fsub(col, m)
             y, keep = _exp_vector(builder, d, dtype)
+            # the max terms (exactly 1 each) are left out: see the caller
+            keep = builder.and_(keep, builder.fcmp_unordered("!=", col, m))
             s = builder.fadd(s, builder.select(keep, y, _splat(vty, 0.0)))
             hit = builder.icmp_signed("==", t, _splat(ivty, c))
             xt = builder.select(hit, col, xt)

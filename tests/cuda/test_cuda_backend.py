@@ -415,3 +415,50 @@ def test_evaluate_nan_rows():
         for k in ("cross_entropy", "perplexity", "entropy", "target_prob", "ece"):
             assert np.isnan(getattr(got, k)), k
         assert got.accuracy == want.accuracy == {1: 2 / 6, 3: 2 / 6}
+
+
+# ---------------------------------------------------------------------------- the CPU's fixes, here too
+def test_z_loss_mean_is_over_kept_rows_not_summed_weight(rng):
+    x = logits(rng, (6, 37), np.float32)
+    t = rng.integers(0, 37, 6)
+    t[2] = -100
+    got = [float(host(xf.softmax_cross_entropy(dev(x), dev(t), weight=np.full(37, s),
+                                               z_loss=0.1, backend="cuda")))
+           for s in (1.0, 2.0, 10.0)]
+    want = R.softmax_cross_entropy(x, t, weight=np.full(37, 10.0), z_loss=0.1)
+    close(got, [want] * 3, 1e-5)
+    w = rng.random(37) + 0.5
+    loss, g = xf.softmax_cross_entropy(dev(x), dev(t), weight=w, z_loss=0.1,
+                                       return_grad=True, backend="cuda")
+    want, gwant = R.softmax_cross_entropy(x, t, weight=w, z_loss=0.1, return_grad=True)
+    close(host(loss), want, 1e-5)
+    close(host(g), gwant, 1e-5, atol=1e-6)
+
+
+def test_weight_zero_target_at_minus_inf_contributes_zero(rng):
+    x = logits(rng, (3, 37), np.float64)
+    t = np.array([4, 5, 6])
+    x[0, 4] = -np.inf
+    w = np.ones(37)
+    w[4] = 0.0
+    for opts in (dict(), dict(label_smoothing=0.1)):
+        loss, g = xf.softmax_cross_entropy(dev(x), dev(t), weight=w, reduction="none",
+                                           return_grad=True, backend="cuda", **opts)
+        want, gwant = R.softmax_cross_entropy(x, t, weight=w, reduction="none",
+                                              return_grad=True, **opts)
+        close(host(loss), want, 1e-10)
+        close(host(g), gwant, 1e-10)
+
+
+def test_probability_targets_near_the_largest_float32():
+    x = np.array([[2e38, -2e38, 0.0]], np.float32)
+    p = np.array([[0.5, 0.5, 0.0]], np.float32)
+    got = float(host(xf.softmax_cross_entropy(dev(x), dev(p), backend="cuda")))
+    want = R.softmax_cross_entropy(x, p)
+    assert np.isfinite(got) and got == pytest.approx(want, rel=1e-6)
+
+
+def test_uint64_targets_beyond_int64_are_an_error():
+    with pytest.raises(IndexError, match="18446744073709551516"):
+        xf.softmax_cross_entropy(dev(np.zeros((2, 37))), np.array([0, 2 ** 64 - 100],
+                                                                   np.uint64), backend="cuda")
