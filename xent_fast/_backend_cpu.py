@@ -27,7 +27,7 @@ from ._rowio import (block_bounds, grad_row, half_work_row, load_row, row_at,
                      store_grad_row, task_bounds, work_row)
 from ._scalar import cast_like, flog, flog1p, fexp, float_key, fmax
 from ._rows import (_AHEAD, INLINE, JIT, bce_logits_row, bce_row, ce_index_row, ce_prob_row,
-                    dist_row, first_bad_prob, kl_logits_row, nll_from, row_logsumexp, row_softmax,
+                    dist_row, first_bad_prob, kl_logits_row, less_one, nll_from, row_logsumexp, row_softmax,
                     softcap_grad_row, softcap_row, _row_sum)
 from ._evalrows import eval_row, row_topk
 
@@ -380,6 +380,7 @@ def _make_ce_small(C, general, want_grad):
                             mv[r] = fmax(mv[r], Tc[r])
                     for r in range(_SB):
                         sv[r] = zero
+                        kcv[r] = zero
                         xtv[r] = zero
                     # The target's logit by selects over the classes, not by indexed
                     # loads: a gather per row stopped the loop from vectorising.
@@ -388,18 +389,16 @@ def _make_ce_small(C, general, want_grad):
                         for r in range(_SB):
                             v = Tc[r]
                             e = fexp(v - mv[r])
-                            sv[r] += zero if v == mv[r] else e  # the rest: see below
+                            top = v == mv[r]
+                            sv[r] += zero if top else e  # see vsmall_stats: sum - 1
+                            kcv[r] += one if top else zero
                             xtv[r] = v if tv[r] == c else xtv[r]
-                # sv holds the sum of exps without the max terms (exactly 1 each), whose
-                # number is counted here: log s = log1p(k - 1 + rest) keeps the digits of
-                # the rest where the max carries nearly all the mass (a confident right
-                # prediction's loss is then ~rest, not a rounded 0).
-                for r in range(_SB):
-                    kcv[r] = zero
-                for c in range(C):
-                    Tc = T[c * _SB:(c + 1) * _SB]
                     for r in range(_SB):
-                        kcv[r] += one if Tc[r] == mv[r] else zero
+                        sv[r] = less_one(kcv[r], sv[r])
+                # sv holds the sum of exps less 1, summed so that it keeps the digits of
+                # the terms below the max: log s = log1p(sv) where the max carries nearly
+                # all the mass (a confident right prediction's loss is then ~the rest of
+                # the mass, not a rounded 0).
                 if has_w or smooth:
                     for r in range(_SB):
                         wtv[r] = zero if has_w else one
@@ -414,8 +413,8 @@ def _make_ce_small(C, general, want_grad):
                                 wyv[r] += wc * (Tc[r] - mv[r])
                 for r in range(_SB):
                     m = mv[r]
-                    s_ = kcv[r] + sv[r]
-                    ls = flog1p((kcv[r] - one) + sv[r])
+                    s_ = sv[r] + one
+                    ls = flog1p(sv[r])
                     lse = m + ls
                     kept = tv[r] != ignore
                     row = (ce * wtv[r]) * nll_from(ls, xtv[r], m)

@@ -332,46 +332,71 @@ def lse_from(x, m, s):
 _CONCENTRATED = 1.0625
 
 
+@njit(**INLINE)
+def _seg_rest_scalar(seg, m):
+    """sum(exp(seg - m)) over the elements that are not ``m``, in the row's precision."""
+    zero = m - m
+    s = zero
+    for j in range(seg.shape[0]):
+        v = seg[j]
+        e = fexp(v - m)
+        s += zero if v == m else e
+    return s
+
+
+@njit(**INLINE)
+def _seg_rest_simd(seg, m):
+    n = seg.shape[0]
+    lanes = _simd.lanes_of(seg)
+    if n < lanes:
+        return _seg_rest_scalar(seg, m)
+    mv = _simd.vsplat(m)
+    acc = _simd.vsplat(m - m)
+    main = n - n % lanes
+    for j in range(0, main, lanes):
+        acc = _simd.vexp_acc_rest(acc, _simd.vload(seg, j), mv, 0)
+    if main < n:
+        acc = _simd.vexp_acc_rest(acc, _simd.vload(seg, n - lanes), mv, lanes - (n - main))
+    return _simd.vsum(acc)
+
+
+def _seg_rest(seg, m):
+    """sum(exp(seg - m)) over the elements that are not ``m``."""
+
+
+@overload(_seg_rest, jit_options=INLINE)
+def _seg_rest_ov(seg, m):
+    if _simd.usable(seg):
+        return lambda seg, m: _seg_rest_simd(seg, m)
+    return lambda seg, m: _seg_rest_scalar(seg, m)
+
+
 @njit(**JIT)
 def log_mass_split(x, m):
-    """log(sum(exp(x - m))) for the finite row max ``m``, max terms split off."""
-    fm = np.float64(m)  # (Numba's float() keeps a float32 a float32)
+    """log(sum(exp(x - m))) for the finite row max ``m`` of a row whose sum is below
+    _CONCENTRATED, hence with one max term (two would make it 2): log1p(rest)."""
     n = x.shape[0]
-    k = 0.0
     rest = 0.0
     for lo in range(0, n, _CHUNK):
-        seg = x[lo:min(lo + _CHUNK, n)]
-        sk = 0.0
-        sr = 0.0
-        for j in range(seg.shape[0]):
-            v = np.float64(seg[j])
-            top = v == fm
-            e = fexp(v - fm)
-            sk += 1.0 if top else 0.0
-            sr += 0.0 if top else e
-        k += sk
-        rest += sr
-    return math.log(k) + math.log1p(rest / k)
+        rest += _seg_rest(x[lo:min(lo + _CHUNK, n)], m)
+    return math.log1p(rest)
 
 
 @njit(**JIT)
 def log_mass_split_exps(e):
-    """The same from the stored exps ``e = exp(x - m)`` (the max's are exactly 1)."""
+    """The same from the stored exps ``e = exp(x - m)``, the max's being exactly 1."""
     n = e.shape[0]
-    k = 0.0
     rest = 0.0
+    one = cast_like(1.0, e)
+    zero = one - one
     for lo in range(0, n, _CHUNK):
         seg = e[lo:min(lo + _CHUNK, n)]
-        sk = 0.0
-        sr = 0.0
+        s = zero
         for j in range(seg.shape[0]):
-            v = np.float64(seg[j])
-            top = v == 1.0
-            sk += 1.0 if top else 0.0
-            sr += 0.0 if top else v
-        k += sk
-        rest += sr
-    return math.log(k) + math.log1p(rest / k) if k > 0 else math.log(rest)
+            v = seg[j]
+            s += zero if v == one else v
+        rest += s
+    return math.log1p(rest)
 
 
 @njit(**INLINE)
@@ -397,6 +422,13 @@ def _shift2(x, a, b, out):
     """out = (x - a) - b in that order: no "reassoc", which would fold a + b first."""
     for j in range(x.shape[0]):
         out[j] = (x[j] - a) - b
+
+
+@njit(nogil=True, error_model="numpy", boundscheck=False, fastmath={"nsz", "arcp", "afn"})
+def less_one(k, rest):
+    """(k - 1) + rest, in that order (no "reassoc": with it the sum of the terms below
+    the max was added to k first, and 1 + 1e-18 - 1 is 0)."""
+    return (k - cast_like(1.0, k)) + rest
 
 
 @njit(nogil=True, error_model="numpy", boundscheck=False, fastmath={"nsz", "arcp", "afn"})

@@ -301,6 +301,25 @@ def vexp_acc(typingctx, acc, x, m, skip):
 
 
 @intrinsic
+def vexp_acc_rest(typingctx, acc, x, m, skip):
+    """acc + exp(x - m) over the lanes where x != m (the max terms left out), leaving
+    out the first ``skip`` lanes too."""
+    if not (isinstance(x, FloatVec) and x == m == acc and isinstance(skip, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        acc, x, m, skip = args
+        dtype = sig.args[0].dtype
+        d = builder.fsub(x, m)
+        y, keep = _exp_vector(builder, d, dtype)
+        keep = builder.and_(keep, _lanes_from(builder, skip, sig.args[3], d.type.count))
+        keep = builder.and_(keep, builder.fcmp_ordered("!=", x, m))
+        return builder.fadd(acc, builder.select(keep, y, _splat(d.type, 0.0)))
+
+    return acc(acc, x, m, skip), codegen
+
+
+@intrinsic
 def vmask_head(typingctx, v, skip):
     """``v`` with its first ``skip`` lanes set to 0."""
     if not (isinstance(v, FloatVec) and isinstance(skip, types.Integer)):
@@ -686,10 +705,11 @@ def vcols_out(typingctx, src, k, stride, C, dst, j):
 @intrinsic
 def vsmall_stats(typingctx, T, q, stride, C, tv, mv, sv, xtv):
     """For the rows q .. q + lanes of the column layout T (column c at c * stride):
-    mv = row max, sv = sum of exp(x - max) over the classes whose logit is not the max
-    (the max terms are exactly 1 each; the caller counts them), in the row's precision,
-    xtv = the logit of class tv[r] (0 where tv[r] is no class).  A NaN logit makes sv
-    NaN; an all -inf row gives max -inf: callers redo such rows."""
+    mv = row max, sv = sum of exp(x - max) less 1, in the row's precision, summed as
+    (k - 1) + the terms below the max (k max terms, exactly 1 each), so that a row whose
+    max carries nearly all the mass keeps the digits of the rest, xtv = the logit of
+    class tv[r] (0 where tv[r] is no class).  A NaN logit makes sv NaN; an all -inf row
+    gives max -inf: callers redo such rows."""
     nc = _class_count(C)
     if not (nc and _float_arr(T) and isinstance(tv, types.Array) and tv.dtype == types.int64
             and tv.layout == "C" and all(_float_arr(a) and a.dtype == T.dtype and a.mutable
@@ -713,15 +733,19 @@ def vsmall_stats(typingctx, T, q, stride, C, tv, mv, sv, xtv):
         t = builder.load(builder.bitcast(builder.gep(tarr.data, [q0]), ivty.as_pointer()),
                          align=8)
         s = _splat(vty, 0.0)
+        k = _splat(vty, 0.0)
         xt = _splat(vty, 0.0)
         for c, col in enumerate(cols):
             d = builder.fsub(col, m)
             y, keep = _exp_vector(builder, d, dtype)
-            # the max terms (exactly 1 each) are left out: see the caller
-            keep = builder.and_(keep, builder.fcmp_unordered("!=", col, m))
+            # the max terms (exactly 1 each) are counted apart from the rest
+            top = builder.fcmp_ordered("==", col, m)
+            keep = builder.and_(keep, builder.not_(top))
             s = builder.fadd(s, builder.select(keep, y, _splat(vty, 0.0)))
+            k = builder.fadd(k, builder.select(top, _splat(vty, 1.0), _splat(vty, 0.0)))
             hit = builder.icmp_signed("==", t, _splat(ivty, c))
             xt = builder.select(hit, col, xt)
+        s = builder.fadd(builder.fsub(k, _splat(vty, 1.0)), s)  # sum - 1, its digits kept
         for arr, ty, val in ((mv, sig.args[5], m), (sv, sig.args[6], s), (xtv, sig.args[7], xt)):
             builder.store(val, _data_ptr(context, builder, ty, arr, q0), align=4)
         return context.get_dummy_value()
