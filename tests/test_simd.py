@@ -71,10 +71,11 @@ def test_one_pass_row_sums_across_vector_and_chunk_edges(dtype, c):
     with np.errstate(all="ignore"):
         want = R.logsumexp(x64)
         np.testing.assert_allclose(xf.logsumexp(x, backend="cpu"), want, rtol=rt, atol=rt)
-        t = np.arange(10) % c
-        want_ce = R.softmax_cross_entropy(x64, t, reduction="none")
-        got_ce = xf.softmax_cross_entropy(x, t, reduction="none", backend="cpu")
-        np.testing.assert_allclose(got_ce, want_ce, rtol=rt * 10, atol=rt * 10)
+        if c == 1 or c > 16:  # (the few-classes kernels: test_few_classes_against_...)
+            t = np.arange(10) % c
+            want_ce = R.softmax_cross_entropy(x64, t, reduction="none")
+            got_ce = xf.softmax_cross_entropy(x, t, reduction="none", backend="cpu")
+            np.testing.assert_allclose(got_ce, want_ce, rtol=rt * 10, atol=rt * 10)
         sm = xf.softmax(x, backend="cpu")
         # exp(x - max) of a tiny probability inherits the rounding of x - max: a
         # relative error of |x - max| eps, so tiny values get an absolute bound.

@@ -8,7 +8,7 @@ kernel's ignored rows, overflow in soft targets, zero-weight targets, mixed dtyp
 empty binary inputs, option validation, and compiling without a writable cache.
 
 Kernels compile per (dtype, backend, class count <= 16), so the shapes are few and
-reused: C = 37 or 300 for the general kernels, C = 5 for the few-classes one.
+reused: C = 37 or 300 for the general kernels, C = 3 for the few-classes one.
 """
 
 import decimal
@@ -169,7 +169,7 @@ def _zloss_case(rng, c):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("c", [5, 37])
+@pytest.mark.parametrize("c", [3, 37])
 def test_z_loss_mean_does_not_scale_with_class_weights(c, backend, rng):
     x, t, w = _zloss_case(rng, c)
     plain = xf.softmax_cross_entropy(x, t, z_loss=ZL, return_grad=True, backend=backend)
@@ -195,7 +195,21 @@ def test_z_loss_mean_does_not_scale_with_class_weights(c, backend, rng):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("c", [5, 37])
+def test_z_loss_mean_with_zero_summed_weight_is_the_references(backend, rng):
+    # every kept target of weight 0: the mean is 0/0 (NaN) or x/0, z-loss or not
+    x, t, w = _zloss_case(rng, 37)
+    w = np.ones(37)
+    w[np.where(t != -100, t, 0)] = 0.0
+    for eps in (0.0, 0.1):
+        got = xf.softmax_cross_entropy(x, t, weight=w, z_loss=ZL, label_smoothing=eps,
+                                       backend=backend)
+        with np.errstate(all="ignore"):
+            want = R.softmax_cross_entropy(x, t, weight=w, z_loss=ZL, label_smoothing=eps)
+        assert_close(got, want, tol(F64), what=f"eps {eps}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", [3, 37])
 def test_z_loss_sum_and_none_add_z_lse_squared_per_row(c, backend, rng):
     # a guard that the "mean" fix left these alone (held at 4459cf3 too)
     x, t, _ = _zloss_case(rng, c)
@@ -312,11 +326,11 @@ def test_uint64_target_wrapping_onto_ignore_index_in_evaluate(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [F32, F64])
 def test_few_classes_ignored_row_of_inf_or_nan_has_zero_gradient(dtype, backend, rng):
-    x = rng.standard_normal((4, 5))
+    x = rng.standard_normal((4, 3))  # (3 classes: kernels other tests build too)
     x[1] = -np.inf
     x[3, 2] = np.nan
     x = x.astype(dtype)
-    t = np.array([2, -100, 4, -100])
+    t = np.array([2, -100, 1, -100])
     for red in ("mean", "sum", "none"):
         loss, g = xf.softmax_cross_entropy(x, t, reduction=red, return_grad=True,
                                            backend=backend)
@@ -353,7 +367,7 @@ def test_soft_targets_at_float32_extremes_do_not_overflow(c, backend):
 # (1 - eps) * 0 * inf was NaN: a target of class weight 0 carries no mass, even where its
 # logit is -inf.
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("c", [5, 37])
+@pytest.mark.parametrize("c", [3, 37])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_zero_weight_target_with_minus_inf_logit(eps, c, backend, rng):
     x = rng.standard_normal((3, c))
@@ -503,10 +517,10 @@ def test_inputs_are_not_modified(rng):
     """Every call above except through grad_out leaves its inputs as they were."""
     x37 = rng.standard_normal((3, 37))
     p37 = R.softmax(rng.standard_normal((3, 37)))
-    x5 = rng.standard_normal((4, 5))
+    x5 = rng.standard_normal((4, 3))
     x5[1] = -np.inf
     x5[3, 2] = np.nan
-    t5 = np.array([2, -100, 4, -100])
+    t5 = np.array([2, -100, 1, -100])
     xw = rng.standard_normal((3, 37))
     xw[0, 1] = -np.inf
     w = rng.random(37) + 0.5

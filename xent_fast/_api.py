@@ -517,9 +517,9 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
         if z != 0.0 and has_w and kind == "ce_index":
             # The z-loss is not class-weighted: its mean is over the kept rows, not over
             # the summed weight the kernels divide by, so it enters them rescaled.
+            # (With a summed weight of 0 the mean is 0/0 or x/0 whatever the z-loss.)
             kept = np.count_nonzero(tf != ignore)
-            if kept and den != 0:
-                z = z * den / kept
+            z = z * den / kept if kept else z
     grad, g2, finish = _grad_target(want_grad, grad_out, logits, f, ax, rows.shape,
                                     (t, weight))
     par = _parallel(backend, rows.size)

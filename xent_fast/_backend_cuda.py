@@ -191,7 +191,7 @@ def kernels(v, f64):
         ti = np.int64(t[rr])
         ignored = (not active) or ti == ignore or ti < 0 or ti >= C
         nv = C // v if not ignored else 0
-        if use_den and has_w and z != 0.0 and den[0] != 0.0 and den[1] != 0.0:
+        if use_den and has_w and z != 0.0 and den[1] != 0.0:
             # the z-loss is not class-weighted: its mean is over the kept rows
             z = z * den[0] / den[1]
         yt = FT(0.0)
