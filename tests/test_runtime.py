@@ -158,7 +158,7 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     assert _run(code, env) == first
 
 
-def test_after_warmup_the_first_calls_compile_nothing(tmp_path):
+def test_after_warmup_the_first_calls_compile_nothing():
     # warm-up covers what the first call of each public function runs (it used to probe
     # with 3 classes, which take the few-classes kernels, never the general one)
     out = _run("""
@@ -184,7 +184,7 @@ def test_after_warmup_the_first_calls_compile_nothing(tmp_path):
         xf.evaluate(x, t, backend="cpu")
         print(made, ready, len(_backend_cpu._entry_points), xf.warmup(dtypes=("float32",),
                                                                       backends=("cpu",)))
-    """, {"NUMBA_CACHE_DIR": str(tmp_path)})
+    """)  # kernels loaded from the suite's cache count as made ready too
     made, ready, after, again = map(int, out.split())
     assert made == ready >= 9
     assert after == ready, "a call after warmup() compiled a kernel"

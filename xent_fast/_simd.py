@@ -282,41 +282,35 @@ def vexp(typingctx, x, m):
     return x(x, m), codegen
 
 
-@intrinsic
-def vexp_acc(typingctx, acc, x, m, skip):
-    """acc + exp(x - m), leaving out the first ``skip`` lanes (0 for none)."""
-    if not (isinstance(x, FloatVec) and x == m == acc and isinstance(skip, types.Integer)):
-        return None
+def _make_vexp_acc(below_max_only, doc):
+    @intrinsic
+    def acc_exp(typingctx, acc, x, m, skip):
+        if not (isinstance(x, FloatVec) and x == m == acc
+                and isinstance(skip, types.Integer)):
+            return None
 
-    def codegen(context, builder, sig, args):
-        acc, x, m, skip = args
-        dtype = sig.args[0].dtype
-        d = builder.fsub(x, m)
-        y, keep = _exp_vector(builder, d, dtype)
-        keep = builder.and_(keep, _lanes_from(builder, skip, sig.args[3], d.type.count))
-        # the select before the add: the chain through ``acc`` is one add a vector
-        return builder.fadd(acc, builder.select(keep, y, _splat(d.type, 0.0)))
+        def codegen(context, builder, sig, args):
+            acc, x, m, skip = args
+            dtype = sig.args[0].dtype
+            d = builder.fsub(x, m)
+            y, keep = _exp_vector(builder, d, dtype)
+            keep = builder.and_(keep, _lanes_from(builder, skip, sig.args[3], d.type.count))
+            if below_max_only:
+                keep = builder.and_(keep, builder.fcmp_ordered("!=", x, m))
+            # the select before the add: the chain through ``acc`` is one add a vector
+            return builder.fadd(acc, builder.select(keep, y, _splat(d.type, 0.0)))
 
-    return acc(acc, x, m, skip), codegen
+        return acc(acc, x, m, skip), codegen
+
+    acc_exp.__doc__ = doc
+    return acc_exp
 
 
-@intrinsic
-def vexp_acc_rest(typingctx, acc, x, m, skip):
-    """acc + exp(x - m) over the lanes where x != m (the max terms left out), leaving
-    out the first ``skip`` lanes too."""
-    if not (isinstance(x, FloatVec) and x == m == acc and isinstance(skip, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        acc, x, m, skip = args
-        dtype = sig.args[0].dtype
-        d = builder.fsub(x, m)
-        y, keep = _exp_vector(builder, d, dtype)
-        keep = builder.and_(keep, _lanes_from(builder, skip, sig.args[3], d.type.count))
-        keep = builder.and_(keep, builder.fcmp_ordered("!=", x, m))
-        return builder.fadd(acc, builder.select(keep, y, _splat(d.type, 0.0)))
-
-    return acc(acc, x, m, skip), codegen
+vexp_acc = _make_vexp_acc(
+    False, "acc + exp(x - m), leaving out the first ``skip`` lanes (0 for none).")
+vexp_acc_rest = _make_vexp_acc(
+    True, "acc + exp(x - m) over the lanes where x != m (the max terms left out), "
+          "leaving out the first ``skip`` lanes too.")
 
 
 @intrinsic
