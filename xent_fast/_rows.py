@@ -432,6 +432,13 @@ def less_one(k, rest):
 
 
 @njit(nogil=True, error_model="numpy", boundscheck=False, fastmath={"nsz", "arcp", "afn"})
+def minus_one(w):
+    """w - 1 as rounded, not simplified: for w = 1 + r, "reassoc" would fold it to r and
+    defeat the log1p of Goldberg's correction."""
+    return w - cast_like(1.0, w)
+
+
+@njit(nogil=True, error_model="numpy", boundscheck=False, fastmath={"nsz", "arcp", "afn"})
 def shift_scale(v, m, it):
     """(v - m) * it with neither contraction nor re-association (the flags live on the
     instructions, so they hold where LLVM inlines this): at v = m it is exactly 0,
@@ -1002,6 +1009,7 @@ def dist_row(p, q, mode):
     zero = cast_like(0.0, p)
     half = cast_like(0.5, p)
     two = cast_like(2.0, p)
+    one = cast_like(1.0, p)
     for lo in range(0, n, _CHUNK):
         hi = min(lo + _CHUNK, n)
         sp = p[lo:hi]
@@ -1018,11 +1026,17 @@ def dist_row(p, q, mode):
         else:
             # log(p/q) as log1p((p - q)/q) where p and q are within a factor 2 (p - q is
             # then exact): log p - log q cancels to a few ulps of log p there
+            # (the two logs shared by both cases: log1p(r) = log(1 + r) r / ((1 + r) - 1))
             for j in range(sp.shape[0]):
                 v = sp[j]
                 u = sq[j]
                 near = v >= half * u and v <= two * u
-                d = flog1p((v - u) / u) if near else flog(v) - flog(u)
+                r = (v - u) / u
+                w = one + r
+                dw = minus_one(w)
+                la = flog(w if near else v)
+                lb = flog(one if near else u)
+                d = (r if dw == zero else la * (r / dw)) if near else la - lb
                 s += v * d if v != zero else zero
         total += s
     return total
