@@ -110,20 +110,28 @@ def _seg_exp_store_scalar(seg, m, out):
 # With AVX-512, the same two loops on explicit vectors (see _simd): one vector of
 # lanes at a time, the last partial vector handled as a full one ending at the row's
 # end, its lanes already done masked out.
-@njit(**INLINE)
-def _seg_sumexp_simd(seg, m):
-    n = seg.shape[0]
-    lanes = _simd.lanes_of(seg)
-    if n < lanes:
-        return _seg_sumexp_scalar(seg, m)
-    mv = _simd.vsplat(m)
-    acc = _simd.vsplat(m - m)
-    main = n - n % lanes
-    for j in range(0, main, lanes):
-        acc = _simd.vexp_acc(acc, _simd.vload(seg, j), mv, 0)
-    if main < n:
-        acc = _simd.vexp_acc(acc, _simd.vload(seg, n - lanes), mv, lanes - (n - main))
-    return _simd.vsum(acc)
+def _make_seg_sum_simd(acc_exp, scalar):
+    """A vector sum of exp(seg - m) accumulated by the intrinsic ``acc_exp`` (all lanes,
+    or the lanes below the max), with ``scalar`` for segments shorter than a vector."""
+
+    def seg_sum(seg, m):
+        n = seg.shape[0]
+        lanes = _simd.lanes_of(seg)
+        if n < lanes:
+            return scalar(seg, m)
+        mv = _simd.vsplat(m)
+        acc = _simd.vsplat(m - m)
+        main = n - n % lanes
+        for j in range(0, main, lanes):
+            acc = acc_exp(acc, _simd.vload(seg, j), mv, 0)
+        if main < n:
+            acc = acc_exp(acc, _simd.vload(seg, n - lanes), mv, lanes - (n - main))
+        return _simd.vsum(acc)
+
+    return njit(**INLINE)(seg_sum)
+
+
+_seg_sumexp_simd = _make_seg_sum_simd(_simd.vexp_acc, _seg_sumexp_scalar)
 
 
 @njit(**INLINE)
@@ -327,8 +335,8 @@ def lse_from(x, m, s):
 # Where the max carries nearly all of a row's mass (s = sum exp(x - max) below this),
 # s = 1 + rest has lost the low digits of rest, and with them log s, which is then the
 # whole of a tiny result (logsumexp([0, -40]) = 4.2e-18, the loss of a confident right
-# prediction, the max's log-probability).  Such rows get log s again with the max terms
-# split off, log k + log1p(rest / k), rest summed in float64 (as SciPy's logsumexp).
+# prediction, the max's log-probability).  Such rows get log s again with the max term
+# split off (a sum below 2 holds exactly one): log1p(rest), as SciPy's logsumexp.
 _CONCENTRATED = 1.0625
 
 
@@ -344,20 +352,7 @@ def _seg_rest_scalar(seg, m):
     return s
 
 
-@njit(**INLINE)
-def _seg_rest_simd(seg, m):
-    n = seg.shape[0]
-    lanes = _simd.lanes_of(seg)
-    if n < lanes:
-        return _seg_rest_scalar(seg, m)
-    mv = _simd.vsplat(m)
-    acc = _simd.vsplat(m - m)
-    main = n - n % lanes
-    for j in range(0, main, lanes):
-        acc = _simd.vexp_acc_rest(acc, _simd.vload(seg, j), mv, 0)
-    if main < n:
-        acc = _simd.vexp_acc_rest(acc, _simd.vload(seg, n - lanes), mv, lanes - (n - main))
-    return _simd.vsum(acc)
+_seg_rest_simd = _make_seg_sum_simd(_simd.vexp_acc_rest, _seg_rest_scalar)
 
 
 def _seg_rest(seg, m):
@@ -427,15 +422,9 @@ def _shift2(x, a, b, out):
 @njit(nogil=True, error_model="numpy", boundscheck=False, fastmath={"nsz", "arcp", "afn"})
 def less_one(k, rest):
     """(k - 1) + rest, in that order (no "reassoc": with it the sum of the terms below
-    the max was added to k first, and 1 + 1e-18 - 1 is 0)."""
+    the max was added to k first, and 1 + 1e-18 - 1 is 0; and w - 1 for w = 1 + r was
+    folded to r, defeating Goldberg's log1p)."""
     return (k - cast_like(1.0, k)) + rest
-
-
-@njit(nogil=True, error_model="numpy", boundscheck=False, fastmath={"nsz", "arcp", "afn"})
-def minus_one(w):
-    """w - 1 as rounded, not simplified: for w = 1 + r, "reassoc" would fold it to r and
-    defeat the log1p of Goldberg's correction."""
-    return w - cast_like(1.0, w)
 
 
 @njit(nogil=True, error_model="numpy", boundscheck=False, fastmath={"nsz", "arcp", "afn"})
@@ -1033,7 +1022,7 @@ def dist_row(p, q, mode):
                 near = v >= half * u and v <= two * u
                 r = (v - u) / u
                 w = one + r
-                dw = minus_one(w)
+                dw = less_one(w, zero)
                 la = flog(w if near else v)
                 lb = flog(one if near else u)
                 d = (r if dw == zero else la * (r / dw)) if near else la - lb
