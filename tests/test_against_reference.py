@@ -72,7 +72,7 @@ def test_softmax_cross_entropy_index_targets(rng, batch, c, dtype, backend, opts
     if backend == "parallel" and 2 <= c <= 16 and dtype in (np.float32, np.float64):
         # each option set is a few-classes kernel of its own, and the threaded builds
         # compile slowest: they are checked on 5000 rows with every option instead
-        pytest.skip("few classes on threads: test_simd.py::test_few_classes_against_"
+        pytest.skip("few classes on threads: test_fast_paths.py::test_few_classes_against_"
                     "the_reference[10-float32]")
     x = _logits(rng, batch + (c,), dtype)
     t = rng.integers(0, c, batch)

@@ -76,7 +76,7 @@ def test_smoothing_and_soft_targets_at_large_logits(dtype, backend="cpu"):
     x64, p64, w64 = x.astype(np.float64), p.astype(np.float64), w.astype(np.float64)
     rt = 1e-6 if dtype == np.float32 else 1e-12
     # (the few-classes kernel takes its sums about the row max already, and its
-    # huge rows are in test_simd's few-classes test)
+    # huge rows are in test_fast_paths's few-classes test)
     for kw, kw64 in (({"label_smoothing": 0.2}, {"label_smoothing": 0.2}),
                      ({"label_smoothing": 0.2, "weight": w}, {"label_smoothing": 0.2,
                                                               "weight": w64})):

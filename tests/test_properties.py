@@ -25,7 +25,7 @@ logit_values = st.one_of(
 def logits_and_targets(draw):
     n = draw(st.integers(0, 6))
     # Each class count from 2 to 16 compiles a few-classes kernel of its own: a few of
-    # them here (tests/test_simd.py takes that path through its edge cases), and the
+    # them here (tests/test_fast_paths.py takes that path through its edge cases), and the
     # general kernel's counts around its vector widths.
     c = draw(st.one_of(st.sampled_from([1, 2, 3]), st.integers(17, 40)))
     x = draw(hnp.arrays(np.float64, (n, c), elements=logit_values))

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from . import _threads
+from ._cpu import threads as _threads
 
 
 def _timeit(fn, repeat):

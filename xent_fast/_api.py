@@ -23,9 +23,9 @@ _backend = None
 def _backend_module():
     global _backend
     if _backend is None:  # imported on first use: it imports Numba
-        from . import _backend_cpu
+        from ._cpu import backend
 
-        _backend = _backend_cpu
+        _backend = backend
     return _backend
 
 
@@ -35,9 +35,9 @@ _cuda = None
 def _cuda_api():
     global _cuda
     if _cuda is None:  # imported on first use: it imports numba-cuda
-        from . import _api_cuda
+        from ._cuda import backend
 
-        _cuda = _api_cuda
+        _cuda = backend
     return _cuda
 
 

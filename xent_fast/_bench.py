@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from . import _threads
+from ._cpu import threads as _threads
 
 # ---------------------------------------------------------------------------- cases
 

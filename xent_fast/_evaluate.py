@@ -395,7 +395,7 @@ def evaluate(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n_bins
     topk = check_topk(topk)
     n_bins = check_bins(n_bins)
     if _on_gpu(backend, logits):
-        from . import _api_cuda
+        from ._cuda import backend as _api_cuda
         st, th, batch, c = _api_cuda.eval_stats(logits, targets, axis)
         tf = check_targets(th, batch, c, ignore_index)
         r = rows_from_stats(st, tf, ignore_index)

@@ -19,7 +19,8 @@ def warmup(dtypes=("float32", "float64"), backends=("cpu", "parallel")):
     package's ``__pycache__``) in milliseconds.  Returns the number of kernels made
     ready by this call (0 when all were ready already).
     """
-    from . import _api, _backend_cpu, _evaluate
+    from . import _api, _evaluate
+    from ._cpu import backend as _backend_cpu
 
     before = len(_backend_cpu._entry_points)
     c = _WARM_CLASSES

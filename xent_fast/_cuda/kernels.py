@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ._cuda_ops import (SIM, VEC, cuda, decode, device, encode, lse_finish, merge_max_sum,
+from .device import (SIM, VEC, cuda, decode, device, encode, lse_finish, merge_max_sum,
                         team_max, team_sum)
 
 # Small inputs launch small grids on purpose, and numba-cuda warns at every launch of

@@ -26,8 +26,9 @@ import math
 import numpy as np
 from numba import njit
 
-from ._rows import INLINE, JIT, _MAX_CHUNK, _seg_max
-from ._scalar import cast_like, fexp
+from .jit import INLINE, JIT
+from .mathfns import cast_like, fexp
+from .reduce import MAX_CHUNK, seg_max
 
 # Field order of a row's statistics (the driver writes them into a float64 row).
 M, S, D, XT, GT, AM = range(6)
@@ -99,9 +100,9 @@ def eval_row(x, t, lo, count, st):
     g = 0
     best = 0
     nan = False
-    for clo in range(0, n, _MAX_CHUNK):
-        seg = x[clo:min(clo + _MAX_CHUNK, n)]
-        cm = _seg_max(seg, m)
+    for clo in range(0, n, MAX_CHUNK):
+        seg = x[clo:min(clo + MAX_CHUNK, n)]
+        cm = seg_max(seg, m)
         if cm != cm:  # a positive NaN: the rest of the row cannot change the answer
             nan = True
             break
@@ -137,7 +138,7 @@ def eval_row(x, t, lo, count, st):
         return
     # the first index of the max lies in the chunk where the max last grew
     am = best
-    seg = x[best:min(best + _MAX_CHUNK, n)]
+    seg = x[best:min(best + MAX_CHUNK, n)]
     for j in range(seg.shape[0]):
         if seg[j] == m:
             am = best + j
@@ -166,7 +167,7 @@ def row_topk(x, out):
     n = x.shape[0]
     for lo in range(0, n, _TOPK_BLOCK):
         seg = x[lo:min(lo + _TOPK_BLOCK, n)]
-        bm = _seg_max(seg, cast_like(-np.inf, x))
+        bm = seg_max(seg, cast_like(-np.inf, x))
         if not (bm > thr) and bm == bm:
             continue
         for j in range(seg.shape[0]):

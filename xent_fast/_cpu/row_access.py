@@ -14,8 +14,8 @@ from numba.core.imputils import impl_ret_borrowed
 from numba.np.arrayobj import populate_array
 from numba.extending import intrinsic, overload
 
-from ._rows import JIT
-from ._scalar import bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits
+from .jit import JIT
+from .mathfns import bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits
 
 HK_NONE, HK_F16, HK_BF16 = 0, 1, 2
 

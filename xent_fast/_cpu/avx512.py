@@ -7,7 +7,7 @@ multiply-add pipes are what bounds a row's sum of exps.  With a vector in hand, 
 leaves a reduced argument |r| <= ln2/32, where exp(r) - 1 = r + r^2 P(r) needs P of
 degree 1 (float32) or 4 (float64): 7 multiply-adds per float32 vector instead of 11,
 and 10 instead of 17 for float64, at about the same accuracy (within 1.2 ulp, checked
-in ``tests/test_simd.py``).  Measured on one core with rows in cache: 9.6 -> 13.0 G
+in ``tests/test_fast_paths.py``).  Measured on one core with rows in cache: 9.6 -> 13.0 G
 exps/s in float32, 3.1 -> 4.8 in float64.
 
 The vector values are Numba values of type ``F32x16``/``F64x8`` (one zmm register), so

@@ -4,7 +4,7 @@ Numba has no SVML here, so ``math.exp``/``math.log`` inside a loop stay scalar. 
 functions below are written with branch-free selects so that LLVM vectorises the loops
 that call them.  They are overloaded on float32 and float64 so one row kernel serves both.
 
-Accuracy (checked in ``tests/test_scalar.py``): exp within 2 ulp, log within 2 ulp over
+Accuracy (the vector exp is checked in ``tests/test_fast_paths.py``): exp within 2 ulp, log within 2 ulp over
 the normal range.  exp flushes results below the smallest normal number to 0, which only
 affects probabilities that are already negligible against any row sum.
 """
@@ -16,10 +16,11 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from .jit import ORDERED_FLAGS
+
 # No "reassoc" here: re-association refolds the Cody-Waite range reduction and costs
 # an order of magnitude in accuracy.  The callers' loops carry reassoc for their sums.
-_HELPER_FLAGS = {"nsz", "arcp", "contract", "afn"}
-_JIT = dict(nogil=True, error_model="numpy", fastmath=_HELPER_FLAGS)
+_JIT = dict(nogil=True, error_model="numpy", fastmath=ORDERED_FLAGS)
 
 
 # ---------------------------------------------------------------------------- intrinsics

@@ -12,9 +12,9 @@ import operator
 
 import numpy as np
 
-from . import _api as A
-from ._backend_cuda import SIM, cuda, kernels, launch, team_size
-from . import _backend_cuda as K
+from .. import _api as A
+from .kernels import SIM, cuda, kernels, launch, team_size
+from . import kernels as K
 
 # ---------------------------------------------------------------------------- availability
 _checked = False

@@ -1,0 +1,1 @@
+"""The CPU backend: Numba kernels, serial (``"cpu"``) or on threads (``"parallel"``)."""

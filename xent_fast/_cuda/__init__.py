@@ -1,0 +1,1 @@
+"""The CUDA backend: numba-cuda kernels on device arrays (imported only when used)."""
