@@ -17,8 +17,8 @@ import operator
 
 import numpy as np
 
-from ._api import (_backend_module, _class_rows, _Float, _nblocks, _on_gpu, _parallel,
-                   bad_target, ignore_index_option, index_targets)
+from . import _dispatch, _inputs
+from ._inputs import check_bins, check_topk  # noqa: F401  (used by _stream and dask)
 
 # Fields of a row's statistics (as in _evalrows, which imports Numba and so is not
 # imported here).
@@ -29,67 +29,31 @@ ROW_METRICS = ("loss", "target_prob", "entropy", "confidence", "prediction", "ra
 # The rank of a row with a NaN logit: never < k, so the row is a miss for every top-k
 # (a NaN logit is never a correct prediction); its prediction is -1, no class.
 NAN_RANK = np.iinfo(np.int64).max
-_NO_WEIGHT = np.ones(1, np.float64)
 
 
 # ---------------------------------------------------------------------------- options
-def check_topk(topk):
-    """``topk`` as a sorted tuple of distinct positive ints."""
-    ks = (topk,) if isinstance(topk, (int, np.integer)) else tuple(topk)
-    try:
-        ks = tuple(sorted({operator.index(k) for k in ks}))
-    except TypeError:
-        raise TypeError(f"topk must be a positive int or a sequence of them, got {topk!r}") \
-            from None
-    if any(k < 1 for k in ks):
-        raise ValueError(f"topk values must be >= 1, got {topk!r}")
-    return ks
-
-
-def check_bins(n_bins):
-    try:
-        b = operator.index(n_bins)
-    except TypeError:
-        raise TypeError(f"n_bins must be a positive int, got {n_bins!r}") from None
-    if b < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins!r}")
-    return b
-
-
 def check_backend(backend):
-    _parallel(backend, 0)  # validates the name
+    _dispatch.check_backend(backend)
 
 
 def check_targets(targets, batch, c, ignore_index, origin=None):
-    """Integer targets of shape ``batch`` as a flat int64 array; an ``IndexError`` naming
-    the first target that is neither a class in [0, c) nor ``ignore_index``.  ``origin``
-    is added to the position in the message (a chunk's place in the whole array)."""
+    """Integer host targets of shape ``batch`` as a flat int64 array; an ``IndexError``
+    naming the first target that is neither a class in [0, c) nor ``ignore_index``.
+    ``origin`` is added to the position in the message (a chunk's place in the whole
+    array)."""
     t = np.asarray(targets)
-    if t.dtype.kind not in "iu":
-        raise TypeError(f"targets must be integer class indices, got dtype {t.dtype}")
-    if t.shape != tuple(batch):
-        raise ValueError(f"targets must have the logits' shape without the class axis, "
-                         f"{tuple(batch)}; got {t.shape}")
-    ignore = ignore_index_option(ignore_index)
-    tf = index_targets(t, c, ignore, origin)
-    i, _ = _backend_module().run("targets", False, tf, c, ignore, _NO_WEIGHT, False)
-    if i >= 0:
-        bad_target(t, i, c, ignore, origin)
-    return tf
+    _inputs.check_index_targets(t.dtype, t.shape, batch)
+    ignore = _inputs.ignore_index_option(ignore_index)
+    return _dispatch.cpu().check_targets(t, c, ignore, origin)
 
 
 # ---------------------------------------------------------------------------- statistics
 def row_stats(rows, hk, tf, lo=0, whole=True, k=0, backend="auto"):
-    """Statistics of (n, c) kernel rows whose first class is ``lo``: (n, 6) float64 and,
-    with ``k``, each row's ``k`` largest logits.  ``whole``: the rows are complete, so
-    the count of logits above the target's is exact."""
-    n, c = rows.shape
-    st = np.empty((n, NFIELDS), np.float64)
-    top = np.empty((n, k), np.float64)
-    par = _parallel(backend, rows.size)
-    _backend_module().run("eval_stats", par, rows, hk, tf, int(lo), bool(whole), st, top,
-                          _nblocks(n, par))
-    return st, top
+    """Statistics of (n, c) host kernel rows whose first class is ``lo``: (n, 6)
+    float64 and, with ``k``, each row's ``k`` largest logits.  ``whole``: the rows are
+    complete, so the count of logits above the target's is exact."""
+    return _dispatch.cpu().row_stats(rows, hk, tf, lo=lo, whole=whole, k=k,
+                                     threads=_dispatch.threads(backend, rows.size))
 
 
 def merge_class_stats(parts, tops=None, k=0):
@@ -394,16 +358,14 @@ def evaluate(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n_bins
     check_backend(backend)
     topk = check_topk(topk)
     n_bins = check_bins(n_bins)
-    if _on_gpu(backend, logits):
-        from ._cuda import backend as _api_cuda
-        st, th, batch, c = _api_cuda.eval_stats(logits, targets, axis)
-        tf = check_targets(th, batch, c, ignore_index)
-        r = rows_from_stats(st, tf, ignore_index)
-        state = EvalState(topk, n_bins).add_rows(r)
-        return state.result({k: v.reshape(batch) for k, v in r.items()} if per_row else None)
-    f = _Float(logits, "logits")
-    rows, batch, _ = _class_rows(f.arr, axis, "logits")
-    tf = check_targets(targets, batch, rows.shape[1], ignore_index)
-    r = evaluate_rows(rows, f.hk, tf, ignore_index, backend)
+    be = _dispatch.backend_for(backend, logits)
+    x = be.operand(logits, "logits")
+    ax = _inputs.class_axis(x.shape, axis, "logits")
+    batch = _inputs.batch_shape(x.shape, ax)
+    _inputs.check_index_targets(be.describe(targets)[1], be.describe(targets)[0], batch)
+    ignore = _inputs.ignore_index_option(ignore_index)
+    st, tf = be.eval_stats(x, targets, axis=ax, ignore_index=ignore,
+                           threads=_dispatch.threads(backend, math.prod(x.shape)))
+    r = rows_from_stats(st, tf, ignore_index)
     state = EvalState(topk, n_bins).add_rows(r)
     return state.result({k: v.reshape(batch) for k, v in r.items()} if per_row else None)

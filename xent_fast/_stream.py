@@ -32,7 +32,7 @@ from numpy.lib.array_utils import normalize_axis_index
 
 from ._evaluate import (EvalState, check_backend, check_bins, check_targets, check_topk,
                         evaluate_rows)
-from ._api import _class_rows, _Float
+from ._cpu.arrays import HostFloat, class_rows
 
 # Default slab: about this many bytes of logits (large enough that per-call overheads
 # vanish, small enough that a few slabs in flight stay far below 1 GB).
@@ -83,7 +83,7 @@ class _Source:
 
     def _as_dtype(self, a):
         """``a`` as ``self.dtype``: a 2-byte void array read as bfloat16 (see
-        ``_check_logits_dtype``) is viewed as such."""
+        ``check_logits_dtype``) is viewed as such."""
         return a if a.dtype == self.dtype else a.view(self.dtype)
 
     def __getitem__(self, key):  # for dask.array.from_array
@@ -427,7 +427,7 @@ def open_source(spec, role="array"):
 
 
 # ---------------------------------------------------------------------------- streaming
-def _check_logits_dtype(src):
+def check_logits_dtype(src):
     """Refuse what cannot be logits; as the API, integers and bools are read as float64.
 
     A plain 2-byte void dtype (``|V2``, no fields) is taken as bfloat16 and ``src`` is
@@ -450,7 +450,7 @@ def _check_logits_dtype(src):
         raise ValueError(f"{src.name} must hold real numbers (logits), got dtype {dt}")
 
 
-def _check_targets_dtype(src):
+def check_targets_dtype(src):
     if src.dtype.kind not in "iu":
         raise ValueError(f"{src.name} must hold integer class indices, got dtype "
                          f"{src.dtype}")
@@ -516,8 +516,8 @@ def evaluate_file(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n
     lsrc = open_source(logits, "logits")
     tsrc = open_source(targets, "targets")
     try:
-        _check_logits_dtype(lsrc)
-        _check_targets_dtype(tsrc)
+        check_logits_dtype(lsrc)
+        check_targets_dtype(tsrc)
         ax, ca, length, slabs = plan(lsrc, tsrc, axis, chunk_rows)
         state = EvalState(topk, n_bins)
         keep = [] if per_row else None
@@ -542,8 +542,8 @@ def evaluate_file(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n
                 # hints): a file that shrank is caught here, before a SIGBUS could be
                 lsrc.check()
                 tsrc.check()
-                f = _Float(x, "logits")
-                rows, batch, _ = _class_rows(f.arr, ax, "logits")
+                f = HostFloat(x, "logits")
+                rows, batch = class_rows(f.arr, ax)
                 origin = None if ca is None else (lo,) + (0,) * (len(batch) - 1)
                 tf = check_targets(np.asarray(t), batch, rows.shape[1], ignore_index, origin)
                 r = evaluate_rows(rows, f.hk, tf, ignore_index, backend)

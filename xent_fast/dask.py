@@ -26,7 +26,10 @@ import dask.array as da
 import numpy as np
 from numpy.lib.array_utils import normalize_axis_index
 
-from . import _api
+from . import _inputs
+from ._api import (binary_cross_entropy_with_logits as _bce_logits, logsumexp as _logsumexp,
+                   softmax_cross_entropy as _softmax_ce, softmax_kl_divergence as _softmax_kl)
+from ._cpu.arrays import HostFloat
 from ._evaluate import (NAN_RANK, NFIELDS, EvalState, check_backend, check_bins,
                         check_targets, check_topk, merge_class_stats, merge_states,
                         row_stats, rows_from_stats, ROW_METRICS)
@@ -86,7 +89,7 @@ def _reduce_rows(rows, den, reduction, out_dtype):
 
 # ---------------------------------------------------------------------------- partial states
 def _stats_block(xb, tb, *offs, c, ignore, k, whole, backend):
-    f = _api._Float(xb, "logits")
+    f = HostFloat(xb, "logits")
     rows = np.ascontiguousarray(f.arr.reshape(-1, xb.shape[-1]))
     origin = tuple(_first(o) for o in offs[:-1])
     tf = check_targets(tb, tb.shape, c, ignore, origin)
@@ -254,7 +257,7 @@ def _lse_merge(p, axis, keepdims):
 
 def _lse_chunk(xb, axis, keepdims, backend):
     ax = axis[0] if isinstance(axis, tuple) else axis
-    out = np.asarray(_api.logsumexp(xb, axis=ax, keepdims=True, backend=backend),
+    out = np.asarray(_logsumexp(xb, axis=ax, keepdims=True, backend=backend),
                      np.float64)
     return out if keepdims else np.squeeze(out, ax)
 
@@ -277,7 +280,7 @@ def logsumexp(x, axis=-1, keepdims=False, *, backend="cpu"):
 
 def _ce_whole_block(xb, tb, weight, backend, kw):
     """Per-row losses (ignored rows 0) of one block whose rows are complete."""
-    return np.asarray(_api.softmax_cross_entropy(xb, tb, reduction="none", weight=weight,
+    return np.asarray(_softmax_ce(xb, tb, reduction="none", weight=weight,
                                                  backend=backend, **kw), np.float64)
 
 
@@ -296,9 +299,9 @@ def _ce_z_block(xb, tb, ignore, z_loss, softcap, backend):
     """z_loss * lse^2 of the kept rows of one block whose rows are complete."""
     x = np.asarray(xb)
     if softcap is not None:
-        x = softcap * np.tanh(_api._Float(x, "logits").source.astype(np.float64) / softcap)
+        x = softcap * np.tanh(HostFloat(x, "logits").source.astype(np.float64) / softcap)
     with np.errstate(all="ignore"):
-        lse = np.asarray(_api.logsumexp(x, backend=backend), np.float64)
+        lse = np.asarray(_logsumexp(x, backend=backend), np.float64)
         return np.where(np.asarray(tb) != ignore, z_loss * lse * lse, 0.0)
 
 
@@ -330,7 +333,7 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     probability targets raise ``NotImplementedError`` (rechunk the class axis to one
     chunk for them).  Returns a Dask array: per row for ``"none"``, 0-d otherwise.
     """
-    _api._check_reduction(reduction)
+    _inputs.reduction(reduction)
     check_backend(backend)
     x, ax = _class_last(logits, axis)
     c = x.shape[-1]
@@ -340,7 +343,7 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
         if weight.shape != (c,):
             raise ValueError(f"weight must have shape ({c},) (one weight per class), "
                              f"got {weight.shape}")
-    ignore = _api.ignore_index_option(ignore_index)
+    ignore = _inputs.ignore_index_option(ignore_index)
     t = da.asarray(targets)
     nd = x.ndim
     idx = _LETTERS[:nd]
@@ -446,7 +449,7 @@ def _kl_finish(p):
 
 
 def _kl_whole_block(xb, tb, temperature, backend):
-    return np.asarray(_api.softmax_kl_divergence(xb, tb, temperature=temperature,
+    return np.asarray(_softmax_kl(xb, tb, temperature=temperature,
                                                  reduction="none", backend=backend),
                       np.float64)
 
@@ -459,9 +462,9 @@ def softmax_kl_divergence(logits, target_logits, *, axis=-1, temperature=1.0,
     scaled logit rows and ``sum exp(u - max_u) (u - s)``; the slices merge by the
     log-sum-exp rule in float64.  No ``T**2`` factor.  Returns a Dask array.
     """
-    _api._check_reduction(reduction, ("none", "sum", "mean", "batchmean"))
+    _inputs.reduction(reduction, ("none", "sum", "mean", "batchmean"))
     check_backend(backend)
-    temp = _api._scalar_option(temperature, "temperature", 0.0, None, lo_open=True)
+    temp = _inputs.real_option(temperature, "temperature", 0.0, None, lo_open=True)
     x, ax = _class_last(logits, axis)
     t, _ = _class_last(target_logits, axis, "target_logits")
     if t.shape != x.shape:
@@ -498,7 +501,7 @@ def _bce_block(xb, yb, *rest, has_w, has_pw, backend):
     rest = list(rest)
     w = rest.pop(0) if has_w else None
     pw = rest.pop(0) if has_pw else None
-    return np.asarray(_api.binary_cross_entropy_with_logits(
+    return np.asarray(_bce_logits(
         xb, yb, weight=w, pos_weight=pw, reduction="none", backend=backend))
 
 
@@ -507,7 +510,7 @@ def binary_cross_entropy_with_logits(logits, targets, *, weight=None, pos_weight
     """:func:`xent_fast.binary_cross_entropy_with_logits` (forward) on Dask arrays,
     elementwise block by block (``weight`` and ``pos_weight`` broadcast as in PyTorch).
     Returns a Dask array: elementwise for ``"none"``, 0-d otherwise."""
-    _api._check_reduction(reduction)
+    _inputs.reduction(reduction)
     check_backend(backend)
     x = da.asarray(logits)
     y = _aligned(targets, x.chunks, x.shape, "targets", "the logits' shape")
@@ -542,8 +545,8 @@ def _file_arrays(logits_path, targets_path, axis, chunk_rows):
 
     lsrc = _stream.open_source(logits_path, "logits")
     tsrc = _stream.open_source(targets_path, "targets")
-    _stream._check_logits_dtype(lsrc)
-    _stream._check_targets_dtype(tsrc)
+    _stream.check_logits_dtype(lsrc)
+    _stream.check_targets_dtype(tsrc)
     ax, ca, length, slabs = _stream.plan(lsrc, tsrc, axis, chunk_rows)
     sizes = tuple(hi - lo for lo, hi in slabs)
     lchunks = tuple((sizes if (ca is not None and i == ca) else (n,))

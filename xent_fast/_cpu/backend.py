@@ -7,6 +7,7 @@ one machine-code version serves writable and read-only arrays.
 """
 
 import hashlib
+import math
 import os
 import threading
 from types import FunctionType
@@ -16,8 +17,11 @@ from numba import njit, types
 from numba.np.numpy_support import from_dtype
 from numba.core.errors import TypingError
 
+from .. import _inputs
 from . import avx512 as _simd
 from . import threads as _threads
+from . import arrays as _arrays
+from .arrays import HostFloat, class_rows, elementwise_rows, grad_target, reduce_rows
 from .drivers import (_bce, _bce_logits, _ce_index, _ce_prob, _dist, _eval_stats, _kl_logits,
                       _logsumexp, _softmax, _targets)
 from .few_classes import SMALL_CLASSES, make_ce_small, small_name
@@ -194,3 +198,223 @@ def run(name, parallel, *args):
 
 def num_threads():
     return _threads.num_threads()
+
+
+# ---------------------------------------------------------------------------- entry points
+# The same names and keyword options as the CUDA backend's (see _dispatch).  Arguments
+# arrive checked by the front end (_api, _inputs); ``threads`` says whether to spread
+# rows over threads.  Here: allocation, kernel choice, blocking and the reductions.
+operand = HostFloat
+describe = _arrays.describe
+describe_grad = _arrays.describe_grad
+to_host = _arrays.to_host
+
+_ELEMENTWISE_BLOCK = 16384
+_NO_WEIGHT = {np.dtype(d).char: np.ones(1, d) for d in (np.float32, np.float64)}
+
+
+def _nblocks(n, threads):
+    return max(1, min(n, 8 * num_threads())) if threads else 1
+
+
+def _weights(weight, c, dtype):
+    """(kernel weights, has weights, summed weight) for a checked class weight."""
+    if weight is None:
+        return _NO_WEIGHT[dtype.char], False, float(c)
+    w = np.ascontiguousarray(weight, dtype=dtype)
+    return w, True, float(np.sum(w, dtype=np.float64))
+
+
+def logsumexp(x, *, axis, keepdims, threads):
+    rows, batch = class_rows(x.arr, axis)
+    out = np.empty(rows.shape[0], x.out_dtype)
+    run("logsumexp", threads, rows, x.hk, out, _nblocks(rows.shape[0], threads))
+    res = out.reshape(batch)
+    if keepdims:
+        res = np.expand_dims(res, axis)
+    return res[()] if res.ndim == 0 else res
+
+
+def softmax(x, *, axis, log, threads):
+    rows, batch = class_rows(x.arr, axis)
+    out = np.empty(rows.shape, x.out_dtype)
+    run("softmax", threads, rows, x.hk, bool(log), out, _nblocks(rows.shape[0], threads))
+    return np.moveaxis(out.reshape(batch + (rows.shape[1],)), -1, axis)
+
+
+def dist(p, q, *, axis, mode, scale, threads):
+    """Entropy (mode 0, ``q`` unused), cross-entropy (1) or KL divergence (2) of rows."""
+    prow, batch = class_rows(p.arr, axis)
+    qrow, _ = class_rows(q.arr, axis)
+    out = np.empty(prow.shape[0], np.float64)
+    bad = np.empty(prow.shape[0], np.int64)
+    run("dist", threads, prow, p.hk, qrow, q.hk, mode, out, bad, _nblocks(prow.shape[0], threads))
+    hits = np.flatnonzero(bad >= 0)
+    if hits.size:
+        i = int(hits[0])
+        j = int(bad[i])
+        c = prow.shape[1]
+        name, src = ("p", p.source) if j < c else ("q", q.source)
+        pos = _inputs.position(batch, axis, i, j % c if c else j)
+        raise _inputs.not_probability(name, pos, src[pos])
+    if scale != 1.0:
+        out /= scale
+    res = out.astype(p.out_dtype, copy=False).reshape(batch)
+    return res[()] if res.ndim == 0 else res
+
+
+def check_targets(t, c, ignore, origin=None):
+    """Integer host targets as a flat int64 array and the mean's denominator (the
+    count of kept targets); an IndexError naming the first that is neither a class
+    in [0, c) nor ``ignore``."""
+    tf = _inputs.index_targets(t, c, ignore, origin)
+    i, den = run("targets", False, tf, c, ignore, _NO_WEIGHT["d"], False)
+    if i >= 0:
+        raise _inputs.bad_target(t.shape, i, tf[i], c, ignore, origin)
+    return tf
+
+
+def softmax_cross_entropy(x, targets, *, axis, kind, weight, ignore_index, label_smoothing,
+                          z_loss, softcap, reduction, want_grad, grad_out, threads):
+    rows, batch = class_rows(x.arr, axis)
+    n, c = rows.shape
+    eps, z, cap = label_smoothing, z_loss, softcap
+    w, has_w, wsum = _weights(weight, c, x.out_dtype)
+    if kind == "index":
+        t = np.asarray(targets)
+        ignore = ignore_index
+        tf = _inputs.index_targets(t, c, ignore)
+        # one compiled pass: the first bad target, and the mean's denominator
+        i, den = run("targets", False, tf, c, ignore, w, has_w)
+        if i >= 0:
+            raise _inputs.bad_target(t.shape, i, tf[i], c, ignore)
+    else:
+        t = x.companion(targets, "targets")
+        trows, _ = class_rows(t.arr, axis)
+        den = float(n)
+    gscale = 1.0
+    if reduction == "mean":
+        gscale = 1.0 / den if den != 0 else math.nan
+        if z != 0.0 and has_w and kind == "index":
+            # The z-loss is not class-weighted: its mean is over the kept rows, not over
+            # the summed weight the kernels divide by, so it enters them rescaled.
+            # (With a summed weight of 0 the mean is 0/0 or x/0 whatever the z-loss.)
+            kept = np.count_nonzero(tf != ignore)
+            z = z * den / kept if kept else z
+    others = (t if kind == "index" else t.source, weight)
+    grad, g2, finish = grad_target(want_grad, grad_out, x, axis, rows.shape, others)
+    nb = _nblocks(n, threads)
+    small = kind == "index" and 2 <= c <= SMALL_CLASSES and x.hk == 0 and cap == 0.0
+    # a loss a row, or for the few-classes kernels' sums and means one partial sum a block
+    loss = np.empty(nb if small and reduction != "none" else n, np.float64)
+    if small:
+        rows = np.ascontiguousarray(rows)  # the few-classes kernels read rows back to back
+        general = has_w or eps > 0  # the kernel that weighs and smooths, with w = 1 if unweighted
+        if general and not has_w:
+            w = np.ones(c, x.out_dtype)
+        run(small_name(c, general, want_grad), threads, rows, tf, w, wsum, eps, z, ignore,
+            gscale, g2, loss, nb)
+    elif kind == "index":
+        run("ce_index", threads, rows, x.hk, tf, w, has_w, wsum, eps, z, cap, ignore, gscale,
+            want_grad, g2, x.hk, loss, nb)
+    else:
+        run("ce_prob", threads, rows, x.hk, trows, t.hk, w, has_w, eps, z, cap, gscale,
+            want_grad, g2, x.hk, loss, nb)
+    if finish is not None:
+        finish()
+    res = reduce_rows(loss, batch, reduction, den, x.out_dtype)
+    return (res, grad) if want_grad else res
+
+
+def softmax_kl_divergence(x, t, *, axis, temperature, reduction, want_grad, grad_out,
+                          threads):
+    rows, batch = class_rows(x.arr, axis)
+    trows, _ = class_rows(t.arr, axis)
+    n, c = rows.shape
+    den = _inputs.kl_denominator(reduction, n, c)
+    gscale = 1.0 / den if den else math.nan
+    grad, g2, finish = grad_target(want_grad, grad_out, x, axis, rows.shape, (t.source,))
+    out = np.empty(n, np.float64)
+    run("kl_logits", threads, rows, x.hk, trows, t.hk, 1.0 / temperature, gscale, want_grad,
+        g2, x.hk, out, _nblocks(n, threads))
+    if finish is not None:
+        finish()
+    if reduction in ("batchmean", "mean"):
+        res = reduce_rows(out, batch, "mean", den, x.out_dtype)
+    else:
+        res = reduce_rows(out, batch, reduction, 1, x.out_dtype)
+    return (res, grad) if want_grad else res
+
+
+def _elementwise_buffers(shape2, keep, dtype):
+    """Output rows (kept only for ``"none"``) and one partial sum per kernel task."""
+    n, c = shape2
+    out = np.empty((n, c) if keep else (0, 0), dtype)
+    ncb = max(1, -(-c // _ELEMENTWISE_BLOCK))
+    return out, np.empty(n * ncb, np.float64), ncb
+
+
+def _elementwise_weight(weight, dtype):
+    return None if weight is None else np.asarray(weight).astype(dtype, copy=False)
+
+
+def binary_cross_entropy(p, y, *, weight, reduction, threads):
+    shape = p.shape
+    w = _elementwise_weight(weight, p.out_dtype)
+    p2, y2, w2 = elementwise_rows([p.arr, y.arr, w], shape)
+    c = p2.shape[1]
+    keep = reduction == "none"
+    out, partial, ncb = _elementwise_buffers(p2.shape, keep, p.out_dtype)
+    bad = np.empty(partial.size, np.int64)
+    run("bce", threads, p2, p.hk, y2, y.hk,
+        w2 if w2 is not None else np.ones((1, 0), p.out_dtype), w2 is not None, keep,
+        _ELEMENTWISE_BLOCK, out, partial, bad)
+    hits = np.flatnonzero(bad >= 0)
+    if hits.size:
+        task = int(hits[0])
+        flat = (task // ncb) * c + int(bad[task])
+        pos = tuple(int(v) for v in np.unravel_index(flat, shape)) if shape else ()
+        raise _inputs.probs_out_of_range(pos, p.source[pos])
+    if keep:
+        return out.reshape(shape)
+    return reduce_rows(partial, (), reduction, p2.size, p.out_dtype)
+
+
+def binary_cross_entropy_with_logits(x, y, *, weight, pos_weight, reduction, want_grad,
+                                     grad_out, threads):
+    shape = x.shape
+    w = _elementwise_weight(weight, x.out_dtype)
+    pw = _elementwise_weight(pos_weight, x.out_dtype)
+    size = math.prod(shape)
+    gscale = (1.0 / size if size else math.nan) if reduction == "mean" else 1.0
+    x2, y2, w2, pw2 = elementwise_rows([x.arr, y.arr, w, pw], shape)
+    grad, g2, finish = grad_target(want_grad, grad_out, x, None, x2.shape, (y.source, w, pw))
+    keep = reduction == "none"
+    out, partial, _ = _elementwise_buffers(x2.shape, keep, x.out_dtype)
+    dummy = np.ones((1, 0), x.out_dtype)
+    run("bce_logits", threads, x2, x.hk, y2, y.hk, w2 if w2 is not None else dummy,
+        w2 is not None, pw2 if pw2 is not None else dummy, pw2 is not None, gscale,
+        want_grad, g2, x.hk, keep, _ELEMENTWISE_BLOCK, out, partial)
+    if finish is not None:
+        finish()
+    res = out.reshape(shape) if keep else reduce_rows(partial, (), reduction, size, x.out_dtype)
+    return (res, grad) if want_grad else res
+
+
+def row_stats(rows, hk, tf, *, lo=0, whole=True, k=0, threads=False):
+    """Evaluation statistics of (n, c) kernel rows whose first class is ``lo``: (n, 6)
+    float64 and, with ``k``, each row's ``k`` largest logits.  ``whole``: the rows are
+    complete, so the count of logits above the target's is exact."""
+    n = rows.shape[0]
+    st = np.empty((n, 6), np.float64)
+    top = np.empty((n, k), np.float64)
+    run("eval_stats", threads, rows, hk, tf, int(lo), bool(whole), st, top, _nblocks(n, threads))
+    return st, top
+
+
+def eval_stats(x, targets, *, axis, ignore_index, threads):
+    """(statistics (n, 6) float64, targets as a flat int64 array) of whole rows."""
+    rows, _ = class_rows(x.arr, axis)
+    tf = check_targets(np.asarray(targets), rows.shape[1], ignore_index)
+    st, _ = row_stats(rows, x.hk, tf, threads=threads)
+    return st, tf
