@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from . import _ops
 from ._cpu import threads as _threads
 
 
@@ -35,41 +36,19 @@ def _demo(args):
     print(f"  KL(p||q) = H(p,q) - H(p)     {float(xf.kl_divergence(p, q)):.3f}\n")
 
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((257, 1000)).astype(np.float32) * 3
-    xt = rng.standard_normal(x.shape).astype(np.float32) * 3
-    t = rng.integers(0, 1000, 257)
-    probs = R.softmax(xt).astype(np.float32)
-    y = rng.random(x.shape).astype(np.float32)
-    checks = [
-        ("logsumexp", lambda: xf.logsumexp(x), lambda: R.logsumexp(x)),
-        ("softmax", lambda: xf.softmax(x), lambda: R.softmax(x)),
-        ("log_softmax", lambda: xf.log_softmax(x), lambda: R.log_softmax(x)),
-        ("entropy", lambda: xf.entropy(probs), lambda: R.entropy(probs)),
-        ("cross_entropy", lambda: xf.cross_entropy(probs, probs[::-1]),
-         lambda: R.cross_entropy(probs, probs[::-1])),
-        ("kl_divergence", lambda: xf.kl_divergence(probs, probs[::-1]),
-         lambda: R.kl_divergence(probs, probs[::-1])),
-        ("softmax_cross_entropy", lambda: xf.softmax_cross_entropy(x, t, return_grad=True)[1],
-         lambda: R.softmax_cross_entropy(x, t, return_grad=True)[1]),
-        ("softmax_cross_entropy (probs)",
-         lambda: xf.softmax_cross_entropy(x, probs, label_smoothing=0.1),
-         lambda: R.softmax_cross_entropy(x, probs, label_smoothing=0.1)),
-        ("softmax_kl_divergence", lambda: xf.softmax_kl_divergence(x, xt, temperature=2.0),
-         lambda: R.softmax_kl_divergence(x, xt, temperature=2.0)),
-        ("binary_cross_entropy", lambda: xf.binary_cross_entropy(probs, y),
-         lambda: R.binary_cross_entropy(probs, y)),
-        ("binary_cross_entropy_with_logits",
-         lambda: xf.binary_cross_entropy_with_logits(x, y, return_grad=True)[1],
-         lambda: R.binary_cross_entropy_with_logits(x, y, return_grad=True)[1]),
-    ]
+    d = _ops.demo_inputs(rng)
     print("Every kernel against the float64 reference (float32 input, 257 x 1000):")
     worst = 0.0
-    for name, got, want in checks:
-        g = np.asarray(got(), np.float64)
-        w = np.asarray(want(), np.float64)
+    for op in _ops.OPS:
+        if op.check is None:
+            continue
+        g, w = op.call(xf, d, **op.check), op.call(R, d, **op.check)
+        if op.check.get("return_grad"):  # the gradient is what is compared
+            g, w = g[1], w[1]
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         err = float(np.max(np.abs(g - w) / (np.abs(w) + 1e-6)))
         worst = max(worst, err)
-        print(f"  {name:34s} max rel. error {err:.1e}  {'ok' if err < 1e-4 else 'FAIL'}")
+        print(f"  {op.name:34s} max rel. error {err:.1e}  {'ok' if err < 1e-4 else 'FAIL'}")
 
     n, c = args.rows, args.classes
     big = rng.standard_normal((n, c)).astype(np.float32)
@@ -205,7 +184,7 @@ def main(argv=None):
     b.add_argument("--quick", action="store_true", help="a subset, under 2 minutes")
     b.add_argument("--only", nargs="+", metavar="TEXT",
                    help="run only cases whose name contains TEXT (e.g. 'ce 4096')")
-    b.add_argument("--peers", nargs="+", choices=["numpy-ref", "scipy", "torch", "jax"],
+    b.add_argument("--peers", nargs="+", choices=list(_ops.PEERS),
                    help="peers to compare against (default: every one importable)")
     b.add_argument("--no-sweep", action="store_true", help="skip the class-count sweep")
     b.add_argument("--out", default="bench-results", help="folder for JSON/markdown/PNG")

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from . import _ops
 from ._cpu import threads as _threads
 
 # ---------------------------------------------------------------------------- cases
@@ -24,7 +25,7 @@ from ._cpu import threads as _threads
 
 @dataclasses.dataclass
 class Case:
-    kind: str  # ce, ce_grad, bce_logits, bce_logits_grad, kl, kl_grad, logsumexp
+    kind: str  # an operation's kind in _ops.OPS (ce, kl, bce_logits, ...), "_grad" added
     rows: int
     cols: int
     dtype: str = "float32"
@@ -37,16 +38,13 @@ class Case:
     def grad(self):
         return self.kind.endswith("_grad")
 
+    @property
+    def op(self):
+        return _ops.BY_KIND[self.kind.removesuffix("_grad")]
+
     def nbytes(self):
         """(bytes read, bytes written) that any implementation must move."""
-        item = np.dtype(self.dtype).itemsize
-        n = self.rows * self.cols * item
-        base = self.kind.removesuffix("_grad")
-        reads = {"ce": n + self.rows * 8, "bce_logits": 2 * n, "bce": 2 * n, "kl": 2 * n,
-                 "logsumexp": n, "softmax": n, "log_softmax": n, "entropy": n,
-                 "kl_divergence": 2 * n}[base]
-        writes = n if self.grad or base in ("softmax", "log_softmax") else 0
-        return reads, writes
+        return self.op.nbytes(self.rows, self.cols, self.dtype, self.grad)
 
 
 HEADLINE = [
@@ -60,9 +58,8 @@ HEADLINE = [
     Case("kl", 4096, 32000), Case("kl_grad", 4096, 32000),
     Case("logsumexp", 4096, 32000),
 ]
-# every other public function once, at the CE headline shape
-BLOCKS = [Case(k, 4096, 32000) for k in ("softmax", "log_softmax", "entropy",
-                                         "kl_divergence")] + [Case("bce", 1, 10_000_000)]
+# every other public function once, at the shape its entry gives (the CE headline shape)
+BLOCKS = [Case(op.kind, *op.bench_shape) for op in _ops.OPS if op.bench_shape]
 QUICK = [Case("ce", 4096, 32000), Case("ce_grad", 4096, 32000), Case("ce", 1_000_000, 10),
          Case("ce", 8192, 2), Case("bce_logits", 1, 10_000_000), Case("kl", 4096, 32000)]
 # throughput against class count at a fixed 2^27 elements, for the plot
@@ -70,24 +67,7 @@ SWEEP = [Case("ce", (1 << 27) // c, c) for c in (2, 10, 100, 1000, 10_000, 32000
 
 
 def make_data(case, seed=0):
-    rng = np.random.default_rng(seed)
-    shape = (case.rows, case.cols)
-    x = (rng.standard_normal(shape, dtype=np.float32) * 3).astype(case.dtype)
-    base = case.kind.removesuffix("_grad")
-    if base == "ce":
-        return {"x": x, "t": rng.integers(0, case.cols, case.rows)}
-    if base == "bce_logits":
-        return {"x": x.reshape(-1), "y": rng.random(x.size, dtype=np.float32).astype(case.dtype)}
-    if base == "kl":
-        return {"x": x, "xt": (rng.standard_normal(shape, dtype=np.float32) * 3).astype(case.dtype)}
-    if base in ("entropy", "kl_divergence"):
-        p = rng.random(shape, dtype=np.float32) + np.float32(0.01)
-        p /= p.sum(-1, keepdims=True)
-        return {"p": p.astype(case.dtype), "q": p[::-1].copy().astype(case.dtype)}
-    if base == "bce":
-        return {"p": rng.random(x.size, dtype=np.float32).astype(case.dtype),
-                "y": rng.random(x.size, dtype=np.float32).astype(case.dtype)}
-    return {"x": x}
+    return case.op.make_inputs(case.rows, case.cols, case.dtype, seed)
 
 
 # ---------------------------------------------------------------------------- implementations
@@ -95,167 +75,31 @@ def _xent(backend):
     import xent_fast as xf
 
     def build(case, d):
-        base, grad = case.kind.removesuffix("_grad"), case.grad
-        g = np.empty_like(d["x"]) if grad else None
-        if base == "ce":
-            return lambda: xf.softmax_cross_entropy(d["x"], d["t"], grad_out=g, backend=backend)
-        if base == "bce_logits":
-            return lambda: xf.binary_cross_entropy_with_logits(d["x"], d["y"], grad_out=g,
-                                                               backend=backend)
-        if base == "kl":
-            return lambda: xf.softmax_kl_divergence(d["x"], d["xt"], grad_out=g,
-                                                    backend=backend)
-        if base == "entropy":
-            return lambda: xf.entropy(d["p"], backend=backend)
-        if base == "kl_divergence":
-            return lambda: xf.kl_divergence(d["p"], d["q"], backend=backend)
-        if base == "bce":
-            return lambda: xf.binary_cross_entropy(d["p"], d["y"], backend=backend)
-        return lambda: getattr(xf, base)(d["x"], backend=backend)
+        op = case.op
+        kw = {"backend": backend}
+        if op.grad:
+            kw["grad_out"] = np.empty_like(d["x"]) if case.grad else None
+        return op.call(_ops.bound(xf), d, **kw)
 
     return build
 
 
-def _reference(case, d):
-    from xent_fast import reference as R
+def _peer(name):
+    def build(case, d):
+        return case.op.peer(name, d, case.grad)
 
-    base, grad = case.kind.removesuffix("_grad"), case.grad
-    if base == "ce":
-        return lambda: R.softmax_cross_entropy(d["x"], d["t"], return_grad=grad)
-    if base == "bce_logits":
-        return lambda: R.binary_cross_entropy_with_logits(d["x"], d["y"], return_grad=grad)
-    if base == "kl":
-        return lambda: R.softmax_kl_divergence(d["x"], d["xt"], return_grad=grad)
-    if base == "entropy":
-        return lambda: R.entropy(d["p"])
-    if base == "kl_divergence":
-        return lambda: R.kl_divergence(d["p"], d["q"])
-    if base == "bce":
-        return lambda: R.binary_cross_entropy(d["p"], d["y"])
-    return lambda: getattr(R, base)(d["x"])
+    return build
 
 
-def _scipy(case, d):
-    import scipy.special as sp
-
-    if case.grad:
-        return None
-    base = case.kind
-    if base == "entropy":
-        return lambda: sp.entr(d["p"]).sum(-1)
-    if base == "kl_divergence":
-        return lambda: sp.rel_entr(d["p"], d["q"]).sum(-1)
-    if base == "bce":
-        return None
-    if base in ("softmax", "log_softmax"):
-        return lambda: getattr(sp, base)(d["x"], axis=-1)
-    x = d["x"]
-    if base == "ce":
-        rows = np.arange(x.shape[0])
-        return lambda: np.mean(sp.logsumexp(x, axis=-1) - x[rows, d["t"]])
-    if base == "bce_logits":
-        y = d["y"]
-        return lambda: np.mean(np.logaddexp(0, x) - x * y)
-    if base == "kl":
-        xt = d["xt"]
-        return lambda: np.sum(sp.rel_entr(sp.softmax(xt, axis=-1),
-                                          sp.softmax(x, axis=-1))) / x.shape[0]
-    return lambda: sp.logsumexp(x, axis=-1)
-
-
-def _torch(case, d):
-    import torch
-    import torch.nn.functional as F
-
-    base, grad = case.kind.removesuffix("_grad"), case.grad
-    if base in ("entropy", "kl_divergence", "bce"):
-        p = torch.from_numpy(d["p"])
-        if base == "entropy":
-            return lambda: torch.special.entr(p).sum(-1)
-        if base == "bce":
-            y = torch.from_numpy(d["y"])
-            return lambda: F.binary_cross_entropy(p, y)
-        q = torch.from_numpy(d["q"])
-        return lambda: F.kl_div(q.log(), p, reduction="none").sum(-1)
-    x = torch.from_numpy(d["x"])
-    if base in ("softmax", "log_softmax"):
-        return lambda: getattr(F, base)(x, dim=-1)
-    if base == "ce":
-        t = torch.from_numpy(d["t"])
-        loss = lambda z: F.cross_entropy(z, t)  # noqa: E731
-    elif base == "bce_logits":
-        y = torch.from_numpy(d["y"])
-        loss = lambda z: F.binary_cross_entropy_with_logits(z, y)  # noqa: E731
-    elif base == "kl":
-        lt = F.log_softmax(torch.from_numpy(d["xt"]), dim=-1)
-        loss = lambda z: F.kl_div(F.log_softmax(z, dim=-1), lt, reduction="batchmean",  # noqa
-                                  log_target=True)
-    else:
-        return None if grad else (lambda: torch.logsumexp(x, dim=-1))
-    if not grad:
-        def fwd():
-            with torch.no_grad():
-                return loss(x)
-        return fwd
-
-    def fwd_bwd():
-        z = x.detach().requires_grad_(True)
-        out = loss(z)
-        out.backward()
-        return z.grad
-
-    return fwd_bwd
-
-
-def _jax(case, d):
-    import jax
-    import jax.numpy as jnp
-
-    base, grad = case.kind.removesuffix("_grad"), case.grad
-    if base in ("entropy", "kl_divergence", "bce"):
-        return None
-    x = jnp.asarray(d["x"])
-    if base in ("softmax", "log_softmax"):
-        f = jax.jit(getattr(jax.nn, base))
-        return lambda: f(x).block_until_ready()
-    # Every array is an argument: arrays closed over become XLA constants, and
-    # constant-folding a 512 MB one took 36 s of compilation.
-    if base == "ce":
-        other = jnp.asarray(d["t"])
-
-        def loss(z, t):
-            lp = jax.nn.log_softmax(z, axis=-1)
-            return -jnp.mean(jnp.take_along_axis(lp, t[:, None], axis=-1))
-    elif base == "bce_logits":
-        other = jnp.asarray(d["y"])
-
-        def loss(z, y):
-            return jnp.mean(jnp.logaddexp(0.0, z) - z * y)
-    elif base == "kl":
-        other = jnp.asarray(d["xt"])
-
-        def loss(z, zt):
-            lt = jax.nn.log_softmax(zt, axis=-1)
-            lp = jax.nn.log_softmax(z, axis=-1)
-            return jnp.sum(jnp.exp(lt) * (lt - lp)) / z.shape[0]
-    else:
-        if grad:
-            return None
-        f = jax.jit(lambda z: jax.scipy.special.logsumexp(z, axis=-1))
-        return lambda: f(x).block_until_ready()
-    f = jax.jit(jax.value_and_grad(loss) if grad else loss)
-    return lambda: jax.block_until_ready(f(x, other))
-
-
-PEERS = {"numpy-ref": _reference, "scipy": _scipy, "torch": _torch, "jax": _jax}
+PEERS = {name: _peer(name) for name in _ops.PEERS}
 
 
 def available_peers(names=None):
     """The peers among ``names`` (default all) whose package imports."""
     import importlib.util
 
-    modules = {"numpy-ref": "numpy", "scipy": "scipy", "torch": "torch", "jax": "jax"}
-    return [n for n in (names or PEERS) if importlib.util.find_spec(modules[n]) is not None]
+    find = importlib.util.find_spec
+    return [n for n in (names or PEERS) if find(_ops.PEERS[n]) is not None]
 
 
 # ---------------------------------------------------------------------------- timing
@@ -323,28 +167,14 @@ def max_rel_error(case, d):
     import xent_fast as xf
     from xent_fast import reference as R
 
-    base = case.kind.removesuffix("_grad")
+    op = case.op
     k = min(case.rows, 256)
-    sub = {key: (v[:k] if v.ndim else v) for key, v in d.items()}
-    if base in ("bce_logits", "bce"):
+    if op.elementwise:
         sub = {key: v[:1_000_000] for key, v in d.items()}
-    if base == "ce":
-        got = xf.softmax_cross_entropy(sub["x"], sub["t"], return_grad=case.grad)
-        want = R.softmax_cross_entropy(sub["x"], sub["t"], return_grad=case.grad)
-    elif base == "bce_logits":
-        got = xf.binary_cross_entropy_with_logits(sub["x"], sub["y"], return_grad=case.grad)
-        want = R.binary_cross_entropy_with_logits(sub["x"], sub["y"], return_grad=case.grad)
-    elif base == "kl":
-        got = xf.softmax_kl_divergence(sub["x"], sub["xt"], return_grad=case.grad)
-        want = R.softmax_kl_divergence(sub["x"], sub["xt"], return_grad=case.grad)
-    elif base in ("entropy", "kl_divergence"):
-        args = (sub["p"],) if base == "entropy" else (sub["p"], sub["q"])
-        got, want = getattr(xf, base)(*args), getattr(R, base)(*args)
-    elif base == "bce":
-        got = xf.binary_cross_entropy(sub["p"], sub["y"])
-        want = R.binary_cross_entropy(sub["p"], sub["y"])
     else:
-        got, want = getattr(xf, base)(sub["x"]), getattr(R, base)(sub["x"])
+        sub = {key: (v[:k] if v.ndim else v) for key, v in d.items()}
+    kw = {"return_grad": case.grad} if op.grad else {}
+    got, want = op.call(xf, sub, **kw), op.call(R, sub, **kw)
     if case.grad:
         got, want = got[1], want[1]
     got = np.asarray(got, np.float64)

@@ -2,10 +2,13 @@
 
 import numpy as np
 
+from . import _ops
+
 _DTYPES = {"float32": np.float32, "float64": np.float64}
 # Wide enough for the general kernels: index targets over at most SMALL_CLASSES (16)
 # classes take kernels built for the exact class count, compiled on first use.
 _WARM_CLASSES = 64
+_WARM_ROWS = 2
 
 
 def warmup(dtypes=("float32", "float64"), backends=("cpu", "parallel")):
@@ -19,25 +22,15 @@ def warmup(dtypes=("float32", "float64"), backends=("cpu", "parallel")):
     package's ``__pycache__``) in milliseconds.  Returns the number of kernels made
     ready by this call (0 when all were ready already).
     """
-    from . import _api, _evaluate
-    from ._cpu import backend as _backend_cpu
+    import xent_fast as xf
+    from ._dispatch import cpu
 
-    before = len(_backend_cpu._entry_points)
-    c = _WARM_CLASSES
+    before = cpu().kernels_ready()
     for name in dtypes:
         dt = np.dtype(_DTYPES.get(name, name))
-        x = np.zeros((2, c), dt)
-        p = np.full((2, c), 1 / c, dt)
-        t = np.zeros(2, np.int64)
-        y = np.zeros((2, c), dt)
+        # every operation of the table once, on its own inputs (gradient included)
+        inputs = [(op, op.make_inputs(_WARM_ROWS, _WARM_CLASSES, dt)) for op in _ops.OPS]
         for be in backends:
-            _api.logsumexp(x, backend=be)
-            _api.softmax(x, backend=be)
-            _api.entropy(p, backend=be)
-            _api.softmax_cross_entropy(x, t, return_grad=True, backend=be)
-            _api.softmax_cross_entropy(x, p, return_grad=True, backend=be)
-            _api.softmax_kl_divergence(x, x, return_grad=True, backend=be)
-            _api.binary_cross_entropy(p, y, backend=be)
-            _api.binary_cross_entropy_with_logits(x, y, return_grad=True, backend=be)
-            _evaluate.evaluate(x, t, backend=be)
-    return len(_backend_cpu._entry_points) - before
+            for op, d in inputs:
+                op.call(xf, d, backend=be, **({"return_grad": True} if op.grad else {}))
+    return cpu().kernels_ready() - before

@@ -200,6 +200,11 @@ def num_threads():
     return _threads.num_threads()
 
 
+def kernels_ready():
+    """How many compiled kernels this process holds (for ``warmup``'s count)."""
+    return len(_entry_points)
+
+
 # ---------------------------------------------------------------------------- entry points
 # The same names and keyword options as the CUDA backend's (see _dispatch).  Arguments
 # arrive checked by the front end (_api, _inputs); ``threads`` says whether to spread
