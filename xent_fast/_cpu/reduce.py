@@ -14,6 +14,7 @@ from numba.extending import overload
 
 from . import avx512 as _simd
 from .mathfns import cast_like, fexp, float_key, key_float
+from .formulas import nll_from as _nll_from
 from .jit import EXACT_JIT, INLINE, JIT, ORDERED_JIT
 
 CHUNK = 512
@@ -420,8 +421,7 @@ def shift_scale(v, m, it):
     return (v - m) * it
 
 
-@njit(**ORDERED_JIT)
-def nll_from(ls, xt, m):
-    """log s - (x_t - m), kept in that order: with "reassoc" beside lse = m + log s the
-    optimiser rewrote it as lse - x_t, which is 0 in float32 at x_t ~ m ~ 3e38."""
-    return ls - (xt - m)
+# nll_from: log s - (x_t - m), kept in that order (with "reassoc" beside lse = m + log s
+# the optimiser rewrote it as lse - x_t, which is 0 in float32 at x_t ~ m ~ 3e38); the
+# formula is shared with the CUDA kernels (xent_fast/_formulas.py).
+nll_from = _nll_from

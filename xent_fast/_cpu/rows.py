@@ -19,6 +19,9 @@ from numba.extending import overload
 
 from . import avx512 as _simd
 from .mathfns import cast_like, fexp, flog, flog1p, fmax
+from .formulas import (bce_logits_grad, bce_logits_loss, ce_grad_scale, ce_index_grad_terms,
+                       ce_index_loss, ce_index_mass, ce_prob_loss, kl_finish, kl_grad_scales,
+                       nll_from)
 from .jit import INLINE, JIT
 from .reduce import (AHEAD, CHUNK, CONCENTRATED, SIMD_CHUNK, SIMD_ONE_PASS_MIN, less_one,
                      log_mass_split, log_mass_split_exps, lse_from, row_exp_store, row_max,
@@ -184,37 +187,29 @@ def ce_index_row(y, t, w, has_w, wsum, eps, z, gr, want_grad, gscale, stream=Fal
     # lse - y_t as log(s) - (y_t - m): exact even where lse and y_t are ~1e38
     fm = float(m)
     finite = m != np.inf and m != -np.inf
-    nll = ls - (y_t - fm) if finite else lse - y_t
+    nll = nll_from(ls, y_t, fm) if finite else lse - y_t
     if finite and s < CONCENTRATED and nll < tiny_log(y):
         # a confident right prediction: its loss is log s, recomputed to keep its digits
         # (from the stored exps where the gradient pass has written them, maybe over y)
         ls = log_mass_split_exps(gr) if want_grad and not fast else log_mass_split(y, m)
-        nll = ls - (y_t - fm)
+        nll = nll_from(ls, y_t, fm)
         lse = fm + ls
-    # sum_c w_c (lse - y_c) = wsum (lse - pivot) - wy, where lse - y_t is nll
-    smooth = wsum * (nll if pivot == y_t else lse) - wy
-    if m == -np.inf:
-        nll = np.inf
-        smooth = np.inf
-    # a target of weight 0 carries no mass: exactly 0, even where its logit is -inf
-    loss = (1.0 - eps) * w_t * nll if eps < 1.0 and w_t != 0 else 0.0
-    if eps > 0.0:
-        loss += eps / C * smooth
-    if z != 0.0:
-        loss += z * lse * lse
+    # sum_c w_c (lse - y_c) = wsum (lse - pivot) - wy, where lse - y_t is nll; a target
+    # of weight 0 carries no mass: exactly 0, even where its logit is -inf
+    loss = ce_index_loss(nll, nll if pivot == y_t else lse, wy, wsum, m == -np.inf, w_t,
+                         eps, C, z, lse)
     if want_grad:
-        a_tot = (1.0 - eps) * w_t + eps / C * wsum
-        k = cast_like((a_tot + 2.0 * z * lse) / s * gscale, gr)
+        k = cast_like(ce_grad_scale(ce_index_mass(w_t, wsum, eps, C), z, lse, s, gscale), gr)
+        ke64, kt64 = ce_index_grad_terms(w_t, eps, C, gscale)
         if fast and finite:
-            ke = cast_like(gscale * eps / C if eps > 0.0 else 0.0, gr)
-            _ce_grad_stream(y, gr, cast_like(m, gr), k, ke)
-            gr[t] -= cast_like(gscale * (1.0 - eps) * w_t, gr)
+            _ce_grad_stream(y, gr, cast_like(m, gr), k, cast_like(ke64, gr))
+            gr[t] -= cast_like(kt64, gr)
             return loss
         if fast:  # an infinite max: softmax is undefined on this row
             for j in range(C):
                 gr[j] = np.nan
         if eps > 0.0:
-            ke = cast_like(gscale * eps / C, gr)
+            ke = cast_like(ke64, gr)
             if has_w:
                 for j in range(C):
                     gr[j] = k * gr[j] - ke * w[j]
@@ -224,7 +219,7 @@ def ce_index_row(y, t, w, has_w, wsum, eps, z, gr, want_grad, gscale, stream=Fal
         else:
             for j in range(C):
                 gr[j] = k * gr[j]
-        gr[t] -= cast_like(gscale * (1.0 - eps) * w_t, gr)
+        gr[t] -= cast_like(kt64, gr)
     return loss
 
 
@@ -297,17 +292,9 @@ def ce_prob_row(y, p, w, has_w, eps, z, gr, want_grad, gscale):
         # target class has a -inf logit: again in float64, which tells the two apart
         ay = _prob_dot_about(y, p, w, has_w, eps, np.float64(piv))
     m, s, ls, lse = _row_max_lse(y, gr, want_grad, mrow)
-    fp = float(piv)
-    if m == -np.inf:
-        loss = np.inf if a_tot > 0 else 0.0
-    elif m == np.inf:
-        loss = a_tot * lse - (ay + a_tot * fp)
-    else:
-        loss = a_tot * ls - ay + a_tot * (float(m) - fp)
-    if z != 0.0:
-        loss += z * lse * lse
+    loss = ce_prob_loss(a_tot, ay, float(piv), float(m), ls, lse, z)
     if want_grad:
-        k = cast_like((a_tot + 2.0 * z * lse) / s * gscale, gr)
+        k = cast_like(ce_grad_scale(a_tot, z, lse, s, gscale), gr)
         g = cast_like(gscale, gr)
         if has_w:
             for j in range(C):
@@ -459,7 +446,7 @@ def _kl_one_pass_simd(x, xt, it):
     d = _simd.vsum(_simd.vmul(D, ft))
     if ss == 0.0 or st == 0.0:  # an all -inf row
         return False, 0.0
-    return True, d / st + (float(ms) - float(mt)) + (math.log(ss) - math.log(st))
+    return True, kl_finish(d, ss, st, float(ms) - float(mt))
 
 
 _KL_BIG = 1e30  # beyond: x_t/T - x/T may overflow in the one pass; two passes instead
@@ -536,10 +523,11 @@ def kl_logits_row(x, xt, inv_t, gr, want_grad, gscale):
         ss += a
         st += b
         d += c
-    kl = d / st + (math.log(ss) - math.log(st))
+    kl = kl_finish(d, ss, st, 0.0)  # d about each row's own max: no m_s - m_t
     if want_grad:
-        ks = cast_like(gscale * inv_t / ss, gr)
-        kt = cast_like(gscale * inv_t / st, gr)
+        ks64, kt64 = kl_grad_scales(gscale, inv_t, ss, st)
+        ks = cast_like(ks64, gr)
+        kt = cast_like(kt64, gr)
         for j in range(C):
             gr[j] = ks * gr[j] - kt * fexp(shift_scale(xt[j], mxt, it))
     return kl
@@ -692,21 +680,18 @@ def _bce_logits_row_scalar(x, y, w, has_w, pw, has_pw, out, gr, want_grad, gscal
     if n == 0:
         return
     one = cast_like(1.0, x)
-    zero = one - one
+    zero = cast_like(0.0, x)
     g = cast_like(gscale, x)
     for j in range(n):
         v = x[j]
         t = y[j]
         e = fexp(-abs(v))
         lp = flog1p(e)
-        sp = lp + (-v if v < zero else zero)
         l = one + (pw[j] - one) * t if has_pw else one
+        pt = pw[j] * t if has_pw else t
         wv = w[j] if has_w else one
         # (1-t) v + l max(-v, 0) is -pw t v for v < 0: written so, without the
         # cancellation of (1-t) v against l (-v); infinite v keeps PyTorch's form.
-        lin = -((pw[j] * t) if has_pw else t) * v if v < zero else (one - t) * v
-        fin = (one - t) * v + l * sp if abs(v) == np.inf else lin + l * lp
-        out[j] = wv * fin
+        out[j] = bce_logits_loss(v, t, lp, l, pt, wv, one, zero)
         if want_grad:
-            sig_neg = (e / (one + e)) if v >= zero else (one / (one + e))
-            gr[j] = g * wv * ((one - t) - l * sig_neg)
+            gr[j] = bce_logits_grad(v, t, e, l, g * wv, one, zero)

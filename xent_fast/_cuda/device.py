@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from .. import _formulas as F
+
 _EXTRA_HINT = "install the extra: pip install 'xent_fast[cuda]'"
 
 
@@ -231,6 +233,34 @@ else:
 VEC = {v: _make_vec(v) for v in (1, 2, 4, 8)}
 
 device = cuda.jit(device=True, inline=True) if not SIM else cuda.jit(device=True)
+
+if SIM:
+    def cast_like(c, v):
+        return type(v)(c)
+else:
+    def cast_like(c, v):
+        """``c`` as the type of the scalar ``v``: typed constants, where ``v - v + 1``
+        is NaN for infinite ``v`` and a float literal widens float32 math."""
+
+    @overload(cast_like, target="cuda")
+    def _cast_like(c, v):
+        dt = v
+        return lambda c, v: dt(c)
+
+
+# ---------------------------------------------------------------------------- formulas
+# The closing formulas shared with the CPU kernels (xent_fast/_formulas.py), as device
+# functions; under the simulator they run as the Python functions they are.
+nll_from = device(F.nll_from)
+ce_index_loss = device(F.ce_index_loss)
+ce_index_mass = device(F.ce_index_mass)
+ce_grad_scale = device(F.ce_grad_scale)
+ce_index_grad_terms = device(F.ce_index_grad_terms)
+ce_prob_loss = device(F.ce_prob_loss)
+kl_finish = device(F.kl_finish)
+kl_grad_scales = device(F.kl_grad_scales)
+bce_logits_loss = device(F.bce_logits_loss)
+bce_logits_grad = device(F.bce_logits_grad)
 
 
 # ---------------------------------------------------------------------------- halves
