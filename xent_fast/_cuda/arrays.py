@@ -283,7 +283,7 @@ def dummy(dtype, ndim):
 def zeros(n, dtype):
     a = cuda.device_array(n, dtype)
     if n:
-        K.fill_kernel[max(1, -(-n // 256)), 256](a, 0)
+        K.fill_kernel[max(1, -(-n // K.FLAT_THREADS)), K.FLAT_THREADS](a, 0)
     return a
 
 

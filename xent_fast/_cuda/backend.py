@@ -128,7 +128,7 @@ def dist(p, q, *, axis, mode, scale, threads=False):
         raise _inputs.not_probability(name, pos, element(src, pos))
     res, flat = per_row_out(p, batch, p.out_dtype)
     if n:
-        K.scale_kernel[max(1, -(-n // 256)), 256](out, 1.0 / scale, flat)
+        K.scale_kernel[max(1, -(-n // K.FLAT_THREADS)), K.FLAT_THREADS](out, 1.0 / scale, flat)
     return p.finish(res)
 
 

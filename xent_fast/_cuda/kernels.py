@@ -20,8 +20,10 @@ from functools import lru_cache
 
 import numpy as np
 
-from .device import (SIM, VEC, cuda, decode, device, encode, lse_finish, merge_max_sum,
-                        team_max, team_sum)
+from .device import (SIM, VEC, bce_logits_grad, bce_logits_loss, cast_like, ce_grad_scale,
+                     ce_index_grad_terms, ce_index_loss, ce_index_mass, ce_prob_loss, cuda,
+                     decode, device, encode, kl_finish, kl_grad_scales, lse_finish,
+                     merge_max_sum, nll_from, team_max, team_sum)
 
 # Small inputs launch small grids on purpose, and numba-cuda warns at every launch of
 # fewer than 128 blocks; that one message is silenced (for this process).
@@ -31,8 +33,10 @@ warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in 
 NEG_INF = -math.inf
 U = 2  # vector loads in flight per thread (16 bytes each; 32 KB a 1024-thread block)
 MAX_THREADS = 64 if SIM else 1024
-FLAT_THREADS = 64 if SIM else 256
-NARROW_THREADS = 64 if SIM else 256
+# The simulator runs each GPU thread as a Python thread, polled by its block: small
+# blocks there keep the suite's CUDA run short (narrow rows still share a block).
+FLAT_THREADS = 16 if SIM else 256
+NARROW_THREADS = 16 if SIM else 256
 # float64 slots of shared scratch: one a warp; the simulator's reductions use one a thread
 SHARED = 1024 if SIM else 32
 
@@ -52,7 +56,7 @@ def team_size(c):
 
 def launch(n_rows, ts):
     """(blocks, threads) for ``n_rows`` rows of ``ts`` threads each."""
-    threads = ts if ts > 32 else NARROW_THREADS
+    threads = ts if ts > 32 else max(ts, NARROW_THREADS)
     rpb = threads // ts
     return max(1, -(-n_rows // rpb)), threads
 
@@ -224,21 +228,16 @@ def kernels(v, f64):
         if not ignored:
             wt = np.float64(w[ti]) if has_w else 1.0
             fm = np.float64(m)
+            # the smoothing sum sy is about piv: lse - piv is log s (finite rows), else lse
             if finite:
                 ls = math.log(np.float64(s))
-                nll = ls - (np.float64(yt) - fm)
-                smooth = wsum * ls - sy
+                nll = nll_from(ls, np.float64(yt), fm)
+                dpiv = ls
             else:
                 nll = lse - yt
-                smooth = wsum * lse - sy
-            if m == NEG_INF and nanf == 0:
-                nll = math.inf
-                smooth = math.inf
-            lossv = (1.0 - eps) * wt * nll if eps < 1.0 and wt != 0.0 else 0.0
-            if eps > 0.0:
-                lossv += eps / C * smooth
-            if z != 0.0:
-                lossv += z * lse * lse
+                dpiv = lse
+            lossv = ce_index_loss(nll, dpiv, sy, wsum, m == NEG_INF and nanf == 0, wt, eps,
+                                  C, z, lse)
         if keep:
             if active and lane == 0:
                 loss[r] = lossv
@@ -251,10 +250,11 @@ def kernels(v, f64):
             gs = 1.0 / den[0] if den[0] != 0.0 else math.nan
         grow = g[rr // inner, :, rr % inner]
         mode = 1 if ignored else (0 if finite else 2)
-        a_tot = (1.0 - eps) * wt + eps / C * wsum
-        k = FT((a_tot + 2.0 * z * lse) / s * gs) if mode == 0 else FT(0.0)
-        ke = FT(gs * eps / C)
-        kt = FT(gs * (1.0 - eps) * wt)
+        k = FT(ce_grad_scale(ce_index_mass(wt, wsum, eps, C), z, lse, s, gs)) \
+            if mode == 0 else FT(0.0)
+        ke64, kt64 = ce_index_grad_terms(wt, eps, C, gs)
+        ke = FT(ke64)
+        kt = FT(kt64)
         mm = FT(m)
         fcap = FT(cap)
         icap = FT(1.0 / cap) if cap > 0 else FT(0.0)
@@ -323,16 +323,11 @@ def kernels(v, f64):
         a_tot = team_sum(np.float64(pa), ts, sm)
         ay = team_sum(np.float64(pay), ts, sm)
         lse = lse_finish(m, s, nanf)
+        finite = nanf == 0 and m != NEG_INF and m != math.inf
+        ls = math.log(np.float64(s)) if finite else 0.0
+        lossv = ce_prob_loss(a_tot, ay, fpiv, np.float64(m), ls, lse, z)
         if nanf != 0:
             lossv = math.nan
-        elif m == NEG_INF:
-            lossv = math.inf if a_tot > 0 else 0.0
-        elif m == math.inf:
-            lossv = a_tot * lse - ay
-        else:
-            lossv = a_tot * math.log(np.float64(s)) - ay
-        if z != 0.0:
-            lossv += z * lse * lse
         if not active:
             lossv = 0.0
         if keep:
@@ -343,8 +338,7 @@ def kernels(v, f64):
         if not want_grad or not active:
             return
         grow = g[rr // inner, :, rr % inner]
-        finite = nanf == 0 and m != NEG_INF and m != math.inf
-        k = FT((a_tot + 2.0 * z * lse) / s * gscale) if finite else FT(math.nan)
+        k = FT(ce_grad_scale(a_tot, z, lse, s, gscale)) if finite else FT(math.nan)
         gsf = FT(gscale)
         mm = FT(m)
         for j in range(lane, C, ts):
@@ -415,7 +409,7 @@ def kernels(v, f64):
             if nanf != 0:
                 kl = math.nan
             elif fin:
-                kl = d / st + (np.float64(gms) - np.float64(gmt)) + (math.log(ss) - math.log(st))
+                kl = kl_finish(d, ss, st, np.float64(gms) - np.float64(gmt))
             else:
                 kl = d / st + lse_s - lse_t
         if not active:
@@ -428,8 +422,9 @@ def kernels(v, f64):
         if not want_grad or not active:
             return
         grow = g[rr // inner, :, rr % inner]
-        ks = FT(gscale * inv_t / ss)
-        kt = FT(gscale * inv_t / st)
+        ks64, kt64 = kl_grad_scales(gscale, inv_t, ss, st)
+        ks = FT(ks64)
+        kt = FT(kt64)
         ams = FT(gms)
         amt = FT(gmt)
         for j in range(lane, C, ts):
@@ -638,7 +633,7 @@ def bce_kernel(p, y, w, has_w, keep, out, acc, bad):
             yv = decode(y[i, j])
             if not (pv >= 0 and pv <= 1):
                 cuda.atomic.min(bad, 0, e)
-            one = pv - pv + 1
+            one = cast_like(1.0, pv)  # not pv - pv + 1: NaN at an (invalid) infinite pv
             lp = max(log0(pv), -100.0)
             lq = max(log0(one - pv), -100.0)
             rv = -(yv * lp + (one - yv) * lq)
@@ -666,19 +661,20 @@ def bce_logits_kernel(x, y, w, has_w, pw, has_pw, gscale, want_grad, g, keep, ou
             j = e % L
             v = decode(x[i, j])
             t = decode(y[i, j])
-            one = v - v + 1
-            zero = v - v
+            one = cast_like(1.0, v)
+            zero = cast_like(0.0, v)
             ex = math.exp(-abs(v))
-            sp = math.log1p(ex) + (-v if v < zero else zero)
+            lp = math.log1p(ex)
             lw = one + (pw[i, j] - one) * t if has_pw else one
+            pt = pw[i, j] * t if has_pw else t
             wv = w[i, j] if has_w else one
-            rv = wv * ((one - t) * v + lw * sp)
+            rv = bce_logits_loss(v, t, lp, lw, pt, wv, one, zero)
             if keep:
                 out[i, j] = rv
             else:
                 part += rv
             if want_grad:
-                sig_neg = (ex / (one + ex)) if v >= zero else (one / (one + ex))
-                g[i, j] = encode(gscale * wv * ((one - t) - lw * sig_neg), g)
+                gw = cast_like(gscale, v) * wv
+                g[i, j] = encode(bce_logits_grad(v, t, ex, lw, gw, one, zero), g)
     if not keep:
         _grid_add(part, acc, sm, 0)
