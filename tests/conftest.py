@@ -1,3 +1,6 @@
+import math
+import os
+
 import numpy as np
 import pytest
 
@@ -10,7 +13,20 @@ except ImportError:  # pragma: no cover
 DTYPES = [np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16)]
 if BF16 is not None:
     DTYPES.append(BF16)
-BACKENDS = ["cpu", "parallel"]
+# The backends the parametrised tests run on: the CPU's in the main process, "cuda" in
+# the process tests/test_cuda_sim.py starts under Numba's CUDA simulator, or on a GPU
+# machine with XENT_FAST_TEST_BACKENDS=cuda (the same test ids, the same tolerances).
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+BACKENDS = os.environ.get("XENT_FAST_TEST_BACKENDS", "cuda" if SIM else "cpu,parallel").split(",")
+# The simulator runs every GPU thread as a Python thread: cases above this many
+# elements run on a real device only.
+SIM_MAX_ELEMENTS = 12_000
+if SIM:
+    import sys
+
+    # Each simulated block polls its Python threads while they run and wait at barriers;
+    # a short GIL switch interval lets them take turns at once (6x faster here).
+    sys.setswitchinterval(2e-4)
 
 # Relative tolerance of a loss or row value against the float64 reference, by input dtype.
 # Half inputs are compared with the reference on the same (rounded) values, and are
@@ -56,12 +72,47 @@ def assert_grad_close(actual, expected, dtype, what="grad", term=1e-6):
                  what=what)
 
 
-# tests/cuda runs in its own process (tests/test_cuda_sim.py: Numba's CUDA simulator must
-# be chosen before Numba is imported), or directly on a machine with a GPU.
-collect_ignore = ["cuda"]
+# tests/cuda (what only device arrays have) runs in the CUDA process only: under the
+# simulator (tests/test_cuda_sim.py: it must be chosen before Numba is imported), or on
+# a machine with a GPU.
+collect_ignore = [] if "cuda" in BACKENDS else ["cuda"]
+
+
+def _elements(params):
+    """The number of input elements of a parametrised case (None: no shape parameter)."""
+    if "shape" in params:
+        return math.prod(params["shape"])
+    if "batch" in params and "c" in params:
+        return math.prod(params["batch"]) * params["c"]
+    if "c" in params:  # a class count alone: the tests that take one use ~10 rows
+        return 16 * params["c"]
+    return None
+
+
+def _simulated(params):
+    """Whether a CUDA case runs under the simulator: small shapes only (a real GPU runs
+    them all)."""
+    return (_elements(params) or 0) <= SIM_MAX_ELEMENTS
 
 
 def pytest_collection_modifyitems(session, config, items):
+    if "cuda" in BACKENDS:
+        # Only the cases parametrised over the backend run for CUDA (the rest test the
+        # CPU or the reference), and under the simulator only small ones.
+        keep, drop = [], []
+        for item in items:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            if item.path.parent.name == "cuda":
+                keep.append(item)
+            elif params.get("backend") != "cuda":
+                drop.append(item)
+            elif SIM and not _simulated(params):
+                drop.append(item)
+            else:
+                keep.append(item)
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
     if any(item.name == "test_cuda_backend_under_the_simulator" for item in items):
         from test_cuda_sim import start_simulator_run
 

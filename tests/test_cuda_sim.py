@@ -1,9 +1,12 @@
-"""The CUDA backend's tests (tests/cuda) under Numba's CUDA simulator, in their own process.
+"""The suite's backend-parametrised tests for ``backend="cuda"``, under Numba's CUDA
+simulator, in their own process: the reference and edge-case tests (their small shapes:
+the simulator runs every GPU thread as a Python thread) and tests/cuda (device arrays).
 
 The simulator must be chosen before Numba is imported, which this process has done
 already.  The run starts as soon as collection selects this test (see conftest.py), so
 that it overlaps the rest of the suite on a second core; the test waits for it.  On a
-machine with a usable GPU, ``python -m pytest tests/cuda`` tests the real device.
+machine with a usable GPU, ``XENT_FAST_TEST_BACKENDS=cuda python -m pytest tests`` runs
+the same tests on the real device, every shape included.
 """
 
 import importlib.util
@@ -16,6 +19,8 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
+# the files whose backend-parametrised tests run for CUDA too
+_CUDA_FILES = ("test_against_reference.py", "test_edge_cases.py", "test_trust.py", "cuda")
 _run = None
 
 
@@ -24,10 +29,11 @@ def start_simulator_run():
     global _run
     if _run is None and importlib.util.find_spec("numba_cuda") is not None:
         log = tempfile.TemporaryFile(mode="w+")
-        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONDONTWRITEBYTECODE="1")
+        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONDONTWRITEBYTECODE="1",
+                   XENT_FAST_TEST_BACKENDS="cuda")
         proc = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
-             "ignore::RuntimeWarning", str(HERE / "cuda")],
+             "ignore::RuntimeWarning", *(str(HERE / f) for f in _CUDA_FILES)],
             cwd=HERE.parent, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
         _run = (proc, log)
     return _run

@@ -58,9 +58,9 @@ def test_huge_logits_stay_finite(backend):
     assert np.isfinite(xf.logsumexp(x, backend=backend)).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_smoothing_and_soft_targets_at_large_logits(dtype, backend="cpu"):
-    # (the row kernels are the same on threads; one backend keeps the compiles down)
+def test_smoothing_and_soft_targets_at_large_logits(dtype, backend):
     # Their sums over the classes are taken about the row max: a plain sum of w_c y_c
     # cancelled (1e-5 of the loss at logits near 1e4 in float32, 1% near 1e6) and
     # overflowed near the largest float (-inf or 1e291 for a loss of log 3).
@@ -339,3 +339,53 @@ def test_gpu_arrays_on_a_cpu_backend_are_refused():
 
     with pytest.raises(TypeError, match="GPU array"):
         xf.logsumexp(FakeDeviceArray(), backend="cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pos_weight", [None, 2.5])
+@pytest.mark.parametrize("n", [5, 16, 37, 1007])
+def test_bce_with_logits_has_no_cancellation(n, pos_weight, backend):
+    # (1 - y) x + log1p(exp(-|x|)) + max(-x, 0) cancels for x < 0 and small y: the
+    # kernels write it as -y x + log1p(...), so every element keeps float32 accuracy.
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((3, n)) * 5).astype(np.float32)
+    y = rng.random((3, n)).astype(np.float32)
+    x[0, :4] = [np.inf, -np.inf, 0.0, np.nan]
+    pw = None if pos_weight is None else np.float32(pos_weight)
+    with np.errstate(all="ignore"):
+        got, g = xf.binary_cross_entropy_with_logits(x, y, pos_weight=pw, reduction="none",
+                                                     return_grad=True, backend=backend)
+        want, gw = R.binary_cross_entropy_with_logits(
+            x.astype(np.float64), y.astype(np.float64), pos_weight=pos_weight,
+            reduction="none", return_grad=True)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    ok = np.isfinite(want)
+    np.testing.assert_allclose(got[ok], want[ok], rtol=1e-6)
+    np.testing.assert_allclose(g[ok], gw[ok], rtol=1e-5, atol=2e-7)  # (1 - y) - sigmoid(-x)
+    # +-inf logits: PyTorch's values (+inf loss where the wrong side is certain)
+    np.testing.assert_array_equal(got[0, :2], want[0, :2])
+    np.testing.assert_allclose(g[0, :2], gw[0, :2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_same_mistake_gets_the_same_message_on_every_backend(backend):
+    x, t = np.zeros((2, 3)), np.array([0, 1])
+    msg = (r"grad_out must have the logits' shape \(2, 3\) and the gradient dtype float64; "
+           r"got \(2, 3\) and float32")
+    with pytest.raises(ValueError, match=msg):
+        xf.softmax_cross_entropy(x, t, grad_out=np.zeros((2, 3), np.float32), backend=backend)
+    with pytest.raises(ValueError, match="grad_out is read-only"):
+        g = np.zeros((2, 3))
+        g.flags.writeable = False
+        xf.softmax_kl_divergence(x, x, grad_out=g, backend=backend)
+    with pytest.raises(IndexError, match=r"targets\[1\] = 3 is not a class index in \[0, 3\)"):
+        xf.softmax_cross_entropy(x, np.array([0, 3]), backend=backend)
+    with pytest.raises(ValueError, match=r"probs must lie in \[0, 1\]; probs\[\[1\]\] = 1.5"):
+        xf.binary_cross_entropy(np.array([0.5, 1.5]), np.array([0.0, 1.0]), backend=backend)
+    with pytest.raises(ValueError, match=r"q must hold probabilities"):
+        xf.kl_divergence(np.array([0.5, 0.5]), np.array([0.5, -0.5]), backend=backend)
+    with pytest.raises(TypeError, match="logits must be real, got complex"):
+        xf.softmax_cross_entropy(np.zeros((2, 3), complex), t, backend=backend)
+    with pytest.raises(ValueError, match="integer targets must have the logits' shape"):
+        xf.softmax_cross_entropy(x, np.array([0, 1, 2]), backend=backend)
+

@@ -240,13 +240,21 @@ def bad_target(shape, i, value, c, ignore, origin=None):
                       f"[0, {c}) nor ignore_index={ignore}")
 
 
+def _number(value):
+    """An element for a message: a Python float, whatever array library it came from."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
 def not_probability(name, pos, value):
     return ValueError(f"{name} must hold probabilities (>= 0, not NaN); "
-                      f"{name}[{pos}] = {value!r}")
+                      f"{name}[{pos}] = {_number(value)!r}")
 
 
 def probs_out_of_range(pos, value):
-    return ValueError(f"probs must lie in [0, 1]; probs[{list(pos)}] = {value!r}")
+    return ValueError(f"probs must lie in [0, 1]; probs[{list(pos)}] = {_number(value)!r}")
 
 
 def class_weight(weight, c, name="weight"):

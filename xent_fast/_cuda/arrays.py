@@ -423,7 +423,7 @@ def weight2(weight, shape, dtype, name):  # checked by the front end
             return flat2(d), True
     wh = np.ascontiguousarray(np.asarray(to_host(weight)).astype(dtype, copy=False))
     last = shape[-1] if shape else 1
-    b2 = np.broadcast_to(wh, shape).reshape(-1, last)
+    b2 = np.broadcast_to(wh, shape).reshape(math.prod(shape[:-1]) if shape else 1, last)
     if not np.shares_memory(b2, wh):
         b2 = np.ascontiguousarray(b2)
         return cuda.to_device(b2), True
