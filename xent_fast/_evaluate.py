@@ -5,7 +5,7 @@ share them:
 
 1. ``row_stats``: the compiled kernel reads each row once and keeps six numbers a row
    (max, sum of exps, sum of exp-weighted logits, target logit, count above the target,
-   argmax; see ``_evalrows``).  Slices of the class axis merge exactly
+   argmax; see ``_cpu/eval_rows.py``).  Slices of the class axis merge exactly
    (``merge_class_stats``).
 2. ``rows_from_stats``: the per-row metrics, in float64.
 3. ``EvalState``: sums, counts and calibration bins over rows; two states merge by
@@ -20,7 +20,7 @@ import numpy as np
 from . import _dispatch, _inputs
 from ._inputs import check_bins, check_topk  # noqa: F401  (used by _stream and dask)
 
-# Fields of a row's statistics (as in _evalrows, which imports Numba and so is not
+# Fields of a row's statistics (as in _cpu/eval_rows.py, which imports Numba and so is not
 # imported here).
 M, S, D, XT, GT, AM = range(6)
 NFIELDS = 6

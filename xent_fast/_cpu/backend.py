@@ -22,8 +22,7 @@ from . import avx512 as _simd
 from . import threads as _threads
 from . import arrays as _arrays
 from .arrays import HostFloat, class_rows, elementwise_rows, grad_target, reduce_rows
-from .drivers import (_bce, _bce_logits, _ce_index, _ce_prob, _dist, _eval_stats, _kl_logits,
-                      _logsumexp, _softmax, _targets)
+from . import drivers
 from .few_classes import SMALL_CLASSES, make_ce_small, small_name
 from .jit import JIT
 
@@ -34,16 +33,16 @@ _threads.configure()
 # Which positional arguments each driver writes (typed mutable); all others that are
 # arrays are typed read-only.
 _DRIVERS = {
-    "targets": (_targets, set()),
-    "logsumexp": (_logsumexp, {"out"}),
-    "softmax": (_softmax, {"out"}),
-    "dist": (_dist, {"out", "bad"}),
-    "ce_index": (_ce_index, {"g", "loss"}),
-    "ce_prob": (_ce_prob, {"g", "loss"}),
-    "kl_logits": (_kl_logits, {"g", "out"}),
-    "bce": (_bce, {"out", "partial", "bad"}),
-    "eval_stats": (_eval_stats, {"st", "top"}),
-    "bce_logits": (_bce_logits, {"g", "out", "partial"}),
+    "targets": (drivers.targets, set()),
+    "logsumexp": (drivers.logsumexp, {"out"}),
+    "softmax": (drivers.softmax, {"out"}),
+    "dist": (drivers.dist, {"out", "bad"}),
+    "ce_index": (drivers.ce_index, {"g", "loss"}),
+    "ce_prob": (drivers.ce_prob, {"g", "loss"}),
+    "kl_logits": (drivers.kl_logits, {"g", "out"}),
+    "bce": (drivers.bce, {"out", "partial", "bad"}),
+    "eval_stats": (drivers.eval_stats, {"st", "top"}),
+    "bce_logits": (drivers.bce_logits, {"g", "out", "partial"}),
 }
 
 _lock = threading.Lock()

@@ -23,7 +23,7 @@ from .rows import (bce_logits_row, bce_row, ce_index_row, ce_prob_row, dist_row,
 _STREAM_BYTES = 1 << 25  # 32 MiB
 
 
-def _logsumexp(x, hk, out, nblocks):
+def logsumexp(x, hk, out, nblocks):
     n, c = x.shape
     for b in prange(nblocks):
         lo, hi = block_bounds(b, nblocks, n)
@@ -32,7 +32,7 @@ def _logsumexp(x, hk, out, nblocks):
             out[i] = row_logsumexp(load_row(row_at(x, i), work, hk))
 
 
-def _softmax(x, hk, log, out, nblocks):
+def softmax(x, hk, log, out, nblocks):
     n, c = x.shape
     for b in prange(nblocks):
         lo, hi = block_bounds(b, nblocks, n)
@@ -41,7 +41,7 @@ def _softmax(x, hk, log, out, nblocks):
             row_softmax(load_row(row_at(x, i), work, hk), row_at(out, i), log)
 
 
-def _dist(p, phk, q, qhk, mode, out, bad, nblocks):
+def dist(p, phk, q, qhk, mode, out, bad, nblocks):
     n, c = p.shape
     for b in prange(nblocks):
         lo, hi = block_bounds(b, nblocks, n)
@@ -58,7 +58,7 @@ def _dist(p, phk, q, qhk, mode, out, bad, nblocks):
             out[i] = dist_row(pr, qr, mode) if k < 0 else np.nan
 
 
-def _ce_index(x, hk, t, w, has_w, wsum, eps, z, cap, ignore, gscale, want_grad, g, ghk,
+def ce_index(x, hk, t, w, has_w, wsum, eps, z, cap, ignore, gscale, want_grad, g, ghk,
               loss, nblocks):
     n, c = x.shape
     # Non-temporal gradient stores (see rows._ce_grad_stream) only where the gradient
@@ -94,7 +94,7 @@ def _ce_index(x, hk, t, w, has_w, wsum, eps, z, cap, ignore, gscale, want_grad, 
                 loss[i] = ce_index_row(y, ti, w, has_w, wsum, eps, z, gwork, False, gscale)
 
 
-def _ce_prob(x, hk, p, phk, w, has_w, eps, z, cap, gscale, want_grad, g, ghk, loss, nblocks):
+def ce_prob(x, hk, p, phk, w, has_w, eps, z, cap, gscale, want_grad, g, ghk, loss, nblocks):
     n, c = x.shape
     for b in prange(nblocks):
         lo, hi = block_bounds(b, nblocks, n)
@@ -117,7 +117,7 @@ def _ce_prob(x, hk, p, phk, w, has_w, eps, z, cap, gscale, want_grad, g, ghk, lo
                 loss[i] = ce_prob_row(y, pr, w, has_w, eps, z, gwork, False, gscale)
 
 
-def _kl_logits(x, hk, xt, thk, inv_t, gscale, want_grad, g, ghk, out, nblocks):
+def kl_logits(x, hk, xt, thk, inv_t, gscale, want_grad, g, ghk, out, nblocks):
     n, c = x.shape
     for b in prange(nblocks):
         lo, hi = block_bounds(b, nblocks, n)
@@ -135,8 +135,8 @@ def _kl_logits(x, hk, xt, thk, inv_t, gscale, want_grad, g, ghk, out, nblocks):
                 out[i] = kl_logits_row(y, yt, inv_t, gwork, False, gscale)
 
 
-def _eval_stats(x, hk, t, lo, count, st, top, nblocks):
-    """Per-row evaluation statistics (see _evalrows) of rows ``x``, classes ``lo ..``;
+def eval_stats(x, hk, t, lo, count, st, top, nblocks):
+    """Per-row evaluation statistics (see eval_rows.py) of rows ``x``, classes ``lo ..``;
     with a non-empty ``top`` also each row's ``top.shape[1]`` largest logits."""
     n, c = x.shape
     k = top.shape[1]
@@ -150,7 +150,7 @@ def _eval_stats(x, hk, t, lo, count, st, top, nblocks):
                 row_topk(y, row_at(top, i))
 
 
-def _bce(p, phk, y, yhk, w, has_w, keep, colblock, out, partial, bad):
+def bce(p, phk, y, yhk, w, has_w, keep, colblock, out, partial, bad):
     n, c = p.shape
     ncb = max(1, (c + colblock - 1) // colblock)
     for task in prange(n * ncb):
@@ -172,7 +172,7 @@ def _bce(p, phk, y, yhk, w, has_w, keep, colblock, out, partial, bad):
         partial[task] = row_sum(orow)
 
 
-def _bce_logits(x, hk, y, yhk, w, has_w, pw, has_pw, gscale, want_grad, g, ghk, keep,
+def bce_logits(x, hk, y, yhk, w, has_w, pw, has_pw, gscale, want_grad, g, ghk, keep,
                 colblock, out, partial):
     n, c = x.shape
     ncb = max(1, (c + colblock - 1) // colblock)
@@ -196,7 +196,7 @@ def _bce_logits(x, hk, y, yhk, w, has_w, pw, has_pw, gscale, want_grad, g, ghk, 
         partial[task] = row_sum(orow)
 
 
-def _targets(t, c, ignore, w, has_w):
+def targets(t, c, ignore, w, has_w):
     """(index of the first target that is neither a class nor ``ignore``, or -1;
     the summed weight of the kept targets, the "mean" denominator)."""
     den = 0.0

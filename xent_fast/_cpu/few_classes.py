@@ -132,7 +132,7 @@ def make_ce_small(C, general, want_grad):
                     # partial block from a zero-padded copy.
                     full = nv - nv % L
                     for q in range(0, full, L):
-                        for u in range(C):  # the block 8 KB ahead (see _rows.AHEAD)
+                        for u in range(C):  # the block 8 KB ahead (see reduce.AHEAD)
                             _simd.prefetch(xs, q * C + (u + AHEAD) * L)
                         _simd.vcols_in(xs, q * C, C, T, q, _SB)
                         _simd.vsmall_stats(T, q, _SB, C, tv, mv, sv, xtv)

@@ -157,11 +157,11 @@ class Dev:
             if not copy_ok:
                 raise ValueError(f"{self.name}: this layout cannot be written in place on "
                                  "the GPU; pass a contiguous array")
-            self._make_contiguous()
+            self.make_contiguous()
             return self.rows3(ax)
         return self.view((outer, c, inner), (so, strides[ax], si))
 
-    def _make_contiguous(self):
+    def make_contiguous(self):
         if self.lib == "torch":
             self.tensor = self.tensor.contiguous()
             self.desc = dict(_describe(self.tensor, "cai"), dtype=self.dtype)
@@ -408,7 +408,7 @@ def flat2(dev, copy_ok=True):
         if not copy_ok:
             raise ValueError(f"{dev.name}: this layout cannot be written in place on the GPU; "
                              "pass a contiguous array")
-        dev._make_contiguous()
+        dev.make_contiguous()
         return flat2(dev)
     return dev.view((math.prod(lead), last), (so, strides[-1] if shape else dev.dtype.itemsize))
 

@@ -140,7 +140,7 @@ def _index_targets(targets, n, c, ignore):
         return cuda.to_device(_inputs.index_targets(th, c, ignore)), None, th
     dt = Dev(targets, "targets", allow_int=True)
     if merged_stride(dt.shape, dt.desc["strides"]) is None:
-        dt._make_contiguous()
+        dt.make_contiguous()
     step = merged_stride(dt.shape, dt.desc["strides"]) or dt.dtype.itemsize
     return dt.view((n,), (step,)), dt, None
 
