@@ -389,3 +389,45 @@ def test_the_same_mistake_gets_the_same_message_on_every_backend(backend):
     with pytest.raises(ValueError, match="integer targets must have the logits' shape"):
         xf.softmax_cross_entropy(x, np.array([0, 1, 2]), backend=backend)
 
+
+BCE_GRID_X = [-1e4, -300.0, -50.0, -20.0, -1.0, 0.0, 1.0, 20.0, 50.0, 300.0, 1e4,
+              np.inf, -np.inf]
+BCE_GRID_Y = [0.0, 1e-6, 1e-4, 0.3, 1 - 1e-6, 1.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "pos_weight,weight"])
+@pytest.mark.parametrize("shape", [(6, 13), (1007,)], ids=str)  # scalar rows; vectors
+def test_bce_with_logits_grad_does_not_cancel_for_negative_logits(shape, weighted, dtype,
+                                                                  backend):
+    # (1 - y) - l sigmoid(-x) is 0.999999 - 1 at x = -1e4, y = 1e-6 (1.3% off -pw y in
+    # float32) and 0 for exp(x) at y = 0: the kernels (scalar rows, the AVX-512 vector
+    # loop at 1007 unweighted float32 elements, CUDA) take it over 1 + exp(-|x|).
+    n = int(np.prod(shape))
+    x, y = np.meshgrid(np.array(BCE_GRID_X), np.array(BCE_GRID_Y), indexing="ij")
+    x = np.resize(x.ravel(), shape).astype(dtype)
+    y = np.resize(y.ravel(), shape).astype(dtype)
+    kw = {}
+    if weighted:
+        kw = dict(pos_weight=np.full(shape[-1], 2.5, dtype),
+                  weight=np.linspace(0.5, 1.5, n).astype(dtype).reshape(shape))
+    with np.errstate(all="ignore"):
+        _, g = xf.binary_cross_entropy_with_logits(x, y, reduction="none", return_grad=True,
+                                                   backend=backend, **kw)
+        _, want = R.binary_cross_entropy_with_logits(
+            x.astype(np.float64), y.astype(np.float64), reduction="none", return_grad=True,
+            **{k: v.astype(np.float64) for k, v in kw.items()})
+    assert g.dtype == dtype
+    f32 = dtype == np.float32
+    # 1e-6 (1e-12) relative, plus a few ulps of the numerator's terms where the definition
+    # itself cancels (x = 0, y = 0.3, pw = 2.5: 0.7 - 0.725), and float32's underflow
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    e = np.exp(-np.abs(x64))
+    pt = (kw["pos_weight"].astype(np.float64) if weighted else 1.0) * y64
+    w = kw["weight"].astype(np.float64) if weighted else 1.0
+    terms = w * np.where(x64 >= 0, (1 - y64) + pt * e, (1 - y64) * e + pt) / (1 + e)
+    eps = np.finfo(dtype).eps
+    tol = (1e-6 if f32 else 1e-12) * np.abs(want) + 8 * eps * terms + np.finfo(dtype).tiny
+    bad = ~(np.abs(g - want) <= tol)
+    assert not bad.any(), np.c_[x[bad], y[bad], g[bad], want[bad]]

@@ -7,6 +7,7 @@ gradient.  Their CPU compilation is checked to keep float32 in float32.
 
 import math
 
+import numba
 import numpy as np
 import pytest
 
@@ -26,7 +27,7 @@ def _bce_elementwise(x, y, pw, w):
             lp = np.log1p(e)
             l = ONE + (p - ONE) * t
             loss[j] = F.bce_logits_loss(v, t, lp, l, p * t, wv, ONE, ZERO)
-            grad[j] = F.bce_logits_grad(v, t, e, l, wv, ONE, ZERO)
+            grad[j] = F.bce_logits_grad(v, t, e, l, wv, ONE, ZERO, p * t)
     return loss, grad
 
 
@@ -63,6 +64,95 @@ def test_bce_logits_large_negative_logits_do_not_cancel():
     assert got.dtype == np.float32
     want = R.binary_cross_entropy_with_logits(np.float64(x), np.float64(y), reduction="none")
     assert abs(float(got) - want) <= 1e-7 * abs(want)
+
+
+
+# The grid of the gradient's cancellation: (1 - y) - l sigmoid(-x) lost every digit of
+# e = exp(-|x|) at y = 0 and most of pw y at small y, for x << 0.
+BCE_GRID_X = [-1e4, -300.0, -50.0, -20.0, -1.0, 0.0, 1.0, 20.0, 50.0, 300.0, 1e4,
+              np.inf, -np.inf]
+BCE_GRID_Y = [0.0, 1e-6, 1e-4, 0.3, 1 - 1e-6, 1.0]
+
+
+def _bce_grid(dtype):
+    x, y = np.meshgrid(np.array(BCE_GRID_X, dtype), np.array(BCE_GRID_Y, dtype),
+                       indexing="ij")
+    return x.ravel(), y.ravel()
+
+
+def _bce_grad_exact(x, y, pw, w):
+    """w ((1 - y) - l / (1 + exp(x))) in 1200-digit decimal arithmetic (of the float
+    inputs as they are), rounded to float64."""
+    import decimal
+
+    ctx = decimal.Context(prec=1200, Emax=10**6, Emin=-10**6)
+    D = ctx.create_decimal
+    x, y, pw, w = (float(a) for a in (x, y, pw, w))
+    if math.isnan(x):
+        return math.nan
+    s = D(0) if x == math.inf else D(1) if x == -math.inf else ctx.divide(
+        1, ctx.add(1, ctx.exp(D(x))))
+    l = ctx.add(1, ctx.multiply(ctx.subtract(D(pw), 1), D(y)))
+    return float(ctx.multiply(D(w), ctx.subtract(ctx.subtract(1, D(y)), ctx.multiply(l, s))))
+
+
+@pytest.mark.parametrize("pos_weight", [None, 2.5])
+def test_reference_bce_logits_grad_is_exact_far_out(pos_weight):
+    """The float64 reference gradient itself, against exact arithmetic on the grid."""
+    x, y = _bce_grid(np.float64)
+    pw, w = (1.0, 1.0) if pos_weight is None else (pos_weight, 0.7)
+    kw = {} if pos_weight is None else dict(pos_weight=pw, weight=w)
+    with np.errstate(all="ignore"):
+        _, got = R.binary_cross_entropy_with_logits(x, y, reduction="none",
+                                                    return_grad=True, **kw)
+    want = np.array([_bce_grad_exact(a, b, pw, w) for a, b in zip(x, y)])
+    # 4e-15: x = 0, y = 0.3, pw = 2.5 is 0.7 - 0.725 (cancellation in the definition)
+    np.testing.assert_allclose(got, want, rtol=4e-15, atol=0)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["python", "cpu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("pos_weight", [None, 2.5])
+def test_bce_logits_grad_does_not_cancel_for_negative_logits(pos_weight, dtype, compiled):
+    """(1 - y) - l sigmoid(-x) at x = -1e4, y = 1e-6 was 0.999999 - 1 in float32 (1.3%
+    off -pw y), and 0 instead of exp(x) at y = 0: over 1 + e, each numerator keeps the
+    gradient's digits.  Run as Python on NumPy scalars and compiled for the CPU, with
+    pw y given (every caller of pos_weight) and, where l = 1, without it (pw y = y)."""
+    from xent_fast._cpu import formulas as CF
+
+    fn = CF.bce_logits_grad if compiled else F.bce_logits_grad
+    f = dtype
+    x, y = _bce_grid(f)
+    pw, w = (f(1), f(1)) if pos_weight is None else (f(pos_weight), f(0.7))
+    one, zero = f(1), f(0)
+    got = np.empty(x.shape, f)
+    got_l = np.empty(x.shape, f)
+    with np.errstate(all="ignore"):
+        for j, (v, t) in enumerate(zip(x, y)):
+            e = f(np.exp(-abs(v)))
+            l = one + (pw - one) * t
+            got[j] = fn(v, t, e, l, w, one, zero, pw * t)
+            got_l[j] = fn(v, t, e, l, w, one, zero)
+        kw = {} if pos_weight is None else dict(pos_weight=np.float64(pw),
+                                                 weight=np.float64(w))
+        _, want = R.binary_cross_entropy_with_logits(x.astype(np.float64),
+                                                     y.astype(np.float64),
+                                                     reduction="none", return_grad=True, **kw)
+    rtol = 1e-6 if f is np.float32 else 1e-12
+    # plus a few ulps of the numerator's terms, where the definition itself cancels
+    # (x = 0, y = 0.3, pw = 2.5: 0.7 - 0.725)
+    e64 = np.exp(-np.abs(x.astype(np.float64)))
+    y64, pt64 = y.astype(np.float64), np.float64(pw) * y
+    terms = np.float64(w) * np.where(x >= 0, (1 - y64) + pt64 * e64, (1 - y64) * e64 + pt64)
+    atol = 4 * np.finfo(f).eps * terms / (1 + e64) * (pos_weight is not None)
+    atol += np.finfo(f).tiny  # exp(-300) is 0 in float32
+    assert np.all(np.abs(got - want) <= rtol * np.abs(want) + atol), np.c_[x, y, got, want]
+    if pos_weight is None:
+        np.testing.assert_array_equal(got_l, got)
+    if compiled:  # float32 math stays float32
+        for sig, cres in CF.bce_logits_grad.overloads.items():
+            if sig[0] == numba.from_dtype(np.dtype(f)):
+                assert cres.signature.return_type == sig[0]
 
 
 def _rows(rng, n, c):
@@ -189,7 +279,8 @@ def test_cpu_compilation_keeps_float32():
     assert str(CF.bce_logits_loss.overloads[sig].signature.return_type) == "float32"
     g = CF.bce_logits_grad(f(-np.inf), f(0.3), zero, one, one, one, zero)
     assert g == pytest.approx(-0.3, rel=1e-6)
-    assert str(CF.bce_logits_grad.overloads[CF.bce_logits_grad.signatures[-1]]
-               .signature.return_type) == "float32"
+    rets = {str(c.signature.return_type) for sg, c in CF.bce_logits_grad.overloads.items()
+            if str(sg[0]) == "float32"}
+    assert rets == {"float32"}
     # log s - (x_t - m), not lse - x_t (0 in float32 where x_t = m = 3e38)
     assert CF.nll_from(f(0.5), f(3e38), f(3e38)) == f(0.5)

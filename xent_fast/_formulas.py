@@ -137,11 +137,45 @@ def bce_logits_loss(v, t, lp, l, pt, wv, one, zero):
     return wv * fin
 
 
-def bce_logits_grad(v, t, e, l, gw, one, zero):
-    """g dloss/dx of binary cross-entropy with logits, ``gw`` = g w:
+def bce_logits_grad(v, t, e, l, gw, one, zero, pt=None):
+    """g dloss/dx of binary cross-entropy with logits, ``gw`` = g w, cancellation-free:
 
-        g w ((1 - y) - l sigmoid(-x)),  sigmoid(-x) = e/(1 + e) for x >= 0, else
-        1/(1 + e),  e = exp(-|x|)  (no overflow: e <= 1).
+        g w ((1 - y) - l sigmoid(-x)) = g w ((1 - y) - pw y e) / (1 + e)   for x >= 0,
+                                        g w ((1 - y) e - pw y) / (1 + e)   for x < 0,
+
+    e = exp(-|x|) <= 1, l = 1 + (pw - 1) y, ``pt`` = pw y.  Written with sigmoid(-x),
+    (1 - y) - l sigmoid(-x) cancels for x << 0 (0.999999 - 1 in float32 at x = -1e4,
+    y = 1e-6: 1.3% off -pw y); here the two terms of each numerator have the gradient's
+    own size or do not cancel.  x = +-inf give 1 - y and -pw y, NaN stays NaN.
+    Without ``pt`` (callers that pass only l), pw y is taken as (l - 1) + y: exact
+    where l = 1 (no pos_weight), as inexact as l's rounding elsewhere.
     """
-    sig_neg = (e / (one + e)) if v >= zero else (one / (one + e))
-    return gw * ((one - t) - l * sig_neg)
+    if pt is None:
+        q = (l - one) + t
+    else:
+        q = pt
+    num = ((one - t) - q * e) if v >= zero else ((one - t) * e - q)
+    return gw * (num / (one + e))
+
+
+# ---------------------------------------------------------------------------- concentrated rows
+def log_split(k, rest):
+    """log s of a row whose max carries nearly all of its mass (float64):
+
+        log s = log k + log1p(rest / k),  s = k + rest,
+
+    ``k`` the number of logits equal to the max m (each exp(0) = 1), ``rest`` the sum of
+    exp(x - m) over the others.  Summed as one s, s = 1 + rest has lost the low digits
+    of rest, and log s, the whole of a tiny result (logsumexp([0, -40]) = 4.2e-18, the
+    loss of a confident right prediction), with them.
+    """
+    return math.log(k) + math.log1p(rest / k)
+
+
+def kl_finish_logs(d, st, dm, ls_s, ls_t):
+    """``kl_finish`` from log S_s and log S_t (``ls_s``, ``ls_t``) rather than the sums,
+    for rows where a sum near 1 is taken through ``log_split``:
+
+        KL = D / S_t + (m_s - m_t) + (log S_s - log S_t).
+    """
+    return d / st + dm + (ls_s - ls_t)

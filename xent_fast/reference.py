@@ -244,8 +244,13 @@ def binary_cross_entropy_with_logits(logits, targets, *, weight=None, pos_weight
     if not return_grad:
         return loss
     scale = (1.0 / x.size if x.size else np.nan) if reduction == "mean" else 1.0
-    sig_neg = 1.0 / (1.0 + np.exp(x))
-    g = np.broadcast_to(w * ((1 - y) - l * sig_neg) * scale, x.shape)
+    # w ((1 - y) - l sigmoid(-x)), over the common denominator 1 + e, e = exp(-|x|):
+    # ((1 - y) - pw y e) for x >= 0 and ((1 - y) e - pw y) for x < 0 (the form with
+    # sigmoid(-x) cancels for x << 0: 0 instead of e at y = 0, x = -50).
+    e = np.exp(-np.abs(x))
+    pt = pw * y
+    num = np.where(x >= 0, (1 - y) - pt * e, (1 - y) * e - pt)
+    g = np.broadcast_to(w * (num / (1 + e)) * scale, x.shape)
     return loss, g
 
 

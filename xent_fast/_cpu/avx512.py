@@ -532,17 +532,23 @@ def vbce_logits(typingctx, v, t):
 
 @intrinsic
 def vbce_logits_grad(typingctx, v, t, e, g):
-    """g ((1 - t) - sigmoid(-v)), with e = exp(-|v|)."""
+    """g ((1 - t) - sigmoid(-v)), with e = exp(-|v|), as ``bce_logits_grad`` (pw = 1):
+
+        g ((1 - t) - t e) / (1 + e) for v >= 0,  g ((1 - t) e - t) / (1 + e) for v < 0,
+
+    without the cancellation of (1 - t) - 1/(1 + e) for v << 0 (both selected lanes
+    computed, no branch)."""
     if not _f32_ok(v, t, e, g):
         return None
 
     def codegen(context, builder, sig, args):
         v, t, e, g = args
         vty = v.type
-        r = builder.fdiv(_splat(vty, 1.0), builder.fadd(_splat(vty, 1.0), e))
+        u = builder.fsub(_splat(vty, 1.0), t)
         pos = builder.fcmp_ordered(">=", v, _splat(vty, 0.0))
-        sig_neg = builder.select(pos, builder.fmul(e, r), r)
-        return builder.fmul(g, builder.fsub(builder.fsub(_splat(vty, 1.0), t), sig_neg))
+        num = builder.select(pos, builder.fsub(u, builder.fmul(t, e)),
+                             builder.fsub(builder.fmul(u, e), t))
+        return builder.fmul(g, builder.fdiv(num, builder.fadd(_splat(vty, 1.0), e)))
 
     return v(v, t, e, g), codegen
 

@@ -694,4 +694,4 @@ def _bce_logits_row_scalar(x, y, w, has_w, pw, has_pw, out, gr, want_grad, gscal
         # cancellation of (1-t) v against l (-v); infinite v keeps PyTorch's form.
         out[j] = bce_logits_loss(v, t, lp, l, pt, wv, one, zero)
         if want_grad:
-            gr[j] = bce_logits_grad(v, t, e, l, g * wv, one, zero)
+            gr[j] = bce_logits_grad(v, t, e, l, g * wv, one, zero, pt)
