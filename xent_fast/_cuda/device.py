@@ -1,7 +1,7 @@
 """Device-side building blocks of the CUDA backend: numba-cuda import, vector loads,
 bit casts, half-precision conversions and team reductions.
 
-Imported only by ``_backend_cuda``, itself imported only when ``backend="cuda"`` is
+Imported only by ``kernels``, itself imported only when ``backend="cuda"`` is
 used.  Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) every helper has a
 pure-Python twin: the simulator runs kernels as Python threads and has neither LLVM
 intrinsics nor warp shuffles.
@@ -261,6 +261,14 @@ kl_finish = device(F.kl_finish)
 kl_grad_scales = device(F.kl_grad_scales)
 bce_logits_loss = device(F.bce_logits_loss)
 bce_logits_grad = device(F.bce_logits_grad)
+log_split = device(F.log_split)
+kl_finish_logs = device(F.kl_finish_logs)
+
+# Where the max carries nearly all of a row's mass (s = sum exp(x - max) below this),
+# s = 1 + rest has lost the low digits of rest and log s with them: the kernels then
+# take log s again through log_split, from a second pass over the row, as the CPU does
+# (``CONCENTRATED`` in xent_fast/_cpu/reduce.py).
+CONCENTRATED = 1.0625
 
 
 # ---------------------------------------------------------------------------- halves
@@ -349,6 +357,25 @@ else:
             o = sm[j]
             r = o if o > r else r
         return r
+
+
+# A pass taken only for some rows must still be taken by every thread that shares its
+# reductions: on the device the warp (teams of up to 32 threads reduce by shuffles over
+# the full warp) or the block (one team); under the simulator the block, whose barriers
+# every reduction there uses.  ``pred`` must be the same on all threads of a team.
+if SIM:
+    @cuda.jit(device=True)
+    def lockstep_any(pred, ts):
+        """Whether ``pred`` holds on any thread that reduces in lockstep with this one."""
+        return cuda.syncthreads_or(1 if pred else 0) != 0
+else:
+    @device
+    def lockstep_any(pred, ts):
+        """Whether ``pred`` holds on any thread that reduces in lockstep with this one."""
+        b = 1 if pred else 0
+        if ts > 32:  # the team is the block, and pred is the same on all of it
+            return b != 0
+        return cuda.any_sync(_FULL, b)
 
 
 @device

@@ -20,10 +20,11 @@ from functools import lru_cache
 
 import numpy as np
 
-from .device import (SIM, VEC, bce_logits_grad, bce_logits_loss, cast_like, ce_grad_scale,
-                     ce_index_grad_terms, ce_index_loss, ce_index_mass, ce_prob_loss, cuda,
-                     decode, device, encode, kl_finish, kl_grad_scales, lse_finish,
-                     merge_max_sum, nll_from, team_max, team_sum)
+from .device import (CONCENTRATED, SIM, VEC, bce_logits_grad, bce_logits_loss, cast_like,
+                     ce_grad_scale, ce_index_grad_terms, ce_index_loss, ce_index_mass,
+                     ce_prob_loss, cuda, decode, device, encode, kl_finish, kl_finish_logs,
+                     kl_grad_scales, lockstep_any, log_split, lse_finish, merge_max_sum,
+                     nll_from, team_max, team_sum)
 
 # Small inputs launch small grids on purpose, and numba-cuda warns at every launch of
 # fewer than 128 blocks; that one message is silenced (for this process).
@@ -77,6 +78,9 @@ def kernels(v, f64):
     FT = np.float64 if f64 else np.float32
     load_vec, store_vec = VEC[v]
     UV = U * v
+    # Below this a log s from the row sum has lost digits that matter in the compute
+    # precision (float32 sums are float32 in each thread): see tiny_log in _cpu/reduce.py.
+    TINY_LOG = 2.0 ** -16 if f64 else 2.0 ** -6
 
     @device
     def row_pass1(row, nv, lane, ts, cap, raw, m, s, nanf):
@@ -120,6 +124,41 @@ def kernels(v, f64):
         return mm, ss, team_max(nanf, ts, sm)
 
     @device
+    def row_split(row, nv, lane, ts, cap, m, sm, raw):
+        """Team-wide (number of elements equal to the row max ``m``, sum of exp(y - m)
+        over the others): s split for log_split, in a second read of the row.  ``nv`` = 0
+        on a thread whose row needs no split: it only takes part in the reductions."""
+        fcap = FT(cap)
+        icap = FT(1.0 / cap) if cap > 0 else FT(0.0)
+        k = 0
+        rest = FT(0.0)
+        for j in range(lane, nv, ts):
+            load_vec(row, j, raw, 0)
+            for e in range(v):
+                y = decode(raw[e])
+                if cap > 0:
+                    y = fcap * math.tanh(y * icap)
+                if y == m:
+                    k += 1
+                else:
+                    rest += math.exp(y - m)
+        return team_sum(np.float64(k), ts, sm), team_sum(np.float64(rest), ts, sm)
+
+    @device
+    def scaled_split(row, cnt, lane, ts, it, m, sm):
+        """row_split of the row scaled by ``it`` (as the KL kernel reads it), read one
+        element at a time; ``cnt`` = 0 where no split is needed."""
+        k = 0
+        rest = FT(0.0)
+        for c in range(lane, cnt, ts):
+            y = decode(row[c]) * it
+            if y == m:
+                k += 1
+            else:
+                rest += math.exp(y - m)
+        return team_sum(np.float64(k), ts, sm), team_sum(np.float64(rest), ts, sm)
+
+    @device
     def row_index(ts, n):
         rpb = cuda.blockDim.x // ts
         tid = cuda.threadIdx.x
@@ -144,8 +183,15 @@ def kernels(v, f64):
         row = x[rr // inner, :, rr % inner]
         nv = x.shape[1] // v if active else 0
         m, s, nanf = row_stats(row, nv, lane, ts, 0.0, sm, raw)
+        lse = lse_finish(m, s, nanf)
+        # a dominant max: log s again, split (the CPU's row_logsumexp)
+        conc = (nanf == 0 and abs(m) < math.inf and s < CONCENTRATED and abs(lse) < 1.0)
+        if lockstep_any(conc, ts):
+            kc, rest = row_split(row, nv if conc else 0, lane, ts, 0.0, FT(m), sm, raw)
+            if conc:
+                lse = np.float64(m) + log_split(kc, rest)
         if active and lane == 0:
-            out[r] = lse_finish(m, s, nanf)
+            out[r] = lse
 
     @cuda.jit(**KERNEL)
     def softmax_kernel(x, log, out, ts):
@@ -164,6 +210,12 @@ def kernels(v, f64):
         special = nanf != 0 or m == NEG_INF or m == math.inf
         mm = FT(m)
         ls = FT(math.log(s)) if not special else FT(0.0)
+        # the max's own log-probability, -log s: split where the max dominates
+        conc = log and not special and s < CONCENTRATED and ls < TINY_LOG
+        if lockstep_any(conc, ts):
+            kc, rest = row_split(row, nv if conc else 0, lane, ts, 0.0, mm, sm, raw)
+            if conc:
+                ls = FT(log_split(kc, rest))
         inv = FT(1.0 / s) if not special else FT(0.0)
         c = FT(lse)
         for j in range(lane, nv, ts):
@@ -223,19 +275,25 @@ def kernels(v, f64):
                     part += y - piv
             sy = team_sum(np.float64(part), ts, sm)
         lse = lse_finish(m, s, nanf)
+        fm = np.float64(m)
+        # the smoothing sum sy is about piv: lse - piv is log s (finite rows), else lse
+        ls = math.log(np.float64(s)) if finite else 0.0
+        nll = 0.0
+        if not ignored:
+            nll = nll_from(ls, np.float64(yt), fm) if finite else lse - yt
+        # a confident right prediction: its loss is log s, split to keep its digits
+        conc = (not ignored) and finite and s < CONCENTRATED and nll < TINY_LOG
+        if lockstep_any(conc, ts):
+            kc, rest = row_split(row, nv if conc else 0, lane, ts, cap, FT(m), sm, raw)
+            if conc:
+                ls = log_split(kc, rest)
+                nll = nll_from(ls, np.float64(yt), fm)
+                lse = fm + ls
         lossv = 0.0
         wt = 1.0
         if not ignored:
             wt = np.float64(w[ti]) if has_w else 1.0
-            fm = np.float64(m)
-            # the smoothing sum sy is about piv: lse - piv is log s (finite rows), else lse
-            if finite:
-                ls = math.log(np.float64(s))
-                nll = nll_from(ls, np.float64(yt), fm)
-                dpiv = ls
-            else:
-                nll = lse - yt
-                dpiv = lse
+            dpiv = ls if finite else lse
             lossv = ce_index_loss(nll, dpiv, sy, wsum, m == NEG_INF and nanf == 0, wt, eps,
                                   C, z, lse)
         if keep:
@@ -325,6 +383,15 @@ def kernels(v, f64):
         lse = lse_finish(m, s, nanf)
         finite = nanf == 0 and m != NEG_INF and m != math.inf
         ls = math.log(np.float64(s)) if finite else 0.0
+        # a confident row whose targets sit on its max: the loss a log s - ay (ay <= 0
+        # about the max) is then mostly log s, split to keep its digits
+        conc = (active and finite and s < CONCENTRATED and ls < TINY_LOG
+                and a_tot * ls - ay < TINY_LOG * a_tot)
+        if lockstep_any(conc, ts):
+            kc, rest = row_split(row, nv if conc else 0, lane, ts, cap, FT(m), sm, raw)
+            if conc:
+                ls = log_split(kc, rest)
+                lse = np.float64(m) + ls
         lossv = ce_prob_loss(a_tot, ay, fpiv, np.float64(m), ls, lse, z)
         if nanf != 0:
             lossv = math.nan
@@ -402,16 +469,27 @@ def kernels(v, f64):
         st = team_sum(np.float64(st * ft), ts, sm)
         d = team_sum(np.float64(d * ft), ts, sm)
         kl = 0.0
+        fin = gms != NEG_INF and gmt != NEG_INF and gms != math.inf and gmt != math.inf
+        dm = np.float64(gms) - np.float64(gmt) if fin else 0.0
         if C > 0:
             lse_s = lse_finish(gms, ss, nanf) if gms != NEG_INF else NEG_INF
             lse_t = lse_finish(gmt, st, nanf) if gmt != NEG_INF else NEG_INF
-            fin = gms != NEG_INF and gmt != NEG_INF and gms != math.inf and gmt != math.inf
             if nanf != 0:
                 kl = math.nan
             elif fin:
-                kl = kl_finish(d, ss, st, np.float64(gms) - np.float64(gmt))
+                kl = kl_finish(d, ss, st, dm)
             else:
                 kl = d / st + lse_s - lse_t
+        # nearly equal rows with a dominant max: log S_s - log S_t is then mostly the
+        # low digits that sums near 1 lose; both logs split
+        conc = (C > 0 and nanf == 0 and fin and (ss < CONCENTRATED or st < CONCENTRATED)
+                and abs(kl) < TINY_LOG)
+        if lockstep_any(conc, ts):
+            # FT(): team_max's result is float64 on the device (its shared slots are)
+            ks_, rs_ = scaled_split(row, cnt if conc else 0, lane, ts, it, FT(gms), sm)
+            kt_, rt_ = scaled_split(trow, cnt if conc else 0, lane, ts, it, FT(gmt), sm)
+            if conc:
+                kl = kl_finish_logs(d, st, dm, log_split(ks_, rs_), log_split(kt_, rt_))
         if not active:
             kl = 0.0
         if keep:
@@ -457,6 +535,10 @@ def kernels(v, f64):
                     tot -= pv * log0(pv)
                 elif mode == 1:
                     tot -= pv * log0(qv)
+                elif pv >= FT(0.5) * qv and pv <= FT(2.0) * qv:
+                    # log(p/q) as log1p((p - q)/q) (p - q exact within a factor 2):
+                    # log p - log q cancels to a few ulps of log p there
+                    tot += pv * math.log1p((pv - qv) / qv)
                 else:
                     tot += pv * (log0(pv) - log0(qv))
         total = team_sum(np.float64(tot), ts, sm)
@@ -471,7 +553,7 @@ def kernels(v, f64):
         """Per row for ``evaluate``: max, sum e, sum e (x - max), target logit, count of
         logits above it, first argmax (e = exp(x - max)), into st[r, 0:6] (float64).
         A row with a NaN gets NaN max, sums and target logit and argmax -1, as on the
-        CPU (``_evalrows.eval_row``): every metric of the row is then NaN."""
+        CPU (``_cpu/eval_rows.eval_row``): every metric of the row is then NaN."""
         sm = cuda.shared.array(SHARED, np.float64)
         inner = x.shape[2]
         C = x.shape[1]
@@ -675,6 +757,6 @@ def bce_logits_kernel(x, y, w, has_w, pw, has_pw, gscale, want_grad, g, keep, ou
                 part += rv
             if want_grad:
                 gw = cast_like(gscale, v) * wv
-                g[i, j] = encode(bce_logits_grad(v, t, ex, lw, gw, one, zero), g)
+                g[i, j] = encode(bce_logits_grad(v, t, ex, lw, gw, one, zero, pt), g)
     if not keep:
         _grid_add(part, acc, sm, 0)
