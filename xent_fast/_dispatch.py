@@ -9,6 +9,8 @@ entry points (``logsumexp``, ``softmax``, ``dist``, ``softmax_cross_entropy``,
 for the checks of ``_inputs``).
 """
 
+import numpy as np
+
 from ._inputs import is_gpu_array
 
 BACKENDS = ("auto", "cpu", "parallel", "cuda")
@@ -26,10 +28,12 @@ def check_backend(backend):
 
 def on_gpu(backend, *arrays):
     """Whether this call runs on the CUDA backend: asked for, or GPU arrays under auto."""
-    check_backend(backend)
-    if backend == "cuda":
-        return True
-    return backend == "auto" and any(is_gpu_array(a) for a in arrays)
+    if backend == "auto":
+        for a in arrays:
+            if type(a) is not np.ndarray and a is not None and is_gpu_array(a):
+                return True
+        return False
+    return check_backend(backend) == "cuda"
 
 
 def threads(backend, size):

@@ -39,7 +39,19 @@ def float_policy(dtype, name):
     Half kind 0 is float32/float64, 1 float16, 2 bfloat16 (both read as uint16 bits and
     computed in float32); integers and booleans become float64; long double float64.
     """
-    dt = np.dtype(dtype)
+    try:
+        return _POLICY[dtype]  # a dict lookup: this runs on every call of every function
+    except (KeyError, TypeError):
+        pass
+    policy = _float_policy(np.dtype(dtype), name)
+    _POLICY[dtype] = policy
+    return policy
+
+
+_POLICY = {}
+
+
+def _float_policy(dt, name):
     if dt.kind == "f":
         if dt.itemsize == 2:
             return 1, np.dtype(np.float16), np.dtype(np.float32)
@@ -76,7 +88,8 @@ def class_axis(shape, axis, name):
 
 def batch_shape(shape, ax):
     """The shape without the class axis."""
-    return tuple(shape[:ax]) + tuple(shape[ax + 1:])
+    shape = tuple(shape)
+    return shape[:ax] + shape[ax + 1:]
 
 
 def position(batch, ax, i, j):
@@ -111,12 +124,15 @@ def reduction(value, allowed=REDUCTIONS):
 
 def real_option(value, name, lo=None, hi=None, lo_open=False):
     """A finite real number in [lo, hi] (or (lo, hi] with ``lo_open``)."""
-    if isinstance(value, (str, bytes)) or (isinstance(value, np.ndarray) and value.ndim):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    try:
+    if type(value) is float or type(value) is int:  # the common case, checked fast
         v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    elif isinstance(value, (str, bytes)) or (isinstance(value, np.ndarray) and value.ndim):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    else:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a real number, got {value!r}") from None
     if not math.isfinite(v) or (lo is not None and (v < lo or (lo_open and v == lo))) or (
             hi is not None and v > hi):
         lo_s = "(" if lo_open else "["
@@ -194,7 +210,8 @@ class CEOptions:
 def ce_target_kind(tdtype, tshape, batch, shape):
     """"index" (integer class indices of the batch shape) or "prob" (float
     probabilities of the logits' shape) for softmax cross-entropy targets."""
-    tdtype = np.dtype(tdtype)
+    if not isinstance(tdtype, np.dtype):
+        tdtype = np.dtype(tdtype)
     if tdtype.kind in "iu":
         if tuple(tshape) != tuple(batch):
             raise ValueError(f"integer targets must have the logits' shape without the "
