@@ -204,9 +204,11 @@ def test_a_changed_helper_is_never_served_from_a_stale_cache(tmp_path):
         return sorted(f for _, _, fs in os.walk(tmp_path / "cache") for f in fs
                       if f.endswith(".nbi"))
 
-    before = index_files()
-    rows = pkg / "xent_fast" / "_cpu" / "mathfns.py"
-    rows.write_text(rows.read_text() + "\n# a change to a helper only\n")
-    assert float(_run(code, env, cwd=tmp_path)) == pytest.approx(np.log(4))
-    after = index_files()
-    assert len(after) == len(before) + 1  # compiled afresh under a new name
+    # a kernel helper of _cpu/, then a per-row formula shared with CUDA
+    for changed in (("_cpu", "mathfns.py"), ("_formulas.py",)):
+        before = index_files()
+        src = pkg.joinpath("xent_fast", *changed)
+        src.write_text(src.read_text() + "\n# a change to a helper only\n")
+        assert float(_run(code, env, cwd=tmp_path)) == pytest.approx(np.log(4))
+        after = index_files()
+        assert len(after) == len(before) + 1, changed  # compiled afresh under a new name
