@@ -565,3 +565,94 @@ def test_inputs_are_not_modified(rng):
                 call(backend)
             for a, s in zip(inputs, saved):
                 np.testing.assert_array_equal(a, s, err_msg=f"call {i} on {backend}")
+
+
+# --------------------------------- a dominant max: soft-target CE and the KL from logits
+# The split of log s (see the log-sum-exp tests above) reaches the probability-target
+# cross-entropy and the KL from two logit arrays: on the CPU the first gave 0.0 for a
+# confident right row, the second a negative KL, -1.6e-18, for [0, -40] || [0, -41].
+def _exact(f):
+    """f(D) evaluated with 60 digits (D: decimal.Decimal), as a float."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        return float(f(decimal.Decimal))
+
+
+def _kl_of_shifted(a, b):
+    """KL(softmax(b) || softmax(a)) of two rows with their max 0 first and one other
+    logit each, a and b below it (exactly, about 1e-18 at -40 and -41)."""
+    def f(D):
+        ea, eb = D(a).exp(), D(b).exp()
+        la, lb = (1 + ea).ln(), (1 + eb).ln()
+        return (la - lb) + eb / (1 + eb) * (D(b) - D(a))
+    return _exact(f)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("row,target,exact", [
+    ([0.0, -40.0], [1.0, 0.0], _exact(lambda D: (1 + D(-40).exp()).ln())),
+    ([-40.0, 0.0, -45.0], [0.0, 1.0, 0.0],
+     _exact(lambda D: (1 + D(-40).exp() + D(-45).exp()).ln())),
+    # k = 2: s = 2 + rest is no concentrated row; log 2 keeps the digits that matter
+    ([0.0, 0.0, -40.0], [0.5, 0.5, 0.0], _exact(lambda D: (2 + D(-40).exp()).ln())),
+])
+def test_probability_target_ce_keeps_the_digits_of_a_dominant_max(row, target, exact,
+                                                                    dtype, backend):
+    if exact < 0.5:  # one max at 0: log1p of the rest, the split by hand
+        below = math.fsum(math.exp(v) for v in row if v < 0)
+        assert exact == pytest.approx(math.log1p(below), rel=1e-12, abs=0)
+    rtol = 1e-12 if dtype == F64 else 1e-6
+    x = np.array([row], dtype)
+    p = np.array([target], dtype)
+    got = xf.softmax_cross_entropy(x, p, reduction="none", backend=backend)
+    assert float(got[0]) == pytest.approx(exact, rel=rtol, abs=0)
+    loss, g = xf.softmax_cross_entropy(x, p, reduction="none", return_grad=True,
+                                       backend=backend)
+    assert float(loss[0]) == pytest.approx(exact, rel=rtol, abs=0)
+    want_loss, want_g = R.softmax_cross_entropy(x, p, reduction="none", return_grad=True)
+    assert float(want_loss[0]) == pytest.approx(exact, rel=1e-12, abs=0)  # the oracle
+    assert g.dtype == dtype
+    assert_grad_close(g, want_g, dtype)
+    if dtype == F64 and row == [0.0, -40.0]:  # soft-capped first: 30 tanh(x / 30)
+        low = 30.0 * math.tanh(-40.0 / 30.0)
+        want = _exact(lambda D: (1 + D(low).exp()).ln())
+        got = xf.softmax_cross_entropy(x, p, softcap=30.0, reduction="none",
+                                       backend=backend)
+        assert float(got[0]) == pytest.approx(want, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("c", [2, 300])  # 300: the one-pass vector kernel's rows
+@pytest.mark.parametrize("student,teacher,temperature", [
+    ([0.0, -40.0], [0.0, -41.0], 1.0),
+    ([-41.0, 0.0], [-40.0, 0.0], 1.0),  # the teacher's tail above the student's
+    ([5.0, -35.0], [5.0, -37.0], 2.0),  # on x/T: [0, -20] || [0, -21]
+])
+def test_kl_from_logits_of_a_dominant_max_is_positive_and_exact(student, teacher,
+                                                                  temperature, c, dtype,
+                                                                  backend):
+    srt = sorted(student, reverse=True)
+    trt = sorted(teacher, reverse=True)
+    exact = _kl_of_shifted((srt[1] - srt[0]) / temperature, (trt[1] - trt[0]) / temperature)
+    assert exact > 0
+    rtol = 1e-12 if dtype == F64 else 1e-6
+    x = np.full((1, c), -np.inf)
+    t = np.full((1, c), -np.inf)
+    x[0, :2] = student
+    t[0, :2] = teacher
+    x, t = x.astype(dtype), t.astype(dtype)
+    got = xf.softmax_kl_divergence(x, t, temperature=temperature, reduction="none",
+                                   backend=backend)
+    assert float(got[0]) > 0
+    assert float(got[0]) == pytest.approx(exact, rel=rtol, abs=0)
+    loss, g = xf.softmax_kl_divergence(x, t, temperature=temperature, reduction="none",
+                                       return_grad=True, backend=backend)
+    assert float(loss[0]) == pytest.approx(exact, rel=rtol, abs=0)
+    want_loss, want_g = R.softmax_kl_divergence(x, t, temperature=temperature,
+                                                reduction="none", return_grad=True)
+    assert g.dtype == dtype
+    # g/T (softmax(x/T) - softmax(xt/T)): at the max, 1/S_s - 1/S_t carries the rounding
+    # of terms of size 1/T (the gradient is not split)
+    assert_grad_close(g, want_g, dtype, term=1.0 / temperature)

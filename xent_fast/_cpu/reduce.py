@@ -421,6 +421,73 @@ def shift_scale(v, m, it):
     return (v - m) * it
 
 
+# The split of a concentrated row for log_split (xent_fast/_formulas.py): k, the number
+# of elements at the max (each exp 0 = 1), and rest, the sum of the others' exps.  Unlike
+# log_mass_split these count k: the KL splits both rows where only one is concentrated.
+@njit(**JIT)
+def row_split_exps(e):
+    """(k, rest) from stored exps ``e = exp(x - m)``: the max's are exactly 1."""
+    n = e.shape[0]
+    one = cast_like(1.0, e)
+    zero = one - one
+    k = 0
+    rest = 0.0
+    for lo in range(0, n, CHUNK):
+        seg = e[lo:min(lo + CHUNK, n)]
+        s = zero
+        for j in range(seg.shape[0]):
+            v = seg[j]
+            if v == one:
+                k += 1
+            else:
+                s += v
+        rest += s
+    return float(k), rest
+
+
+@njit(**JIT)
+def row_split_scaled(x, m, it):
+    """(k, rest) of the row as the KL reads it, d = (x - m) * it (``shift_scale``): k
+    the number of d = 0, rest the sum of exp(d) over the others."""
+    n = x.shape[0]
+    zero = it - it
+    k = 0
+    rest = 0.0
+    for lo in range(0, n, CHUNK):
+        seg = x[lo:min(lo + CHUNK, n)]
+        s = zero
+        for j in range(seg.shape[0]):
+            d = shift_scale(seg[j], m, it)
+            if d == zero:
+                k += 1
+            else:
+                s += fexp(d)
+        rest += s
+    return float(k), rest
+
+
+@njit(**JIT)
+def row_split_times(x, m, it):
+    """(k, rest) of the row read as x * it, about the max ``m`` of those products (as
+    the one-pass KL reads it): k the number of x * it = m, rest the sum of the others'
+    exp(x * it - m)."""
+    n = x.shape[0]
+    zero = it - it
+    k = 0
+    rest = 0.0
+    for lo in range(0, n, CHUNK):
+        seg = x[lo:min(lo + CHUNK, n)]
+        s = zero
+        for j in range(seg.shape[0]):
+            v = seg[j] * it
+            if v == m:
+                k += 1
+            else:
+                s += fexp(v - m)
+        rest += s
+    return float(k), rest
+
+
 # nll_from: log s - (x_t - m), kept in that order (with "reassoc" beside lse = m + log s
 # the optimiser rewrote it as lse - x_t, which is 0 in float32 at x_t ~ m ~ 3e38); the
 # formula is shared with the CUDA kernels (xent_fast/_formulas.py).

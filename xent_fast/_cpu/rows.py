@@ -20,12 +20,13 @@ from numba.extending import overload
 from . import avx512 as _simd
 from .mathfns import cast_like, fexp, flog, flog1p, fmax
 from .formulas import (bce_logits_grad, bce_logits_loss, ce_grad_scale, ce_index_grad_terms,
-                       ce_index_loss, ce_index_mass, ce_prob_loss, kl_finish, kl_grad_scales,
-                       nll_from)
+                       ce_index_loss, ce_index_mass, ce_prob_loss, kl_finish,
+                       kl_finish_logs, kl_grad_scales, log_split, nll_from)
 from .jit import INLINE, JIT
-from .reduce import (AHEAD, CHUNK, CONCENTRATED, SIMD_CHUNK, SIMD_ONE_PASS_MIN, less_one,
-                     log_mass_split, log_mass_split_exps, lse_from, row_exp_store, row_max,
-                     row_max_sumexp, shift2, shift_scale, tiny_log, vrescale)
+from .reduce import (AHEAD, CHUNK, CONCENTRATED, SIMD_CHUNK, SIMD_ONE_PASS_MIN,
+                     less_one, log_mass_split, log_mass_split_exps, lse_from,
+                     row_exp_store, row_max, row_max_sumexp, row_split_exps, row_split_scaled,
+                     row_split_times, shift2, shift_scale, tiny_log, vrescale)
 
 
 @njit(**JIT)
@@ -292,6 +293,13 @@ def ce_prob_row(y, p, w, has_w, eps, z, gr, want_grad, gscale):
         # target class has a -inf logit: again in float64, which tells the two apart
         ay = _prob_dot_about(y, p, w, has_w, eps, np.float64(piv))
     m, s, ls, lse = _row_max_lse(y, gr, want_grad, mrow)
+    # a confident row whose targets sit on its max: the loss a log s - ay (ay <= 0 about
+    # the max) is then mostly log s, recomputed to keep its digits (from the stored exps
+    # where the gradient pass has written them, maybe over y), as ce_index_row does
+    if (s < CONCENTRATED and ls < tiny_log(y) and abs(mrow) < np.inf
+            and a_tot * ls - ay < tiny_log(y) * a_tot):
+        ls = log_mass_split_exps(gr) if want_grad else log_mass_split(y, m)
+        lse = float(m) + ls
     loss = ce_prob_loss(a_tot, ay, float(piv), float(m), ls, lse, z)
     if want_grad:
         k = cast_like(ce_grad_scale(a_tot, z, lse, s, gscale), gr)
@@ -446,7 +454,20 @@ def _kl_one_pass_simd(x, xt, it):
     d = _simd.vsum(_simd.vmul(D, ft))
     if ss == 0.0 or st == 0.0:  # an all -inf row
         return False, 0.0
-    return True, kl_finish(d, ss, st, float(ms) - float(mt))
+    dm = float(ms) - float(mt)
+    kl = kl_finish(d, ss, st, dm)
+    if _kl_concentrated(ss, st, kl, x):  # both logs split, in one more read of the rows
+        ks_, rs_ = row_split_times(x, ms, it)
+        kt_, rt_ = row_split_times(xt, mt, it)
+        kl = kl_finish_logs(d, st, dm, log_split(ks_, rs_), log_split(kt_, rt_))
+    return True, kl
+
+
+@njit(**INLINE)
+def _kl_concentrated(ss, st, kl, x):
+    """Nearly equal rows with a dominant max: log S_s - log S_t is then mostly the low
+    digits that sums near 1 lose (KL([0, -40] || [0, -41]) came out -1.6e-18)."""
+    return (ss < CONCENTRATED or st < CONCENTRATED) and abs(kl) < tiny_log(x)
 
 
 _KL_BIG = 1e30  # beyond: x_t/T - x/T may overflow in the one pass; two passes instead
@@ -524,6 +545,10 @@ def kl_logits_row(x, xt, inv_t, gr, want_grad, gscale):
         st += b
         d += c
     kl = kl_finish(d, ss, st, 0.0)  # d about each row's own max: no m_s - m_t
+    if _kl_concentrated(ss, st, kl, x):  # both logs split (the exps of x are in gr)
+        ks_, rs_ = row_split_exps(gr) if want_grad else row_split_scaled(x, mx, it)
+        kt_, rt_ = row_split_scaled(xt, mxt, it)
+        kl = kl_finish_logs(d, st, 0.0, log_split(ks_, rs_), log_split(kt_, rt_))
     if want_grad:
         ks64, kt64 = kl_grad_scales(gscale, inv_t, ss, st)
         ks = cast_like(ks64, gr)
