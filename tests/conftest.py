@@ -25,8 +25,8 @@ if SIM:
     import sys
 
     # Each simulated block polls its Python threads while they run and wait at barriers;
-    # a short GIL switch interval lets them take turns at once (6x faster here).
-    sys.setswitchinterval(2e-4)
+    # a short GIL switch interval lets them take turns at once (7x faster here).
+    sys.setswitchinterval(5e-5)
 
 # Relative tolerance of a loss or row value against the float64 reference, by input dtype.
 # Half inputs are compared with the reference on the same (rounded) values, and are
