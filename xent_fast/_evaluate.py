@@ -362,7 +362,8 @@ def evaluate(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n_bins
     x = be.operand(logits, "logits")
     ax = _inputs.class_axis(x.shape, axis, "logits")
     batch = _inputs.batch_shape(x.shape, ax)
-    _inputs.check_index_targets(be.describe(targets)[1], be.describe(targets)[0], batch)
+    tshape, tdtype = be.describe(targets)
+    _inputs.check_index_targets(tdtype, tshape, batch)
     ignore = _inputs.ignore_index_option(ignore_index)
     st, tf = be.eval_stats(x, targets, axis=ax, ignore_index=ignore,
                            threads=_dispatch.threads(backend, math.prod(x.shape)))
