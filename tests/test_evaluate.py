@@ -142,6 +142,24 @@ def test_row_chunks_merge(rng):
         assert np.array_equal(res.state.bin_count, whole.state.bin_count)
 
 
+def test_eval_state_repr_says_what_it_holds():
+    """One line with the rows counted, the NaN rows, the sums and the hits of each k;
+    ignored rows are not counted."""
+    x = np.log([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.2, 0.7], [0.3, 0.3, 0.4]])
+    x[3, 0] = np.nan
+    state = xf.evaluate(x, np.array([0, 2, -100, 1]), topk=(1, 2), n_bins=10).state
+    text = repr(state)
+    assert "\n" not in text
+    assert text == ("EvalState(count=3, nan_count=1, sum_loss=nan, sum_entropy=nan, "
+                    "sum_target_prob=nan, correct=(top1=1, top2=2), n_bins=10, binned=2)")
+    assert repr(xf.EvalState()) == (
+        "EvalState(count=0, nan_count=0, sum_loss=0, sum_entropy=0, sum_target_prob=0, "
+        "correct=(top1=0, top5=0), n_bins=15, binned=0)")
+    merged = state + state
+    assert repr(merged).startswith("EvalState(count=6, nan_count=2, ")
+    assert repr(merged.result()).startswith("EvalResult(count=6, ")
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("cuts", [(0, 13), (0, 1, 13), (0, 4, 5, 9, 13), (0, 6, 7, 13)])
 def test_class_slices_merge_exactly(rng, dtype, cuts):

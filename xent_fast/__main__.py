@@ -1,9 +1,10 @@
-"""Command line: ``xent-fast demo``, ``xent-fast bench`` and ``xent-fast eval`` (also
-``python -m xent_fast``)."""
+"""Command line: xent-fast demo, xent-fast bench and xent-fast eval (also
+python -m xent_fast).  Plain text: argparse shows this as the description."""
 
 import argparse
 import math
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -22,18 +23,29 @@ def _timeit(fn, repeat):
     return best
 
 
+def _worked_examples():
+    """The demo's worked examples, one line each: the bag of balls in nats (natural log)
+    with bits (base 2) beside, and two coins in bits."""
+    import xent_fast as xf
+
+    p, q = np.array([0.8, 0.1, 0.1]), np.array([0.2, 0.2, 0.6])
+    lines = ["Worked examples (nats: natural log; bits: base 2):",
+             f"  fair coin entropy            {float(xf.entropy([0.5, 0.5], base=2)):.3f} bits",
+             f"  90:10 coin entropy           {float(xf.entropy([0.9, 0.1], base=2)):.3f} bits"]
+    for label, fn, operands in (("bag p=(.8,.1,.1) H(p)", xf.entropy, (p,)),
+                                ("guess q=(.2,.2,.6) H(p,q)", xf.cross_entropy, (p, q)),
+                                ("KL(p||q) = H(p,q) - H(p)", xf.kl_divergence, (p, q))):
+        lines.append(f"  {label:28s} {float(fn(*operands)):.3f} nats "
+                     f"({float(fn(*operands, base=2)):.3f} bits)")
+    return lines
+
+
 def _demo(args):
     import xent_fast as xf
     from xent_fast import reference as R
 
     print("xent_fast demo: the worked examples, a check of every kernel, and speed\n")
-    p, q = np.array([0.8, 0.1, 0.1]), np.array([0.2, 0.2, 0.6])
-    print("Worked examples (natural log unless stated):")
-    print(f"  fair coin entropy            {float(xf.entropy([0.5, 0.5], base=2)):.3f} bits")
-    print(f"  90:10 coin entropy           {float(xf.entropy([0.9, 0.1], base=2)):.3f} bits")
-    print(f"  bag p=(.8,.1,.1) H(p)        {float(xf.entropy(p)):.3f}")
-    print(f"  guess q=(.2,.2,.6) H(p,q)    {float(xf.cross_entropy(p, q)):.3f}")
-    print(f"  KL(p||q) = H(p,q) - H(p)     {float(xf.kl_divergence(p, q)):.3f}\n")
+    print("\n".join(_worked_examples()) + "\n")
 
     rng = np.random.default_rng(0)
     d = _ops.demo_inputs(rng)
@@ -135,6 +147,14 @@ def _eval(args):
     bar = _ProgressBar(sys.stderr) if show else None
     opts = dict(axis=args.axis, ignore_index=args.ignore_index, topk=tuple(args.topk),
                 n_bins=args.n_bins, chunk_rows=args.chunk_rows)
+    if args.scheduler and args.backend not in ("auto", "cpu"):
+        print(f"xent-fast eval: error: --backend {args.backend} does not apply with "
+              "--scheduler (the workers run the serial CPU kernels)", file=sys.stderr)
+        return 1
+    missing = _missing_extra(args)
+    if missing:
+        print(f"xent-fast eval: error: {missing}", file=sys.stderr)
+        return 1
     try:
         _inspect_logits(args.logits, args.axis)
         if args.scheduler:
@@ -172,31 +192,112 @@ def _eval(args):
     return 0
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="xent-fast", description=__doc__)
-    sub = parser.add_subparsers(dest="command")
-    d = sub.add_parser("demo", help="worked examples, kernel checks and a speed table")
-    d.add_argument("--rows", type=int, default=4096)
-    d.add_argument("--classes", type=int, default=32000)
-    d.add_argument("--repeat", type=int, default=5)
-    b = sub.add_parser("bench", help="time every headline case against the peers and the "
-                                     "measured memory floor; write JSON, markdown and a plot")
+def _version():
+    """The installed distribution's version, else the package's ``__version__``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("xent_fast")
+    except metadata.PackageNotFoundError:
+        import xent_fast
+
+        return getattr(xent_fast, "__version__", "unknown")
+
+
+def _missing_extra(args):
+    """One line naming the extra to install when an ``eval`` option needs a package
+    that is missing (or a GPU that is not there); None when everything is at hand."""
+    if args.scheduler:
+        import importlib
+
+        try:
+            for name in ("dask.array", "distributed"):
+                importlib.import_module(name)
+        except ImportError as e:
+            return (f"--scheduler needs Dask and distributed ({e}): "
+                    'pip install "xent_fast[dask]"')
+    if args.backend == "cuda":
+        from ._stream import _gpu_backend
+
+        try:
+            _gpu_backend()
+        except (ImportError, RuntimeError) as e:  # the API's message, naming the extra
+            return str(e).splitlines()[0]
+    return None
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, wrapping lines at spaces only: never inside a hyphenated
+    name such as bench-results or xent-fast."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
+
+
+DESCRIPTION = ("Fast, checked cross-entropy kernels: run the worked examples and check "
+               "every kernel (demo), time them against their peers (bench), or evaluate "
+               "stored logits (eval).  Also: python -m xent_fast.")
+
+
+def build_parser():
+    """The argument parser of ``xent-fast`` (its subcommands are ``demo``, ``bench``
+    and ``eval``)."""
+    parser = argparse.ArgumentParser(prog="xent-fast", description=DESCRIPTION,
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"xent-fast {_version()}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    d = sub.add_parser(
+        "demo", formatter_class=_HelpFormatter,
+        help="worked examples, kernel checks and a speed table",
+        description="Print the worked examples (entropy, cross-entropy and KL of a bag of "
+                    "balls, in nats and bits), check every kernel against the float64 "
+                    "reference, and time a few against the NumPy reference.  The first "
+                    "call of each function compiles its kernels.")
+    d.add_argument("--rows", type=int, default=4096, metavar="N",
+                   help="rows of the logits timed (default 4096)")
+    d.add_argument("--classes", type=int, default=32000, metavar="C",
+                   help="classes of the logits timed (default 32000)")
+    d.add_argument("--repeat", type=int, default=5, metavar="R",
+                   help="calls timed per case, the best one reported (default 5)")
+    b = sub.add_parser(
+        "bench", formatter_class=_HelpFormatter,
+        help="time every headline case against the peers and the measured memory floor; "
+             "write JSON, markdown and a plot",
+        description="Time every headline case against the peers installed beside "
+                    "xent_fast (NumPy reference, SciPy, PyTorch, JAX) and against the "
+                    "machine's memory floor.  Prints the table and writes JSON, markdown "
+                    "and a plot into a new folder, bench-results/TIMESTAMP/, unless --out "
+                    "names one.")
     b.add_argument("--quick", action="store_true", help="a subset, under 2 minutes")
     b.add_argument("--only", nargs="+", metavar="TEXT",
                    help="run only cases whose name contains TEXT (e.g. 'ce 4096')")
     b.add_argument("--peers", nargs="+", choices=list(_ops.PEERS),
                    help="peers to compare against (default: every one importable)")
     b.add_argument("--no-sweep", action="store_true", help="skip the class-count sweep")
-    b.add_argument("--out", default="bench-results", help="folder for JSON/markdown/PNG")
+    b.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for the JSON, markdown and PNG (default: a new "
+                        "bench-results/TIMESTAMP/ folder); a folder that already holds "
+                        "results is refused unless --force is given")
+    b.add_argument("--force", action="store_true",
+                   help="write into --out even if it holds results (they are overwritten)")
     e = sub.add_parser(
-        "eval", help="evaluation metrics (cross-entropy, perplexity, top-k accuracy, "
-                     "entropy, target probability, ECE) of stored logits, streamed",
+        "eval", formatter_class=_HelpFormatter,
+        help="evaluation metrics (cross-entropy, perplexity, top-k accuracy, entropy, "
+             "target probability, ECE) of stored logits, streamed",
         description="Evaluate stored logits against class-index targets in one pass over "
                     "row chunks (bounded memory). LOGITS and TARGETS are .npy files "
                     "(memory-mapped), .npz files (FILE.npz or FILE.npz:KEY) or Zarr "
-                    "array directories.")
-    e.add_argument("logits", metavar="LOGITS")
-    e.add_argument("targets", metavar="TARGETS")
+                    "array directories.  A bad file is one line on stderr and exit "
+                    "status 1.")
+    e.add_argument("logits", metavar="LOGITS",
+                   help="the logits: FILE.npy, FILE.npz, FILE.npz:KEY or a Zarr array")
+    e.add_argument("targets", metavar="TARGETS",
+                   help="the class-index targets (integers), in the same formats")
     e.add_argument("--axis", type=int, default=-1, help="the class axis (default -1)")
     e.add_argument("--ignore-index", type=int, default=-100,
                    help="target value of rows to leave out (default -100)")
@@ -205,25 +306,42 @@ def main(argv=None):
     e.add_argument("--n-bins", type=int, default=15, help="ECE confidence bins (default 15)")
     e.add_argument("--chunk-rows", type=int, default=None, metavar="N",
                    help="rows per chunk (default: about 32 MB of logits)")
-    e.add_argument("--format", choices=["table", "json"], default="table")
+    e.add_argument("--format", choices=["table", "json"], default="table",
+                   help="print a table (default) or JSON")
     e.add_argument("--json", dest="format", action="store_const", const="json",
                    help="same as --format json")
     e.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="draw a progress bar on stderr (default: when stderr is a terminal)")
-    e.add_argument("--no-progress", dest="progress", action="store_false")
-    e.add_argument("--backend", choices=["auto", "cpu", "parallel"], default="auto")
+    e.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="never draw the progress bar")
+    e.add_argument("--backend", choices=["auto", "cpu", "parallel", "cuda"], default="auto",
+                   help="where the kernels run: auto (threads for large chunks; the "
+                        "default), cpu (one thread), parallel (threads) or cuda (each "
+                        "chunk copied to the GPU; pip install \"xent_fast[cuda]\"); with "
+                        "--scheduler the workers run the serial CPU kernels")
     e.add_argument("--scheduler", metavar="ADDRESS", default=None,
-                   help="run on a Dask distributed cluster (e.g. tcp://host:8786); the "
-                        "workers must see the files at the same paths")
+                   help="run on a Dask distributed cluster (e.g. tcp://host:8786; "
+                        'pip install "xent_fast[dask]"); the workers must see the files '
+                        "at the same paths")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)
     if args.command == "eval":
         return _eval(args)
     if args.command == "bench":
-        from ._bench import main as bench_main
+        from . import _bench
 
-        return bench_main(args)
+        try:
+            args.out = _bench.output_dir(args.out, force=args.force)
+        except FileExistsError as err:
+            print(f"xent-fast bench: error: {err}", file=sys.stderr)
+            return 1
+        return _bench.main(args)
     parser.print_help()
     return 2
 

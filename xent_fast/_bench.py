@@ -342,7 +342,42 @@ def plot(results, path):
     return True
 
 
+# The files a run writes (``main``): a folder holding any of them holds results.
+RESULT_FILES = tuple(stem + ext for stem in ("bench", "bench-quick")
+                     for ext in (".json", ".md", ".png"))
+DEFAULT_OUT = "bench-results"
+
+
+def output_dir(out=None, *, force=False, now=None):
+    """The folder a run writes into, decided before the run starts.
+
+    Without ``out``: a new folder ``bench-results/YYYYmmdd-HHMMSS`` (``now``, seconds
+    since the epoch, default the current time; ``-2``, ``-3``, ... added if it exists),
+    so that no run overwrites another, nor the results committed with the project.
+    With ``out``: that folder, unless it already holds results (``RESULT_FILES``), which
+    is a ``FileExistsError`` unless ``force``; a file of that name is refused always.
+    """
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+        path = os.path.join(DEFAULT_OUT, stamp)
+        n = 1
+        while os.path.exists(path):
+            n += 1
+            path = os.path.join(DEFAULT_OUT, f"{stamp}-{n}")
+        return path
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    held = [f for f in RESULT_FILES if os.path.exists(os.path.join(out, f))]
+    if held and not force:
+        raise FileExistsError(
+            f"{out} already holds results ({', '.join(held)}): pass --force to overwrite "
+            f"them, or leave out --out to write into a new {DEFAULT_OUT}/TIMESTAMP folder")
+    return out
+
+
 def main(args):
+    """Run the cases and write the report into ``args.out`` (a folder ``output_dir``
+    chose)."""
     if args.quick:
         cases, budget = QUICK, 0.2
     else:

@@ -192,7 +192,15 @@ class EvalState:
     __add__ = merge
 
     def result(self, rows=None):
+        """The :class:`EvalResult` (means, perplexity, accuracies, ECE) of these sums."""
         return EvalResult(self, rows)
+
+    def __repr__(self):
+        correct = ", ".join(f"top{k}={int(c)}" for k, c in zip(self.topk, self.correct))
+        return (f"EvalState(count={self.count}, nan_count={self.nan_count}, "
+                f"sum_loss={self.sum_loss:.6g}, sum_entropy={self.sum_entropy:.6g}, "
+                f"sum_target_prob={self.sum_target_prob:.6g}, correct=({correct}), "
+                f"n_bins={self.n_bins}, binned={int(self.bin_count.sum())})")
 
     def __reduce__(self):  # plain pickling for Dask workers
         return (_rebuild_state, (self.topk, self.n_bins, tuple(getattr(self, a) for a in

@@ -30,8 +30,9 @@ import numpy as np
 from numpy.lib import format as npformat
 from numpy.lib.array_utils import normalize_axis_index
 
+from . import _dispatch, _inputs
 from ._evaluate import (EvalState, check_backend, check_bins, check_targets, check_topk,
-                        evaluate_rows)
+                        evaluate_rows, rows_from_stats)
 from ._cpu.arrays import HostFloat, class_rows
 
 # Default slab: about this many bytes of logits (large enough that per-call overheads
@@ -486,6 +487,14 @@ def plan(logits_src, targets_src, axis, chunk_rows):
     return ax, ca, length, [(lo, min(lo + step, length)) for lo in range(0, length, step)]
 
 
+def _gpu_backend():
+    """The CUDA backend, checked before any file is opened: without numba-cuda or a
+    usable GPU, the API's error naming the extra to install."""
+    gpu = _dispatch.cuda()
+    gpu.require_gpu()
+    return gpu
+
+
 def evaluate_file(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n_bins=15,
                   chunk_rows=None, per_row=False, progress=None, backend="auto"):
     """:func:`evaluate` over arrays larger than memory, streamed in row chunks.
@@ -509,10 +518,16 @@ def evaluate_file(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n
     missing) naming the file, also when a ``.npy`` file is truncated or rewritten while
     it is being read (checked before each chunk is touched); an out-of-range target
     raises ``IndexError`` with its position in the whole array.
+
+    ``backend``: ``"auto"`` (threads for large slabs), ``"cpu"``, ``"parallel"``, or
+    ``"cuda"``: each slab is copied to the GPU and read there once, and six numbers a
+    row come back (without numba-cuda or a usable GPU, the error names the extra to
+    install, before any file is opened).
     """
     check_backend(backend)
     topk = check_topk(topk)
     n_bins = check_bins(n_bins)
+    gpu = _gpu_backend() if backend == "cuda" else None
     lsrc = open_source(logits, "logits")
     tsrc = open_source(targets, "targets")
     try:
@@ -542,15 +557,23 @@ def evaluate_file(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n
                 # hints): a file that shrank is caught here, before a SIGBUS could be
                 lsrc.check()
                 tsrc.check()
-                f = HostFloat(x, "logits")
-                rows, batch = class_rows(f.arr, ax)
+                batch = x.shape[:ax] + x.shape[ax + 1:]
                 origin = None if ca is None else (lo,) + (0,) * (len(batch) - 1)
-                tf = check_targets(np.asarray(t), batch, rows.shape[1], ignore_index, origin)
-                r = evaluate_rows(rows, f.hk, tf, ignore_index, backend)
+                tf = check_targets(np.asarray(t), batch, x.shape[ax], ignore_index, origin)
+                if gpu is None:
+                    f = HostFloat(x, "logits")
+                    rows, _ = class_rows(f.arr, ax)
+                    r = evaluate_rows(rows, f.hk, tf, ignore_index, backend)
+                    del f, rows
+                else:  # the slab is copied over; six numbers a row come back
+                    st, tf = gpu.eval_stats(gpu.operand(x, "logits"), tf, axis=ax,
+                                            ignore_index=_inputs.ignore_index_option(
+                                                ignore_index))
+                    r = rows_from_stats(st, tf, ignore_index)
                 state.add_rows(r)
                 if keep is not None:
                     keep.append({k: v.reshape(batch) for k, v in r.items()})
-                del x, f, rows
+                del x
                 if ca is not None:
                     lsrc.done(ca, lo, hi)
                 if progress is not None:

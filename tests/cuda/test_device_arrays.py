@@ -283,6 +283,38 @@ def test_evaluate(rng):
         xf.evaluate(dev(x), dev(np.array([0, 1, 5000])))
 
 
+def test_evaluate_file_reads_each_chunk_on_the_device(rng, tmp_path, monkeypatch):
+    """evaluate_file(backend="cuda") runs every chunk on the GPU (never the CPU's row
+    kernel) and equals the CPU's result, targets checked with their place in the file."""
+    import xent_fast._evaluate as ev
+
+    x = logits(rng, (3, 20, 37), np.float32)
+    t = rng.integers(0, 37, (3, 20))
+    t[1, 4] = -100
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", t)
+    want = xf.evaluate_file(tmp_path / "x.npy", tmp_path / "t.npy", topk=(1, 3),
+                            per_row=True, backend="cpu")
+
+    def no_cpu(*args, **kwargs):
+        raise AssertionError("the CPU's row kernel ran under backend='cuda'")
+
+    monkeypatch.setattr(ev, "row_stats", no_cpu)
+    got = xf.evaluate_file(tmp_path / "x.npy", tmp_path / "t.npy", topk=(1, 3),
+                           per_row=True, chunk_rows=7, backend="cuda")
+    for k in ("loss", "target_prob", "entropy", "confidence"):
+        close(got.rows[k], want.rows[k], 1e-5, what=k)
+    for k in ("prediction", "rank", "ignored"):
+        np.testing.assert_array_equal(got.rows[k], want.rows[k], err_msg=k)
+    assert got.count == want.count == 59 and got.accuracy == want.accuracy
+    close(got.cross_entropy, want.cross_entropy, 1e-5, what="cross_entropy")
+    t[2, 5] = 99
+    np.save(tmp_path / "t.npy", t)
+    with pytest.raises(IndexError, match=r"targets\[2, 5\] = 99"):
+        xf.evaluate_file(tmp_path / "x.npy", tmp_path / "t.npy", chunk_rows=7,
+                         backend="cuda")
+
+
 def test_evaluate_nan_rows():
     """The NaN rule on the device as on the CPU: a NaN anywhere in a row (the target's
     logit, next to +-inf, sign bit set, in a wide row) gives NaN metrics, prediction -1
