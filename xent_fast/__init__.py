@@ -11,11 +11,27 @@ on-disk cache) on first use.  Call :func:`warmup` to pay that cost up front.
 from ._api import (binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy,
                    entropy, kl_divergence, log_softmax, logsumexp, softmax,
                    softmax_cross_entropy, softmax_kl_divergence)
-from ._warmup import warmup
-from ._evaluate import EvalResult, EvalState, evaluate
-from ._stream import evaluate_file
 
 __version__ = "0.1.0"
+
+# Loaded on first use, so that ``import xent_fast`` stays light.
+_LAZY = {"warmup": "_warmup", "EvalResult": "_evaluate", "EvalState": "_evaluate",
+         "evaluate": "_evaluate", "evaluate_file": "_stream"}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'xent_fast' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"xent_fast.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "binary_cross_entropy",

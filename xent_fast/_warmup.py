@@ -1,4 +1,19 @@
-"""Compile (or load from the on-disk cache) the kernels ahead of the first real call."""
+"""Compile (or load from the on-disk cache) the kernels ahead of the first real call.
+
+Compiling is single-threaded (Numba holds one lock), so :func:`warmup` shares the work
+out between processes, one a core: this one and workers that fill Numba's on-disk
+cache, from which this process then loads their kernels.  Each dtype's operations stay
+together where the cores allow (the row helpers they share compile once a process and
+dtype), and operations that run the same driver go to the same process.  Every
+signature of a driver has a cache index of its own (see the CPU backend), so that
+processes never rewrite each other's; a kernel that a worker did not leave is
+compiled here.
+"""
+
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -9,28 +24,105 @@ _DTYPES = {"float32": np.float32, "float64": np.float64}
 # classes take kernels built for the exact class count, compiled on first use.
 _WARM_CLASSES = 64
 _WARM_ROWS = 2
+# Operations (by _ops kind) that share a driver with another: they are warmed together.
+_SHARES_DRIVER = {"log_softmax": "softmax", "cross_entropy": "entropy",
+                  "kl_divergence": "entropy", "evaluate": "ce"}
+# Rough compile seconds of an operation per dtype (loss and gradient), to balance the
+# workers; an operation not listed counts 1.
+_COST = {"ce": 7.0, "ce_probs": 5.0, "kl": 5.0, "bce_logits": 3.5, "logsumexp": 2.5,
+         "entropy": 1.5, "softmax": 1.5, "evaluate": 2.0}
 
 
-def warmup(dtypes=("float32", "float64"), backends=("cpu", "parallel")):
+def warmup(dtypes=("float32", "float64"), backends=("cpu", "parallel"), processes=None):
     """Compile every kernel for ``dtypes`` on ``backends`` now, instead of on first use.
 
     Covers what the first call of each public function runs on C-contiguous inputs of
-    those dtypes (gradients included: they share their kernel with the loss), except the
-    few-classes cross-entropy kernels, which are built per class count (2 to 16) on first
-    use.  The first call in a fresh environment compiles (seconds per kernel); later
-    processes load the machine code from Numba's cache (``NUMBA_CACHE_DIR`` or the
-    package's ``__pycache__``) in milliseconds.  Returns the number of kernels made
-    ready by this call (0 when all were ready already).
+    those dtypes, with and without a gradient (a loss and its gradient are two kernels:
+    each compiles only the code it runs), except the few-classes cross-entropy kernels,
+    which are built per class count (2 to 16) on first use.  The first call in a fresh
+    environment compiles (seconds per kernel) in up to ``processes`` worker processes
+    at once (default: one a CPU; 1 compiles here only); later processes load the
+    machine code from Numba's cache (``NUMBA_CACHE_DIR`` or the package's
+    ``__pycache__``) in milliseconds.  Returns the number of kernels made ready in this
+    process by this call (0 when all were ready already).
     """
-    import xent_fast as xf
     from ._dispatch import cpu
 
-    before = cpu().kernels_ready()
+    dtypes = [np.dtype(_DTYPES.get(name, name)).name for name in dtypes]
+    backends = list(backends)
+    if processes is None:
+        processes = os.cpu_count() or 1
+    be = cpu()
+    before = be.kernels_ready()
+    todo = [(d, b) for d in dtypes for b in backends if (d, b) not in _done]
+    shares = _shares(dtypes, int(processes)) if todo and be.caches_to_disk() else []
+    workers = [_start_worker(kinds, dts, backends) for kinds, dts in shares[1:]]
+    if shares:  # this process's share first, while the workers compile theirs
+        _warm(*shares[0], backends)
+    for w in workers:
+        w.wait()
+    _warm([op.kind for op in _ops.OPS], dtypes, backends)  # from the cache, or compiled
+    _done.update(todo)
+    return be.kernels_ready() - before
+
+
+_done = set()  # (dtype, backend) pairs a warmup() of this process has covered
+
+
+def _warm(kinds, dtypes, backends):
+    """Every operation of ``kinds`` once per dtype and backend, with and without a
+    gradient, on inputs of its own."""
+    import xent_fast as xf
+
+    ops = [op for op in _ops.OPS if op.kind in kinds]
     for name in dtypes:
-        dt = np.dtype(_DTYPES.get(name, name))
-        # every operation of the table once, on its own inputs (gradient included)
-        inputs = [(op, op.make_inputs(_WARM_ROWS, _WARM_CLASSES, dt)) for op in _ops.OPS]
+        dt = np.dtype(name)
+        inputs = [(op, op.make_inputs(_WARM_ROWS, _WARM_CLASSES, dt)) for op in ops]
         for be in backends:
             for op, d in inputs:
-                op.call(xf, d, backend=be, **({"return_grad": True} if op.grad else {}))
-    return cpu().kernels_ready() - before
+                op.call(xf, d, backend=be)
+                if op.grad:
+                    op.call(xf, d, backend=be, return_grad=True)
+
+
+def _groups():
+    """The operations' kinds, those that share a driver together, costliest first."""
+    groups = {}
+    for op in _ops.OPS:
+        groups.setdefault(_SHARES_DRIVER.get(op.kind, op.kind), []).append(op.kind)
+    return sorted(groups.values(), key=lambda ks: -sum(_COST.get(k, 1) for k in ks))
+
+
+def _shares(dtypes, count):
+    """At most ``count`` shares of the work, (kinds, dtypes) each, of about equal compile
+    time: whole dtypes while there are fewer processes than dtypes, else each dtype's
+    operations spread over its processes."""
+    count = max(1, count)
+    if count <= len(dtypes):
+        every = [op.kind for op in _ops.OPS]
+        return [(every, dtypes[i::count]) for i in range(count)]
+    shares = []
+    for i, dt in enumerate(dtypes):
+        n = count // len(dtypes) + (i < count % len(dtypes))
+        parts, load = [[] for _ in range(n)], [0.0] * n
+        for kinds in _groups():
+            j = load.index(min(load))
+            parts[j] += kinds
+            load[j] += sum(_COST.get(k, 1) for k in kinds)
+        shares += [(part, [dt]) for part in parts if part]
+    return shares
+
+
+def _start_worker(kinds, dtypes, backends):
+    """A process that compiles ``kinds`` for ``dtypes`` on ``backends`` into the cache
+    (its output is dropped: whatever it fails to leave is compiled by the caller)."""
+    import xent_fast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(xent_fast.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    code = ("import sys, json; from xent_fast._warmup import _warm; "
+            "_warm(*json.loads(sys.argv[1]))")
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps([kinds, dtypes, backends])],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,9 +1,12 @@
 """The CPU backend's entry points, and the compile-and-cache machinery behind them.
 
-Each driver (``drivers.py``, ``few_classes.py``) is compiled lazily and memoised, with
-``cache=True`` on disk, once for ``parallel=False`` (the ``"cpu"`` backend) and once for
-``parallel=True`` (``"parallel"``).  Inputs are typed read-only whatever their flag, so
-one machine-code version serves writable and read-only arrays.
+Each driver (``drivers.py``, ``few_classes.py``) does one block of rows.  It is
+compiled lazily and memoised, with ``cache=True`` on disk, serially (the ``"cpu"``
+backend runs the whole batch as one block), and for the ``"parallel"`` backend a copy
+of ``drivers.parallel_blocks`` is compiled with ``parallel=True`` around it, a
+``prange`` over the blocks that calls the serial build: the row code is compiled once
+for both.  Inputs are typed read-only whatever their flag, so one machine-code version
+serves writable and read-only arrays.
 """
 
 import hashlib
@@ -24,10 +27,11 @@ from . import arrays as _arrays
 from .arrays import HostFloat, class_rows, elementwise_rows, grad_target, reduce_rows
 from . import drivers
 from .few_classes import SMALL_CLASSES, make_ce_small, small_name
-from .jit import JIT
+from .jit import KERNEL, load_numba_math
 
 # Before anything can start Numba's thread pool: every path to a kernel imports this module.
 _threads.configure()
+load_numba_math()
 
 
 # Which positional arguments each driver writes (typed mutable); all others that are
@@ -37,13 +41,15 @@ _DRIVERS = {
     "logsumexp": (drivers.logsumexp, {"out"}),
     "softmax": (drivers.softmax, {"out"}),
     "dist": (drivers.dist, {"out", "bad"}),
-    "ce_index": (drivers.ce_index, {"g", "loss"}),
-    "ce_prob": (drivers.ce_prob, {"g", "loss"}),
-    "kl_logits": (drivers.kl_logits, {"g", "out"}),
     "bce": (drivers.bce, {"out", "partial", "bad"}),
     "eval_stats": (drivers.eval_stats, {"st", "top"}),
-    "bce_logits": (drivers.bce_logits, {"g", "out", "partial"}),
 }
+# The drivers that can write a gradient, as two variants each: NAME and NAME_grad.
+for _name, _outs in (("ce_index", {"g", "loss"}), ("ce_prob", {"g", "loss"}),
+                     ("kl_logits", {"g", "out"}), ("bce_logits", {"g", "out", "partial"})):
+    for _grad in (False, True):
+        _DRIVERS[_name + ("_grad" if _grad else "")] = (
+            getattr(drivers, "make_" + _name)(_grad), _outs)
 
 _lock = threading.Lock()
 _dispatchers = {}
@@ -60,33 +66,71 @@ def _driver(name):
     return entry
 
 
-def _dispatcher(name, parallel):
-    key = (name, parallel)
+def _blocked(func):
+    """Does the driver do one block of rows (its last arguments ``nblocks, b``)?"""
+    code = func.__code__
+    return code.co_varnames[code.co_argcount - 1] == "b"
+
+
+def _dispatcher(name, parallel, sig):
+    """The dispatcher of driver ``name`` (serial), or of the parallel loop
+    (``drivers.parallel_blocks``) that runs it on threads, for signature ``sig``.
+
+    One dispatcher a signature, so that each of its cache entries has an index file of
+    its own: worker processes compiling different signatures of one driver at once
+    (see _warmup) never rewrite one index file and drop each other's entry.  The loop
+    calls a driver by address, so a driver and its gradient variant (the same argument
+    types) share one build of it."""
+    family = name[:-5] if name.endswith("_grad") else name
+    key = (family if parallel else name, parallel, sig)
     disp = _dispatchers.get(key)
     if disp is None:
-        func, _ = _driver(name)
         # Numba names a cache entry after the function and stamps it with its own file
-        # only.  The name carries the threading mode (the index does not tell serial and
-        # parallel builds apart) and a digest of every kernel source file, so that a
+        # only.  The name carries the threading mode and the signature (the index does
+        # not tell them apart), and a digest of every kernel source file, so that a
         # change to any helper compiles afresh instead of loading stale machine code.
-        cname = f"{func.__name__}_{'parallel' if parallel else 'serial'}_{_source_digest()}"
-        code = func.__code__.replace(co_name=cname)
-        if hasattr(code, "co_qualname"):
-            code = code.replace(co_qualname=cname)
-        func = FunctionType(code, func.__globals__, cname, None, func.__closure__)
-        func.__qualname__ = cname
-        opts = dict(JIT)
-        opts.update(parallel=parallel, cache=True)
-        try:
-            disp = njit(**opts)(func)
-        except RuntimeError as e:  # no writable cache location: compile every process
-            if "cannot cache" not in str(e):
-                raise
-            _warn_no_cache(e)
-            opts.update(cache=False)
-            disp = njit(**opts)(func)
+        tag = hashlib.sha256(repr(sig).encode()).hexdigest()[:8]
+        if parallel:
+            func = drivers.parallel_blocks
+            cname = f"{family}_parallel_{tag}_{_source_digest()}"
+            disp = _jit(_renamed(func, cname, func.__globals__, None), parallel=True)
+        else:
+            func, _ = _driver(name)
+            cname = f"{func.__name__}_serial_{tag}_{_source_digest()}"
+            disp = _jit(_renamed(func, cname, func.__globals__, func.__closure__),
+                        parallel=False)
         _dispatchers[key] = disp
     return disp
+
+
+def caches_to_disk():
+    """Do compiled kernels go to an on-disk cache (else each process compiles)?"""
+    from numba.core.caching import NullCache
+
+    disp = _dispatcher("logsumexp", False, ())
+    return not isinstance(getattr(disp, "_cache", None), (NullCache, type(None)))
+
+
+def _renamed(func, name, glb, closure):
+    code = func.__code__.replace(co_name=name)
+    if hasattr(code, "co_qualname"):
+        code = code.replace(co_qualname=name)
+    func = FunctionType(code, glb, name, None, closure)
+    func.__qualname__ = name
+    return func
+
+
+def _jit(func, parallel):
+    opts = dict(KERNEL)
+    opts.update(parallel=parallel, cache=True)
+    try:
+        return njit(**opts)(func)
+    except RuntimeError as e:  # no writable cache location: compile every process
+        if "cannot cache" not in str(e):
+            raise
+        _warn_no_cache(e)
+        opts.update(cache=False)
+        return njit(**opts)(func)
 
 
 _warned_no_cache = False
@@ -114,10 +158,16 @@ def _numba_type(value, writable):
     return types.float64
 
 
-def _signature(name, args):
+def _signature(name, args, parallel):
+    """The driver's types for ``args``; a serial block driver also takes the block
+    number, and the parallel loop takes the serial driver's address and the arguments
+    as one tuple."""
     func, outs = _driver(name)
     names = func.__code__.co_varnames[:func.__code__.co_argcount]
-    return tuple(_numba_type(a, n in outs) for n, a in zip(names, args))
+    sig = tuple(_numba_type(a, n in outs) for n, a in zip(names, args))
+    if not _blocked(func):
+        return sig
+    return (types.int64, types.Tuple(sig)) if parallel else sig + (types.int64,)
 
 
 def _key(args):
@@ -178,21 +228,45 @@ def _remove_cache_files(cache):
                 pass
 
 
+def _entry(name, parallel, args):
+    """(compiled function, its kind) for driver ``name`` on ``args``: "plain" (called
+    with ``args``), "block" (``args`` and the block number) or the address of the serial
+    block driver that the parallel loop calls."""
+    func = _driver(name)[0]
+    sig = _signature(name, args, parallel)
+    fn = _compile(_dispatcher(name, parallel, sig), sig)
+    if not _blocked(func):
+        return fn, "plain"
+    if not parallel:
+        return fn, "block"
+    sig = _signature(name, args, False)
+    serial = _dispatcher(name, False, sig)
+    _compile(serial, sig)
+    cres = serial.overloads[sig]
+    return fn, cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
+
+
 def run(name, parallel, *args):
-    """Call driver ``name`` on ``args`` (all prepared by the API layer)."""
+    """Call driver ``name`` on ``args`` (all prepared by the API layer; a block driver's
+    last argument is its block count: 1 serially, unless partial sums a block are
+    wanted)."""
     key = (name, parallel, _key(args))
-    fn = _entry_points.get(key)
-    if fn is None:
+    entry = _entry_points.get(key)
+    if entry is None:
         with _lock:
-            fn = _entry_points.get(key)
-            if fn is None:
-                disp = _dispatcher(name, parallel)
-                fn = _compile(disp, _signature(name, args))
-                _entry_points[key] = fn
-    if parallel:
-        with _threads.guard():
-            return fn(*args)
-    return fn(*args)
+            entry = _entry_points.get(key)
+            if entry is None:
+                entry = _entry_points[key] = _entry(name, parallel, args)
+    fn, kind = entry
+    if kind == "plain":
+        return fn(*args)
+    if kind == "block":
+        for b in range(args[-1]):
+            fn(*args, b)
+        return None
+    with _threads.guard():
+        fn(kind, args)
+    return None
 
 
 def num_threads():
@@ -215,6 +289,10 @@ to_host = _arrays.to_host
 
 _ELEMENTWISE_BLOCK = 16384
 _NO_WEIGHT = {np.dtype(d).char: np.ones(1, d) for d in (np.float32, np.float64)}
+
+
+def _grad_variant(name, want_grad):
+    return name + "_grad" if want_grad else name
 
 
 def _nblocks(n, threads):
@@ -319,11 +397,11 @@ def softmax_cross_entropy(x, targets, *, axis, kind, weight, ignore_index, label
         run(small_name(c, general, want_grad), threads, rows, tf, w, wsum, eps, z, ignore,
             gscale, g2, loss, nb)
     elif kind == "index":
-        run("ce_index", threads, rows, x.hk, tf, w, has_w, wsum, eps, z, cap, ignore, gscale,
-            want_grad, g2, x.hk, loss, nb)
+        run(_grad_variant("ce_index", want_grad), threads, rows, x.hk, tf, w, has_w, wsum, eps,
+            z, cap, ignore, gscale, g2, x.hk, loss, nb)
     else:
-        run("ce_prob", threads, rows, x.hk, trows, t.hk, w, has_w, eps, z, cap, gscale,
-            want_grad, g2, x.hk, loss, nb)
+        run(_grad_variant("ce_prob", want_grad), threads, rows, x.hk, trows, t.hk, w, has_w,
+            eps, z, cap, gscale, g2, x.hk, loss, nb)
     if finish is not None:
         finish()
     res = reduce_rows(loss, batch, reduction, den, x.out_dtype)
@@ -339,8 +417,8 @@ def softmax_kl_divergence(x, t, *, axis, temperature, reduction, want_grad, grad
     gscale = 1.0 / den if den else math.nan
     grad, g2, finish = grad_target(want_grad, grad_out, x, axis, rows.shape, (t.source,))
     out = np.empty(n, np.float64)
-    run("kl_logits", threads, rows, x.hk, trows, t.hk, 1.0 / temperature, gscale, want_grad,
-        g2, x.hk, out, _nblocks(n, threads))
+    run(_grad_variant("kl_logits", want_grad), threads, rows, x.hk, trows, t.hk,
+        1.0 / temperature, gscale, g2, x.hk, out, _nblocks(n, threads))
     if finish is not None:
         finish()
     if reduction in ("batchmean", "mean"):
@@ -372,7 +450,7 @@ def binary_cross_entropy(p, y, *, weight, reduction, threads):
     bad = np.empty(partial.size, np.int64)
     run("bce", threads, p2, p.hk, y2, y.hk,
         w2 if w2 is not None else np.ones((1, 0), p.out_dtype), w2 is not None, keep,
-        _ELEMENTWISE_BLOCK, out, partial, bad)
+        _ELEMENTWISE_BLOCK, out, partial, bad, _nblocks(partial.size, threads))
     hits = np.flatnonzero(bad >= 0)
     if hits.size:
         task = int(hits[0])
@@ -396,9 +474,10 @@ def binary_cross_entropy_with_logits(x, y, *, weight, pos_weight, reduction, wan
     keep = reduction == "none"
     out, partial, _ = _elementwise_buffers(x2.shape, keep, x.out_dtype)
     dummy = np.ones((1, 0), x.out_dtype)
-    run("bce_logits", threads, x2, x.hk, y2, y.hk, w2 if w2 is not None else dummy,
-        w2 is not None, pw2 if pw2 is not None else dummy, pw2 is not None, gscale,
-        want_grad, g2, x.hk, keep, _ELEMENTWISE_BLOCK, out, partial)
+    run(_grad_variant("bce_logits", want_grad), threads, x2, x.hk, y2, y.hk,
+        w2 if w2 is not None else dummy, w2 is not None, pw2 if pw2 is not None else dummy,
+        pw2 is not None, gscale, g2, x.hk, keep, _ELEMENTWISE_BLOCK, out, partial,
+        _nblocks(partial.size, threads))
     if finish is not None:
         finish()
     res = out.reshape(shape) if keep else reduce_rows(partial, (), reduction, size, x.out_dtype)

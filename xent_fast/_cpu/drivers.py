@@ -1,15 +1,20 @@
 """CPU drivers: batch the row kernels over rows, serially or on threads.
 
-Each driver is a plain Python function over 2-D arrays (rows x classes) that
-``backend.py`` compiles twice: ``parallel=False`` for the ``"cpu"`` backend and
-``parallel=True`` for ``"parallel"``, where ``prange`` spreads blocks of rows over Numba's
-thread pool.  Rows are handed out in ``nblocks`` contiguous blocks so that work buffers
-are allocated once per block, not once per row.  Only unit-stride rows vectorise: the
-backend hands over C-contiguous row arrays (copying strided ones).
+Each driver is a plain Python function over 2-D arrays (rows x classes) that does one
+block of rows: block ``b`` of ``nblocks`` contiguous blocks (the elementwise drivers:
+of tasks), so that work buffers are allocated once per block, not once per row.
+``backend.py`` compiles a driver once, serially; the ``"cpu"`` backend calls it with
+the whole batch as one block, and the ``"parallel"`` backend through
+:func:`parallel_blocks`, a ``prange`` over the blocks that calls it, compiled beside it.
+The row code is then compiled once for both backends, and Numba's parallel passes only
+ever see that one loop, not a driver's inlined rows.  Only unit-stride rows vectorise:
+the backend hands over C-contiguous row arrays (copying strided ones).
 """
 
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .eval_rows import eval_row, row_topk
 from .reduce import row_logsumexp
@@ -23,49 +28,90 @@ from .rows import (bce_logits_row, bce_row, ce_index_row, ce_prob_row, dist_row,
 _STREAM_BYTES = 1 << 25  # 32 MiB
 
 
-def logsumexp(x, hk, out, nblocks):
-    n, c = x.shape
+@intrinsic
+def call_block(typingctx, kernel, args, b):
+    """Call the compiled driver whose native function is at address ``kernel`` on
+    ``*args, b``.  A call through the address, not a link: the thread loop's module
+    holds only itself, so its compile neither types nor optimises the driver again."""
+    if not (isinstance(kernel, types.Integer) and isinstance(args, types.BaseTuple)):
+        return None
+    argtys = tuple(args.types) + (b,)
+
+    def codegen(context, builder, sig, llargs):
+        addr, tup, bv = llargs
+        fnty = context.call_conv.get_function_type(types.none, argtys)
+        fn = builder.inttoptr(addr, fnty.as_pointer())
+        vals = [builder.extract_value(tup, i) for i in range(len(args.types))] + [bv]
+        status, _ = context.call_conv.call_function(builder, fn, types.none, argtys, vals)
+        with cgutils.if_unlikely(builder, status.is_error):
+            context.call_conv.return_status_propagate(builder, status)
+        return context.get_dummy_value()
+
+    return types.none(kernel, args, b), codegen
+
+
+def parallel_blocks(kernel, args):
+    """Run the driver at address ``kernel`` on every block of ``args`` (its arguments,
+    the block count last) on Numba's threads."""
+    nblocks = args[-1]
     for b in prange(nblocks):
-        lo, hi = block_bounds(b, nblocks, n)
-        work = half_work_row(x, c)
-        for i in range(lo, hi):
-            out[i] = row_logsumexp(load_row(row_at(x, i), work, hk))
+        call_block(kernel, args, np.int64(b))
 
 
-def softmax(x, hk, log, out, nblocks):
+def _variant(drv, want_grad):
+    """Name a driver built by a ``make_*`` factory after its variant.
+
+    Drivers that can write a gradient are built twice, with ``want_grad`` a constant
+    of the closure: Numba then drops the branch that is not taken before typing it, so
+    that a forward call never compiles the gradient code, and the cache keeps the two
+    apart by name."""
+    if want_grad:
+        drv.__name__ = drv.__qualname__ = drv.__name__ + "_grad"
+    return drv
+
+
+def logsumexp(x, hk, out, nblocks, b):
     n, c = x.shape
-    for b in prange(nblocks):
-        lo, hi = block_bounds(b, nblocks, n)
-        work = half_work_row(x, c)
-        for i in range(lo, hi):
-            row_softmax(load_row(row_at(x, i), work, hk), row_at(out, i), log)
+    lo, hi = block_bounds(b, nblocks, n)
+    work = half_work_row(x, c)
+    for i in range(lo, hi):
+        out[i] = row_logsumexp(load_row(row_at(x, i), work, hk))
 
 
-def dist(p, phk, q, qhk, mode, out, bad, nblocks):
+def softmax(x, hk, log, out, nblocks, b):
+    n, c = x.shape
+    lo, hi = block_bounds(b, nblocks, n)
+    work = half_work_row(x, c)
+    for i in range(lo, hi):
+        row_softmax(load_row(row_at(x, i), work, hk), row_at(out, i), log)
+
+
+def dist(p, phk, q, qhk, mode, out, bad, nblocks, b):
     n, c = p.shape
-    for b in prange(nblocks):
-        lo, hi = block_bounds(b, nblocks, n)
-        pw = half_work_row(p, c)
-        qw = half_work_row(q, c)
-        for i in range(lo, hi):
-            pr = load_row(row_at(p, i), pw, phk)
-            qr = load_row(row_at(q, i), qw, qhk)
-            k = first_bad_prob(pr)
-            if k < 0 and mode != 0:
-                k = first_bad_prob(qr)
-                k = k + c if k >= 0 else k
-            bad[i] = k
-            out[i] = dist_row(pr, qr, mode) if k < 0 else np.nan
+    lo, hi = block_bounds(b, nblocks, n)
+    pw = half_work_row(p, c)
+    qw = half_work_row(q, c)
+    for i in range(lo, hi):
+        pr = load_row(row_at(p, i), pw, phk)
+        qr = load_row(row_at(q, i), qw, qhk)
+        k = first_bad_prob(pr)
+        if k < 0 and mode != 0:
+            k = first_bad_prob(qr)
+            k = k + c if k >= 0 else k
+        bad[i] = k
+        out[i] = dist_row(pr, qr, mode) if k < 0 else np.nan
 
 
-def ce_index(x, hk, t, w, has_w, wsum, eps, z, cap, ignore, gscale, want_grad, g, ghk,
-              loss, nblocks):
-    n, c = x.shape
-    # Non-temporal gradient stores (see rows._ce_grad_stream) only where the gradient
-    # is the output itself and larger than the caches: a smaller one is better left in
-    # cache for whatever reads it next.
-    stream = cap == 0 and ghk == 0 and g.size * g.itemsize >= _STREAM_BYTES
-    for b in prange(nblocks):
+def make_ce_index(want_grad):
+    """The ce_index driver with ``want_grad`` a compile-time constant."""
+
+    def ce_index(x, hk, t, w, has_w, wsum, eps, z, cap, ignore, gscale, g, ghk, loss,
+                 nblocks, b):
+        n, c = x.shape
+        # Non-temporal gradient stores (see rows._ce_grad_stream) only where the gradient
+        # is the output itself and larger than the caches: a smaller one is better left in
+        # cache for whatever reads it next.
+        stream = cap == 0 and ghk == 0 and g.size * g.itemsize >= _STREAM_BYTES
         lo, hi = block_bounds(b, nblocks, n)
         work = work_row(x, c) if cap > 0 else half_work_row(x, c)
         gwork = half_work_row(g, c if want_grad else 0)
@@ -92,11 +138,14 @@ def ce_index(x, hk, t, w, has_w, wsum, eps, z, cap, ignore, gscale, want_grad, g
                 store_grad_row(row_at(g, i), gr, ghk)
             else:
                 loss[i] = ce_index_row(y, ti, w, has_w, wsum, eps, z, gwork, False, gscale)
+    return _variant(ce_index, want_grad)
 
 
-def ce_prob(x, hk, p, phk, w, has_w, eps, z, cap, gscale, want_grad, g, ghk, loss, nblocks):
-    n, c = x.shape
-    for b in prange(nblocks):
+def make_ce_prob(want_grad):
+    """The ce_prob driver with ``want_grad`` a compile-time constant."""
+
+    def ce_prob(x, hk, p, phk, w, has_w, eps, z, cap, gscale, g, ghk, loss, nblocks, b):
+        n, c = x.shape
         lo, hi = block_bounds(b, nblocks, n)
         work = work_row(x, c) if cap > 0 else half_work_row(x, c)
         pwork = half_work_row(p, c)
@@ -115,11 +164,14 @@ def ce_prob(x, hk, p, phk, w, has_w, eps, z, cap, gscale, want_grad, g, ghk, los
                 store_grad_row(row_at(g, i), gr, ghk)
             else:
                 loss[i] = ce_prob_row(y, pr, w, has_w, eps, z, gwork, False, gscale)
+    return _variant(ce_prob, want_grad)
 
 
-def kl_logits(x, hk, xt, thk, inv_t, gscale, want_grad, g, ghk, out, nblocks):
-    n, c = x.shape
-    for b in prange(nblocks):
+def make_kl_logits(want_grad):
+    """The kl_logits driver with ``want_grad`` a compile-time constant."""
+
+    def kl_logits(x, hk, xt, thk, inv_t, gscale, g, ghk, out, nblocks, b):
+        n, c = x.shape
         lo, hi = block_bounds(b, nblocks, n)
         work = half_work_row(x, c)
         twork = half_work_row(xt, c)
@@ -133,27 +185,28 @@ def kl_logits(x, hk, xt, thk, inv_t, gscale, want_grad, g, ghk, out, nblocks):
                 store_grad_row(row_at(g, i), gr, ghk)
             else:
                 out[i] = kl_logits_row(y, yt, inv_t, gwork, False, gscale)
+    return _variant(kl_logits, want_grad)
 
 
-def eval_stats(x, hk, t, lo, count, st, top, nblocks):
+def eval_stats(x, hk, t, lo, count, st, top, nblocks, b):
     """Per-row evaluation statistics (see eval_rows.py) of rows ``x``, classes ``lo ..``;
     with a non-empty ``top`` also each row's ``top.shape[1]`` largest logits."""
     n, c = x.shape
     k = top.shape[1]
-    for b in prange(nblocks):
-        lo_r, hi_r = block_bounds(b, nblocks, n)
-        work = half_work_row(x, c)
-        for i in range(lo_r, hi_r):
-            y = load_row(row_at(x, i), work, hk)
-            eval_row(y, t[i], lo, count, row_at(st, i))
-            if k > 0:
-                row_topk(y, row_at(top, i))
+    lo_r, hi_r = block_bounds(b, nblocks, n)
+    work = half_work_row(x, c)
+    for i in range(lo_r, hi_r):
+        y = load_row(row_at(x, i), work, hk)
+        eval_row(y, t[i], lo, count, row_at(st, i))
+        if k > 0:
+            row_topk(y, row_at(top, i))
 
 
-def bce(p, phk, y, yhk, w, has_w, keep, colblock, out, partial, bad):
+def bce(p, phk, y, yhk, w, has_w, keep, colblock, out, partial, bad, nblocks, b):
     n, c = p.shape
     ncb = max(1, (c + colblock - 1) // colblock)
-    for task in prange(n * ncb):
+    t_lo, t_hi = block_bounds(b, nblocks, n * ncb)
+    for task in range(t_lo, t_hi):
         i, lo, hi = task_bounds(task, ncb, colblock, c)
         pw = half_work_row(p, hi - lo)
         yw = half_work_row(y, hi - lo)
@@ -172,28 +225,33 @@ def bce(p, phk, y, yhk, w, has_w, keep, colblock, out, partial, bad):
         partial[task] = row_sum(orow)
 
 
-def bce_logits(x, hk, y, yhk, w, has_w, pw, has_pw, gscale, want_grad, g, ghk, keep,
-                colblock, out, partial):
-    n, c = x.shape
-    ncb = max(1, (c + colblock - 1) // colblock)
-    for task in prange(n * ncb):
-        i, lo, hi = task_bounds(task, ncb, colblock, c)
-        xw = half_work_row(x, hi - lo)
-        yw = half_work_row(y, hi - lo)
-        ow = work_row(x, hi - lo if not keep else 0)
-        xr = load_row(x[i, lo:hi], xw, hk)
-        yr = load_row(y[i, lo:hi], yw, yhk)
-        orow = out[i, lo:hi] if keep else ow
-        wr = w[i, lo:hi] if has_w else w[0, :0]
-        pr = pw[i, lo:hi] if has_pw else pw[0, :0]
-        if want_grad:
-            gw = half_work_row(g, hi - lo)
-            gr = grad_row(g[i, lo:hi], gw)
-            bce_logits_row(xr, yr, wr, has_w, pr, has_pw, orow, gr, True, gscale)
-            store_grad_row(g[i, lo:hi], gr, ghk)
-        else:
-            bce_logits_row(xr, yr, wr, has_w, pr, has_pw, orow, ow, False, gscale)
-        partial[task] = row_sum(orow)
+def make_bce_logits(want_grad):
+    """The bce_logits driver with ``want_grad`` a compile-time constant."""
+
+    def bce_logits(x, hk, y, yhk, w, has_w, pw, has_pw, gscale, g, ghk, keep, colblock,
+                   out, partial, nblocks, b):
+        n, c = x.shape
+        ncb = max(1, (c + colblock - 1) // colblock)
+        t_lo, t_hi = block_bounds(b, nblocks, n * ncb)
+        for task in range(t_lo, t_hi):
+            i, lo, hi = task_bounds(task, ncb, colblock, c)
+            xw = half_work_row(x, hi - lo)
+            yw = half_work_row(y, hi - lo)
+            ow = work_row(x, hi - lo if not keep else 0)
+            xr = load_row(x[i, lo:hi], xw, hk)
+            yr = load_row(y[i, lo:hi], yw, yhk)
+            orow = out[i, lo:hi] if keep else ow
+            wr = w[i, lo:hi] if has_w else w[0, :0]
+            pr = pw[i, lo:hi] if has_pw else pw[0, :0]
+            if want_grad:
+                gw = half_work_row(g, hi - lo)
+                gr = grad_row(g[i, lo:hi], gw)
+                bce_logits_row(xr, yr, wr, has_w, pr, has_pw, orow, gr, True, gscale)
+                store_grad_row(g[i, lo:hi], gr, ghk)
+            else:
+                bce_logits_row(xr, yr, wr, has_w, pr, has_pw, orow, ow, False, gscale)
+            partial[task] = row_sum(orow)
+    return _variant(bce_logits, want_grad)
 
 
 def targets(t, c, ignore, w, has_w):

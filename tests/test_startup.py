@@ -1,0 +1,112 @@
+"""What the first calls compile and load: each variant only its own code, the threaded
+loop apart from the row code, SciPy left alone, and warmup()'s share-out.
+
+Times are measured by benchmarks/startup.py, never asserted here; these tests pin the
+structure those times come from.  Each case runs in a fresh process.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from xent_fast import _ops, _warmup
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout.strip().splitlines()
+
+
+def test_the_package_attributes_load_on_first_use():
+    out = _run("""
+        import sys
+        import xent_fast as xf
+        print(sorted(m for m in ("xent_fast._stream", "xent_fast._evaluate",
+                                 "xent_fast._warmup") if m in sys.modules))
+        print(xf.evaluate_file.__module__, xf.EvalState.__name__, callable(xf.warmup))
+        print(set(xf.__all__) <= set(dir(xf)))
+        try:
+            xf.no_such_function
+        except AttributeError as e:
+            print(e)
+    """)
+    assert out[0] == "[]"
+    assert out[1] == "xent_fast._stream EvalState True"
+    assert out[2] == "True"
+    assert out[3] == "module 'xent_fast' has no attribute 'no_such_function'"
+
+
+def test_a_first_call_imports_no_scipy_linalg():
+    pytest.importorskip("scipy")
+    out = _run("""
+        import sys, numpy as np, xent_fast as xf
+        xf.logsumexp(np.zeros((2, 3), np.float32))
+        import numba.np.arraymath as am
+        print("scipy.linalg" in sys.modules, am._HAVE_BLAS)
+    """)
+    # SciPy is installed, so Numba's BLAS flag still says so, without importing it
+    assert out == ["False True"]
+
+
+def test_a_forward_call_compiles_no_gradient_and_threads_reuse_the_row_code():
+    out = _run("""
+        import numpy as np, xent_fast as xf
+        from xent_fast._cpu import backend
+        x = np.linspace(-1, 1, 6 * 40, dtype=np.float32).reshape(6, 40)
+        t = np.arange(6) % 40
+        def names():
+            return sorted({(k[0], k[1]) for k in backend._dispatchers if k[0]})
+        xf.softmax_cross_entropy(x, t, backend="cpu")
+        print(names())
+        xf.softmax_cross_entropy(x, t, backend="parallel")
+        print(names())
+        xf.softmax_cross_entropy(x, t, backend="parallel", return_grad=True)
+        print(names())
+    """)
+    assert out[0] == "[('ce_index', False), ('targets', False)]"
+    # the threaded call adds only its loop: the serial driver it calls is the one above
+    assert out[1] == "[('ce_index', False), ('ce_index', True), ('targets', False)]"
+    # the gradient is a driver of its own, and shares the loop (the same argument types)
+    assert out[2] == ("[('ce_index', False), ('ce_index', True), ('ce_index_grad', False), "
+                      "('targets', False)]")
+
+
+def test_a_threaded_call_runs_every_block_like_a_serial_one():
+    out = _run("""
+        import numpy as np, xent_fast as xf
+        from xent_fast._cpu import backend
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((37, 50)).astype(np.float32)
+        out = {}
+        for nb in (1, 3, 37):
+            o = np.full(37, np.nan, np.float32)
+            backend.run("logsumexp", True, x, 0, o, nb)
+            out[nb] = o
+        s = np.full(37, np.nan, np.float32)
+        backend.run("logsumexp", False, x, 0, s, 1)
+        print(all(np.array_equal(out[nb], s) for nb in out), bool(np.isnan(s).any()))
+    """)
+    assert out == ["True False"]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("dtypes", [["float32"], ["float32", "float64"]])
+def test_warmup_shares_cover_every_operation_once_per_dtype(count, dtypes):
+    shares = _warmup._shares(dtypes, count)
+    assert 1 <= len(shares) <= count
+    done = [(k, d) for kinds, dts in shares for d in dts for k in kinds]
+    assert sorted(done) == sorted((op.kind, d) for op in _ops.OPS for d in dtypes)
+    for kinds, dts in shares:  # operations that run one driver stay in one process
+        for k in kinds:
+            partner = _warmup._SHARES_DRIVER.get(k)
+            if partner is not None:
+                assert partner in kinds
