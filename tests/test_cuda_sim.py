@@ -4,7 +4,8 @@ the simulator runs every GPU thread as a Python thread) and tests/cuda (device a
 
 The simulator must be chosen before Numba is imported, which this process has done
 already.  The run starts as soon as collection selects this test (see conftest.py), so
-that it overlaps the rest of the suite on a second core; the test waits for it.  On a
+that it overlaps the rest of the suite on a second core; the test, which collection
+moves to the end of the run, waits for it.  On a
 machine with a usable GPU, ``XENT_FAST_TEST_BACKENDS=cuda python -m pytest tests`` runs
 the same tests on the real device, every shape included.
 """
