@@ -23,10 +23,41 @@ BACKENDS = os.environ.get("XENT_FAST_TEST_BACKENDS", "cuda" if SIM else "cpu,par
 SIM_MAX_ELEMENTS = 12_000
 if SIM:
     import sys
+    import threading
 
     # Each simulated block polls its Python threads while they run and wait at barriers;
     # a short GIL switch interval lets them take turns at once (7x faster here).
     sys.setswitchinterval(5e-5)
+
+    def _one_shared_array_a_block():
+        """The simulator gives a block's threads one shared array per call site: the
+        first thread to ask creates it, the others look it up.  Its look-up and store
+        are not locked, so two threads that ask at once can each create one, and a
+        block reduction then reads slots that its other threads wrote elsewhere (a
+        loss off by a row, or doubled, seen in a full run on a loaded host).  The same
+        look-up, under a lock; the call site is read off the caller's frame."""
+        from numba.core import types
+        from numba.cuda.simulator import kernelapi
+        from numba.np import numpy_support
+
+        plain = kernelapi.FakeCUDAShared.array
+        lock = threading.Lock()
+
+        def array(self, shape, dtype, alignment=None):
+            if shape == 0 or alignment is not None:  # dynamic memory, or refused
+                return plain(self, shape, dtype, alignment)
+            if isinstance(dtype, types.Type):
+                dtype = numpy_support.as_dtype(dtype)
+            site = sys._getframe(1)
+            key = (site.f_code.co_filename, site.f_lineno)
+            with lock:
+                if key not in self._allocations:
+                    self._allocations[key] = np.empty(shape, dtype)
+                return self._allocations[key]
+
+        kernelapi.FakeCUDAShared.array = array
+
+    _one_shared_array_a_block()
 
 # Relative tolerance of a loss or row value against the float64 reference, by input dtype.
 # Half inputs are compared with the reference on the same (rounded) values, and are
