@@ -1,0 +1,647 @@
+"""PyTorch front end: xent_fast's losses as PyTorch operators, functions and modules.
+
+    from xent_fast.torch import CrossEntropyLoss
+
+    loss_fn = CrossEntropyLoss()            # as torch.nn.CrossEntropyLoss
+    loss = loss_fn(model(x), y)             # (N, C) logits, (N,) class indices
+    loss.backward()
+
+The functions take PyTorch's names, argument order and defaults, with the class
+dimension 1 as in ``torch.nn.functional`` (0 for an unbatched ``(C,)`` input), and the
+modules subclass PyTorch's own, so they take the same constructor arguments and hold
+the same buffers.  Extras are keyword-only: ``z_loss`` and ``softcap`` for
+cross-entropy, and ``inplace_backward`` (see below).
+
+How it runs.  Each loss is a PyTorch custom operator in the ``xent_fast`` namespace
+(``torch.ops.xent_fast.cross_entropy`` and so on) with a fake (meta) implementation and
+an autograd formula, so ``torch.compile(model, fullgraph=True)`` keeps a model that uses
+them in one graph.  CPU tensors are read in place through NumPy views of their memory
+(``requires_grad`` tensors, non-contiguous views, bfloat16 through its bits: nothing is
+copied); CUDA tensors go to the CUDA backend.  Results follow PyTorch's dtype rules: the
+loss has the input's dtype (half-precision losses are computed in float32 and rounded
+once at the end), the gradient the input's dtype, on the input's device.
+
+Memory.  When the input requires a gradient, the forward pass computes the loss and the
+gradient in one pass over the logits; the backward pass only scales that gradient in
+place by the incoming gradient (not at all when it is 1), so a forward+backward
+allocates one logits-sized buffer, the gradient, which autograd then hands on without
+another copy.  With ``inplace_backward=True`` the gradient is written into the logits'
+own storage instead, as Liger-Kernel does, and no logits-sized buffer is allocated at
+all.  The hazard: after the loss the logits tensor holds the gradient, so it must not
+be used again (nor saved by another operation for its backward, which PyTorch then
+reports as modified by an in-place operation).
+
+Gradients with respect to probability targets, ``target_logits`` and the binary losses'
+targets are computed (in the backward pass, with PyTorch operations); ``weight`` and
+``pos_weight`` are not differentiable, as in PyTorch.  Double backward
+(``create_graph=True``) is refused with an error.  ``backward(retain_graph=True)`` works
+(the gradient is then scaled out of place, so that a second backward sees it unchanged).
+
+Needs PyTorch; bfloat16 CPU tensors also need ``ml_dtypes`` (both in the ``torch``
+extra: ``pip install "xent_fast[torch]"``; for a CPU-only PyTorch, see the README).
+"""
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import _reduction
+
+from . import _api
+
+__all__ = [
+    "cross_entropy", "binary_cross_entropy", "binary_cross_entropy_with_logits",
+    "softmax_kl_divergence", "CrossEntropyLoss", "BCELoss", "BCEWithLogitsLoss",
+    "SoftmaxKLDivergenceLoss",
+]
+
+_NS = "xent_fast"
+
+
+# ---------------------------------------------------------------------------- tensors
+_BF16 = []
+
+
+def _bfloat16():
+    if not _BF16:
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ImportError("bfloat16 CPU tensors are read through ml_dtypes' bfloat16: "
+                              "pip install ml_dtypes (or \"xent_fast[torch]\")") from None
+        _BF16.append(np.dtype(ml_dtypes.bfloat16))
+    return _BF16[0]
+
+
+def _array(t, name):
+    """What the front end reads: a CPU tensor as a NumPy array over the same memory
+    (no copy), a CUDA tensor as it is (the CUDA backend reads tensors in place)."""
+    if t is None:
+        return None
+    t = t.detach()
+    if t.device.type == "cuda":
+        return t
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} is on device {t.device}: xent_fast runs on CPU and CUDA "
+                         "tensors")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(_bfloat16())
+    return t.numpy()
+
+
+def _tensor(value, like):
+    """A result of the front end as a tensor of ``like``'s dtype and device."""
+    if isinstance(value, Tensor):
+        return value.to(device=like.device, dtype=like.dtype)
+    a = np.asarray(value)
+    if a.ndim == 0:
+        return torch.tensor(a.item(), dtype=like.dtype, device=like.device)
+    return torch.from_numpy(np.require(a, requirements="W")).to(device=like.device,
+                                                               dtype=like.dtype)
+
+
+def _class_dim(input):
+    return 1 if input.dim() >= 2 else 0
+
+
+def _batch_shape(input):
+    d = _class_dim(input)
+    return input.shape[:d] + input.shape[d + 1:]
+
+
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+              torch.bfloat16: np.int16}
+
+
+def _grad_buffer(input):
+    """A gradient-sized buffer.  On the CPU allocated by NumPy, which asks the kernel for
+    huge pages: a fresh 500 MB buffer is then ready in a third of the time PyTorch's own
+    allocator takes to fault it in page by page."""
+    if input.device.type != "cpu" or input.dtype not in _NP_DTYPES:
+        return torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    t = torch.from_numpy(np.empty(input.shape, _NP_DTYPES[input.dtype]))
+    return t.view(torch.bfloat16) if input.dtype == torch.bfloat16 else t
+
+
+def _no_grad_buffer(input):
+    return input.new_empty((0,))
+
+
+def _check_input(input, name="input"):
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension (the class dimension)")
+
+
+def _check_on(input, **others):
+    for name, t in others.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}: "
+                             "move them to one device")
+
+
+def _reduction_arg(size_average, reduce, reduction):
+    if size_average is not None or reduce is not None:
+        return _reduction.legacy_get_string(size_average, reduce)
+    return reduction
+
+
+def _wants_grad(t):
+    return t is not None and t.requires_grad and torch.is_grad_enabled()
+
+
+# ---------------------------------------------------------------------------- backward helpers
+def _eager(*tensors):
+    """Whether backward runs eagerly on real tensors (not traced by torch.compile,
+    AOTAutograd or a fake/functional mode), so that it may scale in place."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return all(type(t) is Tensor for t in tensors)
+
+
+def _no_double_backward(ctx_name):
+    if torch.is_grad_enabled() and _eager():
+        raise RuntimeError(f"xent_fast.torch: double backward through {ctx_name} is not "
+                           "supported (backward was called with create_graph=True)")
+
+
+def _scale(grad, g, cdim, reduction, eager):
+    """The gradient scaled by the incoming gradient ``g`` (a scalar, or one value per
+    row for ``reduction="none"``): in place when nothing can see ``grad`` again."""
+    if reduction == "none" and g.dim() < grad.dim():
+        g = g.unsqueeze(cdim)
+    if not eager or torch._C._autograd._get_current_graph_task_keep_graph():
+        return grad * g
+    if g.dim() == 0 and grad.device.type == "cpu" and g.item() == 1.0:
+        return grad  # loss.backward(): the gradient is already the answer
+    return grad.mul_(g)
+
+
+def _row_scale(g, reduction, rows, cdim):
+    """The incoming gradient per row, as a factor for a per-element term."""
+    if reduction == "none":
+        return g.unsqueeze(cdim) if cdim is not None and g.dim() else g
+    if reduction == "mean":
+        return g / rows
+    return g
+
+
+def _compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _class_view(weight, input, cdim):
+    shape = [1] * input.dim()
+    shape[cdim] = -1
+    return weight.view(shape)
+
+
+def _not_differentiable(ctx, names):
+    for i, name in names.items():
+        if ctx.needs_input_grad[i]:
+            raise RuntimeError(f"xent_fast.torch: the derivative for {name!r} is not "
+                               "implemented (as in PyTorch)")
+
+
+def _missing_grad(name):
+    return RuntimeError(f"xent_fast.torch: {name} was computed without its gradient "
+                        "(want_grad=False) and cannot be differentiated; call the function "
+                        "in xent_fast.torch rather than the operator")
+
+
+# ---------------------------------------------------------------------------- cross-entropy
+def _ce_call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+             softcap, grad):
+    kw = dict(axis=_class_dim(input), weight=_array(weight, "weight"),
+              ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+              softcap=softcap if softcap > 0 else None, reduction=reduction)
+    x, t = _array(input, "input"), _array(target, "target")
+    if grad is None:
+        return _tensor(_api.softmax_cross_entropy(x, t, **kw), input)
+    loss, _ = _api.softmax_cross_entropy(x, t, grad_out=_array(grad, "grad"), **kw)
+    return _tensor(loss, input)
+
+
+def _ce_fake_loss(input, reduction):
+    shape = _batch_shape(input) if reduction == "none" else ()
+    return input.new_empty(shape)
+
+
+@torch.library.custom_op(f"{_NS}::cross_entropy", mutates_args=())
+def _ce_op(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+           reduction: str, label_smoothing: float, z_loss: float, softcap: float,
+           want_grad: bool) -> Tuple[Tensor, Tensor]:
+    """(loss, gradient of the loss w.r.t. input, or an empty tensor without want_grad);
+    softcap 0 is none."""
+    grad = _grad_buffer(input) if want_grad else None
+    loss = _ce_call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                    softcap, grad)
+    return loss, (grad if want_grad else _no_grad_buffer(input))
+
+
+@_ce_op.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      want_grad):
+    return (_ce_fake_loss(input, reduction),
+            _grad_buffer(input) if want_grad else _no_grad_buffer(input))
+
+
+def _ce_setup(ctx, inputs, output):
+    input, target, weight, _, reduction, eps, _, cap, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else autograd fills a logits-sized zero tensor
+    ctx.reduction, ctx.eps, ctx.cap, ctx.cdim = reduction, eps, cap, _class_dim(input)
+    ctx.numel = input.numel()
+    # the targets' gradient needs the logits: kept only when asked for
+    soft = target.is_floating_point() and target.requires_grad
+    ctx.save_for_backward(output[1], input if soft else None, weight if soft else None)
+
+
+def _ce_target_grad(input, weight, eps, cap, g, cdim, reduction):
+    """d loss / d p for probability targets: -(1 - eps) w_c log_softmax(y)_c per row."""
+    y = input.detach().to(_compute_dtype(input))
+    if cap > 0:
+        y = cap * torch.tanh(y / cap)
+    gt = torch.log_softmax(y, dim=cdim).mul_(-(1.0 - eps))
+    if weight is not None:
+        gt = gt * _class_view(weight.to(gt.dtype), input, cdim)
+    rows = max(input.numel() // max(input.shape[cdim], 1), 1)
+    return gt * _row_scale(g.to(gt.dtype), reduction, rows, cdim)
+
+
+def _ce_backward(ctx, g, _g_grad):
+    _no_double_backward("cross_entropy")
+    if g is None:  # the loss was not used (grads are not materialised)
+        return (None,) * 9
+    grad, input, weight = ctx.saved_tensors
+    _not_differentiable(ctx, {2: "weight"})
+    gi = gt = None
+    if ctx.needs_input_grad[0]:
+        if grad.numel() != ctx.numel:
+            raise _missing_grad("cross_entropy")
+        gi = _scale(grad, g, ctx.cdim, ctx.reduction, _eager(grad, g))
+    if ctx.needs_input_grad[1]:
+        gt = _ce_target_grad(input, weight, ctx.eps, ctx.cap, g, ctx.cdim, ctx.reduction)
+    return gi, gt, None, None, None, None, None, None, None
+
+
+_ce_op.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+@torch.library.custom_op(f"{_NS}::cross_entropy_inplace_", mutates_args=("input",))
+def _ce_inplace_op(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                   reduction: str, label_smoothing: float, z_loss: float,
+                   softcap: float) -> Tensor:
+    """The loss; the gradient of the loss w.r.t. input is written into input."""
+    return _ce_call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                    softcap, input)
+
+
+@_ce_inplace_op.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    return _ce_fake_loss(input, reduction)
+
+
+class _CrossEntropyInplace(torch.autograd.Function):
+    """Cross-entropy whose gradient is written over the logits (``inplace_backward``)."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, ignore_index, reduction, eps, z, cap):
+        loss = torch.ops.xent_fast.cross_entropy_inplace_(input, target, weight, ignore_index,
+                                                          reduction, eps, z, cap)
+        ctx.save_for_backward(input)  # now the gradient
+        ctx.reduction, ctx.cdim = reduction, _class_dim(input)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        _no_double_backward("cross_entropy")
+        grad, = ctx.saved_tensors
+        return (_scale(grad, g, ctx.cdim, ctx.reduction, _eager(grad, g)),
+                None, None, None, None, None, None, None)
+
+
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
+                  reduce=None, reduction="mean", label_smoothing=0.0, *, z_loss=0.0,
+                  softcap=None, inplace_backward=False):
+    """``torch.nn.functional.cross_entropy``, computed by xent_fast (class dimension 1).
+
+    ``input`` (N, C), (N, C, d1, ...) or (C,) logits; ``target`` class indices of the
+    input's shape without dimension 1, or probabilities of the input's shape.  Options as
+    PyTorch (``size_average``/``reduce`` are PyTorch's deprecated spellings of
+    ``reduction``).  Extras: ``z_loss`` adds ``z_loss * logsumexp**2`` per non-ignored row;
+    ``softcap`` replaces the logits by ``softcap * tanh(logits / softcap)`` first;
+    ``inplace_backward=True`` writes the gradient over ``input`` (which must not be used
+    after the call: see the module's docstring).
+
+    Differences from PyTorch: a row whose target carries zero weight gives 0 where PyTorch
+    gives NaN for a ``-inf`` target logit; integer targets of any integer dtype are taken.
+    """
+    reduction = _reduction_arg(size_average, reduce, reduction)
+    _check_input(input)
+    _check_on(input, target=target, weight=weight)
+    cap = 0.0 if softcap is None else softcap
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    need = _wants_grad(input)
+    if inplace_backward and need:
+        if _wants_grad(target):
+            raise ValueError("inplace_backward=True overwrites the logits, which the targets' "
+                             "gradient needs: use inplace_backward=False")
+        return _CrossEntropyInplace.apply(input, target, weight, int(ignore_index), reduction,
+                                          float(label_smoothing), float(z_loss), float(cap))
+    loss, _ = torch.ops.xent_fast.cross_entropy(input, target, weight, int(ignore_index),
+                                                reduction, float(label_smoothing),
+                                                float(z_loss), float(cap), need)
+    return loss
+
+
+# ---------------------------------------------------------------------------- distillation KL
+@torch.library.custom_op(f"{_NS}::softmax_kl_divergence", mutates_args=())
+def _kl_op(input: Tensor, target_logits: Tensor, temperature: float, reduction: str,
+           want_grad: bool) -> Tuple[Tensor, Tensor]:
+    """(KL(softmax(target_logits/T) || softmax(input/T)), its gradient w.r.t. input)."""
+    kw = dict(axis=_class_dim(input), temperature=temperature, reduction=reduction)
+    x, t = _array(input, "input"), _array(target_logits, "target_logits")
+    if not want_grad:
+        return _tensor(_api.softmax_kl_divergence(x, t, **kw), input), _no_grad_buffer(input)
+    grad = _grad_buffer(input)
+    loss, _ = _api.softmax_kl_divergence(x, t, grad_out=_array(grad, "grad"), **kw)
+    return _tensor(loss, input), grad
+
+
+@_kl_op.register_fake
+def _(input, target_logits, temperature, reduction, want_grad):
+    shape = _batch_shape(input) if reduction == "none" else ()
+    return (input.new_empty(shape),
+            _grad_buffer(input) if want_grad else _no_grad_buffer(input))
+
+
+def _kl_setup(ctx, inputs, output):
+    input, target_logits, temperature, reduction, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else autograd fills a logits-sized zero tensor
+    ctx.temperature, ctx.reduction, ctx.cdim = temperature, reduction, _class_dim(input)
+    ctx.numel = input.numel()
+    soft = target_logits.requires_grad
+    ctx.save_for_backward(output[1], input if soft else None,
+                          target_logits if soft else None)
+
+
+def _kl_target_grad(input, target_logits, temperature, g, cdim, reduction):
+    """d KL / d z_j = p_j (log p_j - log q_j - KL) / T per row (p from z, q from x)."""
+    dt = _compute_dtype(input)
+    logq = torch.log_softmax(input.detach().to(dt) / temperature, dim=cdim)
+    logp = torch.log_softmax(target_logits.detach().to(dt) / temperature, dim=cdim)
+    p = logp.exp()
+    diff = torch.where(p > 0, logp - logq, torch.zeros((), dtype=dt, device=p.device))
+    kl = (p * diff).sum(dim=cdim, keepdim=True)
+    gz = p * (diff - kl) / temperature
+    c = max(input.shape[cdim], 1)
+    rows = max(input.numel() // c, 1)
+    if reduction == "mean":
+        return gz * (g.to(dt) / (rows * c))
+    if reduction == "batchmean":
+        reduction = "mean"
+    return gz * _row_scale(g.to(dt), reduction, rows, cdim)
+
+
+def _kl_backward(ctx, g, _g_grad):
+    _no_double_backward("softmax_kl_divergence")
+    if g is None:  # the loss was not used (grads are not materialised)
+        return (None,) * 5
+    grad, input, target_logits = ctx.saved_tensors
+    gi = gt = None
+    if ctx.needs_input_grad[0]:
+        if grad.numel() != ctx.numel:
+            raise _missing_grad("softmax_kl_divergence")
+        gi = _scale(grad, g, ctx.cdim, ctx.reduction, _eager(grad, g))
+    if ctx.needs_input_grad[1]:
+        gt = _kl_target_grad(input, target_logits, ctx.temperature, g, ctx.cdim,
+                             ctx.reduction).to(target_logits.dtype)
+    return gi, gt, None, None, None
+
+
+_kl_op.register_autograd(_kl_backward, setup_context=_kl_setup)
+
+
+def softmax_kl_divergence(input, target_logits, *, temperature=1.0, reduction="batchmean"):
+    """KL(softmax(target_logits / T) || softmax(input / T)) over dimension 1, for
+    knowledge distillation: ``input`` the student's logits, ``target_logits`` the
+    teacher's, both (N, C) (or (N, C, d1, ...), or (C,)).
+
+    Equals ``F.kl_div(F.log_softmax(input / T, 1), F.log_softmax(target_logits / T, 1),
+    reduction=reduction, log_target=True)`` without forming either distribution.
+    Reductions ``"batchmean"`` (sum / N), ``"sum"``, ``"mean"`` (sum / elements, as
+    ``kl_div``) and ``"none"`` (one value per row).  No ``T**2`` factor.
+    """
+    _check_input(input)
+    _check_input(target_logits, "target_logits")
+    _check_on(input, target_logits=target_logits)
+    loss, _ = torch.ops.xent_fast.softmax_kl_divergence(
+        input, target_logits, float(temperature), reduction, _wants_grad(input))
+    return loss
+
+
+# ---------------------------------------------------------------------------- binary CE
+@torch.library.custom_op(f"{_NS}::binary_cross_entropy_with_logits", mutates_args=())
+def _bcel_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
+             pos_weight: Optional[Tensor], reduction: str,
+             want_grad: bool) -> Tuple[Tensor, Tensor]:
+    """(loss, gradient w.r.t. input or an empty tensor)."""
+    kw = dict(weight=_array(weight, "weight"), pos_weight=_array(pos_weight, "pos_weight"),
+              reduction=reduction)
+    x, t = _array(input, "input"), _array(target, "target")
+    if not want_grad:
+        return (_tensor(_api.binary_cross_entropy_with_logits(x, t, **kw), input),
+                _no_grad_buffer(input))
+    grad = _grad_buffer(input)
+    loss, _ = _api.binary_cross_entropy_with_logits(x, t, grad_out=_array(grad, "grad"), **kw)
+    return _tensor(loss, input), grad
+
+
+@_bcel_op.register_fake
+def _(input, target, weight, pos_weight, reduction, want_grad):
+    return (input.new_empty(input.shape if reduction == "none" else ()),
+            _grad_buffer(input) if want_grad else _no_grad_buffer(input))
+
+
+def _bcel_setup(ctx, inputs, output):
+    input, target, weight, pos_weight, reduction, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else autograd fills a logits-sized zero tensor
+    ctx.reduction, ctx.numel = reduction, input.numel()
+    soft = target.requires_grad
+    ctx.save_for_backward(output[1], *((input, weight, pos_weight) if soft else (None,) * 3))
+
+
+def _bcel_target_grad(input, weight, pos_weight, g, reduction):
+    """d loss / d y = w ((pos_weight - 1) softplus(-x) - x)."""
+    dt = _compute_dtype(input)
+    x = input.detach().to(dt)
+    gt = -x
+    if pos_weight is not None:
+        gt = gt + (pos_weight.to(dt) - 1) * torch.nn.functional.softplus(-x)
+    if weight is not None:
+        gt = gt * weight.to(dt)
+    return gt * _row_scale(g.to(dt), reduction, max(input.numel(), 1), None)
+
+
+def _bcel_backward(ctx, g, _g_grad):
+    _no_double_backward("binary_cross_entropy_with_logits")
+    if g is None:  # the loss was not used (grads are not materialised)
+        return (None,) * 6
+    grad, input, weight, pos_weight = ctx.saved_tensors
+    _not_differentiable(ctx, {2: "weight", 3: "pos_weight"})
+    gi = gt = None
+    if ctx.needs_input_grad[0]:
+        if grad.numel() != ctx.numel:
+            raise _missing_grad("binary_cross_entropy_with_logits")
+        gi = _scale(grad, g, None, "elementwise", _eager(grad, g))
+    if ctx.needs_input_grad[1]:
+        gt = _bcel_target_grad(input, weight, pos_weight, g, ctx.reduction)
+    return gi, gt, None, None, None, None
+
+
+_bcel_op.register_autograd(_bcel_backward, setup_context=_bcel_setup)
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None,
+                                     reduce=None, reduction="mean", pos_weight=None):
+    """``torch.nn.functional.binary_cross_entropy_with_logits``, computed by xent_fast.
+
+    ``weight`` broadcasts against the input, ``pos_weight`` along its last dimension.
+    """
+    reduction = _reduction_arg(size_average, reduce, reduction)
+    _check_input(input)
+    _check_on(input, target=target, weight=weight, pos_weight=pos_weight)
+    if target.shape != input.shape:
+        raise ValueError(f"Target size ({tuple(target.shape)}) must be the same as input size "
+                         f"({tuple(input.shape)})")
+    loss, _ = torch.ops.xent_fast.binary_cross_entropy_with_logits(
+        input, target, weight, pos_weight, reduction, _wants_grad(input))
+    return loss
+
+
+@torch.library.custom_op(f"{_NS}::binary_cross_entropy", mutates_args=())
+def _bce_op(input: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str) -> Tensor:
+    return _tensor(_api.binary_cross_entropy(_array(input, "input"), _array(target, "target"),
+                                             weight=_array(weight, "weight"),
+                                             reduction=reduction), input)
+
+
+@_bce_op.register_fake
+def _(input, target, weight, reduction):
+    return input.new_empty(input.shape if reduction == "none" else ())
+
+
+def _bce_setup(ctx, inputs, output):
+    input, target, weight, reduction = inputs
+    ctx.reduction = reduction
+    ctx.save_for_backward(input, target, weight)
+
+
+_BCE_EPS = float(np.float32(1e-12))  # PyTorch's epsilon, a float32 constant
+
+
+def _bce_backward(ctx, g):
+    """d/dp = w (p - y) / max(p (1 - p), eps) and d/dy = -w (log p - log(1 - p)), each
+    log clamped at -100 as in the loss (PyTorch's formulas)."""
+    _no_double_backward("binary_cross_entropy")
+    input, target, weight = ctx.saved_tensors
+    _not_differentiable(ctx, {2: "weight"})
+    dt = _compute_dtype(input)
+    p, y = input.detach().to(dt), target.detach().to(dt)
+    scale = _row_scale(g.to(dt), ctx.reduction, max(input.numel(), 1), None)
+    if weight is not None:
+        scale = scale * weight.to(dt)
+    gi = gt = None
+    if ctx.needs_input_grad[0]:
+        gi = ((p - y) / torch.clamp(p * (1 - p), min=_BCE_EPS) * scale).to(input.dtype)
+    if ctx.needs_input_grad[1]:
+        gt = (-(torch.clamp(torch.log(p), min=-100) - torch.clamp(torch.log1p(-p), min=-100))
+              * scale).to(target.dtype)
+    return gi, gt, None, None
+
+
+_bce_op.register_autograd(_bce_backward, setup_context=_bce_setup)
+
+
+def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None,
+                         reduction="mean"):
+    """``torch.nn.functional.binary_cross_entropy`` (from probabilities), computed by
+    xent_fast: each log clamped at -100; probabilities outside [0, 1] are an error.
+
+    The gradient with respect to ``target`` is that of the loss as computed, with the
+    clamped logs: finite at ``input`` 0 or 1, where PyTorch's is infinite."""
+    reduction = _reduction_arg(size_average, reduce, reduction)
+    _check_input(input)
+    _check_on(input, target=target, weight=weight)
+    if target.shape != input.shape:
+        raise ValueError(f"Using a target size ({tuple(target.shape)}) that is different to "
+                         f"the input size ({tuple(input.shape)}) is deprecated. Please ensure "
+                         "they have the same size.")
+    return torch.ops.xent_fast.binary_cross_entropy(input, target, weight, reduction)
+
+
+# ---------------------------------------------------------------------------- modules
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` computed by xent_fast; same arguments, plus the
+    keyword-only ``z_loss``, ``softcap`` and ``inplace_backward`` of :func:`cross_entropy`."""
+
+    def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                 reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None,
+                 inplace_backward=False):
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.z_loss, self.softcap, self.inplace_backward = z_loss, softcap, inplace_backward
+
+    def forward(self, input, target):
+        return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index,
+                             reduction=self.reduction, label_smoothing=self.label_smoothing,
+                             z_loss=self.z_loss, softcap=self.softcap,
+                             inplace_backward=self.inplace_backward)
+
+
+class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
+    """``torch.nn.BCEWithLogitsLoss`` computed by xent_fast; same arguments."""
+
+    def forward(self, input, target):
+        return binary_cross_entropy_with_logits(input, target, self.weight,
+                                                reduction=self.reduction,
+                                                pos_weight=self.pos_weight)
+
+
+class BCELoss(torch.nn.BCELoss):
+    """``torch.nn.BCELoss`` computed by xent_fast; same arguments."""
+
+    def forward(self, input, target):
+        return binary_cross_entropy(input, target, self.weight, reduction=self.reduction)
+
+
+class SoftmaxKLDivergenceLoss(torch.nn.Module):
+    """Distillation loss: :func:`softmax_kl_divergence` of (student, teacher) logits."""
+
+    def __init__(self, temperature=1.0, reduction="batchmean"):
+        super().__init__()
+        self.temperature, self.reduction = temperature, reduction
+
+    def forward(self, input, target_logits):
+        return softmax_kl_divergence(input, target_logits, temperature=self.temperature,
+                                     reduction=self.reduction)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, reduction={self.reduction!r}"
