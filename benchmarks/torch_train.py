@@ -51,7 +51,9 @@ class Peak:
                     return int(line.split()[1]) * 1024
         return 0
 
-    def __call__(self, fn):
+    def __call__(self, fn, prepare=None):
+        if prepare is not None:
+            prepare()
         gc.collect()
         if self.device == "cuda":
             torch.cuda.synchronize()
@@ -67,9 +69,11 @@ class Peak:
         return self._rss("VmHWM:") - before
 
 
-def timed(fn, repeat, sync):
+def timed(fn, repeat, sync, prepare):
     ts = []
     for _ in range(repeat):
+        prepare()  # untimed: drop the last gradient (and refill overwritten logits)
+        sync()
         t0 = time.perf_counter()
         fn()
         sync()
@@ -120,32 +124,26 @@ def run_shape(shape, dtype, device, repeat, results, only=None):
                 return fn(x, t)
 
         def forward_backward():
-            xg.grad = None
             fn(xg, t).backward()
 
         def step():
-            w.grad = None
             fn(h @ w.t(), t).backward()
+
+        def clear():
+            xg.grad = w.grad = None
+            if "inplace" in name:  # the last call overwrote the logits with the gradient
+                xg.data.copy_(x0)
 
         modes = {"forward": forward, "forward+backward": forward_backward, "train step": step}
         if "inplace" in name:
             modes.pop("forward")
         for mode, call in modes.items():
-            if "inplace" in name and mode == "forward+backward":
-                # each call overwrites the logits with the gradient: time fresh copies
-                def call(xg=xg):
-                    xg.data.copy_(x0)
-                    xg.grad = None
-                    fn(xg, t).backward()
             for _ in range(2):  # warm-up: compiles
+                clear()
                 call()
             sync()
-            sec = timed(call, repeat, sync)
-            if "inplace" in name and mode == "forward+backward":  # less the copy
-                sec -= timed(lambda: xg.data.copy_(x0), repeat, sync)
-            extra = peak(call)
-            if "inplace" in name and mode == "forward+backward":
-                extra = peak(lambda: (setattr(xg, "grad", None), fn(xg, t).backward()))
+            sec = timed(call, repeat, sync, clear)
+            extra = peak(call, clear)
             results.append(dict(shape=f"({n}, {c})", dtype=dtype, impl=name, mode=mode,
                                 ms=sec * 1e3, extra=extra / logits_bytes))
             r = results[-1]
@@ -162,9 +160,9 @@ def table(results):
     for r in results:
         key = (r["shape"], r["dtype"], r["mode"])
         eager, comp = base.get(key + ("PyTorch eager",)), base.get(key + ("torch.compile",))
+        ratio = lambda b: f"{b / r['ms']:.1f}x" if b else "-"  # noqa: E731
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['impl']} | "
-                     f"{r['ms']:.1f} | {eager / r['ms']:.1f}x | {comp / r['ms']:.1f}x | "
-                     f"{r['extra']:.2f} |")
+                     f"{r['ms']:.1f} | {ratio(eager)} | {ratio(comp)} | {r['extra']:.2f} |")
     return "\n".join(lines)
 
 

@@ -517,3 +517,25 @@ def test_import_does_not_start_threads():
     import sys
 
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
+
+
+# ---------------------------------------------------------------------------- the NumPy API
+def test_numpy_api_takes_cpu_tensors_as_they_are():
+    """The array API reads CPU tensors in place too: ones that require grad, bfloat16
+    ones, and a tensor as grad_out (written, and returned as given)."""
+    import xent_fast as xf
+
+    x = logits((8, 5), torch.float32).requires_grad_()
+    t = index_targets((8,), 5)
+    assert xf.softmax_cross_entropy(x, t) == pytest.approx(F.cross_entropy(x, t).item(), rel=1e-6)
+    g = torch.empty(8, 5)
+    loss, grad = xf.softmax_cross_entropy(x, t, grad_out=g)
+    assert grad is g
+    close(g, torch.autograd.grad(F.cross_entropy(x, t), x)[0], torch.float32)
+    xb = x.detach().bfloat16()
+    want = xf.softmax_cross_entropy(xb.float().numpy(), t.numpy())
+    assert xf.softmax_cross_entropy(xb, t) == want
+    gb = torch.empty(8, 5, dtype=torch.bfloat16)
+    assert xf.softmax_cross_entropy(xb, t, grad_out=gb)[1] is gb
+    close(gb.float(), torch.from_numpy(xf.softmax_cross_entropy(
+        xb.float().numpy(), t.numpy(), return_grad=True)[1]), torch.float32, scale=2e4)

@@ -323,7 +323,9 @@ class _CrossEntropyInplace(torch.autograd.Function):
     def forward(ctx, input, target, weight, ignore_index, reduction, eps, z, cap):
         loss = torch.ops.xent_fast.cross_entropy_inplace_(input, target, weight, ignore_index,
                                                           reduction, eps, z, cap)
-        ctx.save_for_backward(input)  # now the gradient
+        # now the gradient; saved as a new tensor over the same memory, which autograd
+        # can hand on (to a leaf's .grad) without the copy it makes of a leaf itself
+        ctx.save_for_backward(input.detach())
         ctx.reduction, ctx.cdim = reduction, _class_dim(input)
         return loss
 

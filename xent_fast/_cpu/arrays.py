@@ -11,6 +11,33 @@ import numpy as np
 from .. import _inputs
 
 
+def host(value):
+    """An input as a NumPy array: PyTorch CPU tensors through a view of their memory
+    (``requires_grad`` ones too; bfloat16 through its bits where ml_dtypes is
+    installed, else widened to float32), anything else through ``np.asarray``."""
+    if type(value) is np.ndarray:
+        return value
+    if (type(value).__module__ or "").startswith("torch") and hasattr(value, "detach"):
+        return _torch_host(value)
+    return np.asarray(value)
+
+
+def _torch_host(t):
+    import torch
+
+    t = t.detach()
+    if t.device.type != "cpu":
+        raise TypeError(f"a tensor on {t.device} is not a host array")
+    t = t.resolve_conj().resolve_neg()
+    if t.dtype == torch.bfloat16:
+        try:
+            import ml_dtypes
+        except ImportError:
+            return t.float().numpy()
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
 class HostFloat:
     """A float input prepared for the kernels.
 
@@ -26,7 +53,7 @@ class HostFloat:
         if _inputs.is_gpu_array(value):
             raise TypeError(f"{name} is a GPU array: use backend='cuda' (or 'auto'), or copy "
                             "it to the host for the CPU backends")
-        a = np.asarray(value)
+        a = host(value)
         self.source = a
         self.hk, kernel_dtype, self.out_dtype = _inputs.float_policy(a.dtype, name)
         if self.hk == 0 and a.dtype != kernel_dtype:
@@ -60,13 +87,13 @@ class HostFloat:
 
 def describe(value):
     """(shape, dtype) of a host input, as the checks of ``_inputs`` take them."""
-    a = np.asarray(value)
+    a = host(value)
     return a.shape, a.dtype
 
 
 def to_host(value):
     """A small input (class weights) as a NumPy array."""
-    return None if value is None else np.asarray(value)
+    return None if value is None else host(value)
 
 
 def class_rows(a, ax):
@@ -99,6 +126,9 @@ def grad_target(want_grad, grad_out, f, ax, shape2, others=()):
     """
     if not want_grad:  # the kernels still take an array argument
         return None, np.empty((0, 0), f.arr.dtype), None
+    given = grad_out
+    if grad_out is not None:
+        grad_out = host(grad_out)
     shape = f.source.shape
     moved_shape = shape if ax is None else shape[:ax] + shape[ax + 1:] + (shape[ax],)
     if grad_out is None:
@@ -118,19 +148,22 @@ def grad_target(want_grad, grad_out, f, ax, shape2, others=()):
         except (ValueError, TypeError):
             view = None
     if view is not None and view.flags.c_contiguous:
-        return grad_out, (view.view(np.uint16) if f.hk else view), None
+        return given, (view.view(np.uint16) if f.hk else view), None
     tmp = np.empty(shape2, f.dtype)
 
     def finish():
         moved[...] = tmp.reshape(moved_shape)
 
-    return grad_out, (tmp.view(np.uint16) if f.hk else tmp), finish
+    return given, (tmp.view(np.uint16) if f.hk else tmp), finish
 
 
 def describe_grad(grad_out, x=None):
-    """(shape, dtype, writeable) of a ``grad_out``: a NumPy array on the CPU."""
+    """(shape, dtype, writeable) of a ``grad_out``: a NumPy array (or a PyTorch CPU
+    tensor) on the CPU."""
     if not isinstance(grad_out, np.ndarray):
-        raise TypeError("grad_out must be a NumPy array")
+        if not (type(grad_out).__module__ or "").startswith("torch"):
+            raise TypeError("grad_out must be a NumPy array (or a PyTorch CPU tensor)")
+        grad_out = host(grad_out)
     return grad_out.shape, grad_out.dtype, grad_out.flags.writeable
 
 

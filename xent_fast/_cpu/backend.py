@@ -24,7 +24,7 @@ from .. import _inputs
 from . import avx512 as _simd
 from . import threads as _threads
 from . import arrays as _arrays
-from .arrays import HostFloat, class_rows, elementwise_rows, grad_target, reduce_rows
+from .arrays import HostFloat, class_rows, elementwise_rows, grad_target, host, reduce_rows
 from . import drivers
 from .few_classes import SMALL_CLASSES, make_ce_small, small_name
 from .jit import KERNEL, load_numba_math
@@ -363,7 +363,7 @@ def softmax_cross_entropy(x, targets, *, axis, kind, weight, ignore_index, label
     eps, z, cap = label_smoothing, z_loss, softcap
     w, has_w, wsum = _weights(weight, c, x.out_dtype)
     if kind == "index":
-        t = np.asarray(targets)
+        t = host(targets)
         ignore = ignore_index
         tf = _inputs.index_targets(t, c, ignore)
         # one compiled pass: the first bad target, and the mean's denominator
@@ -437,7 +437,7 @@ def _elementwise_buffers(shape2, keep, dtype):
 
 
 def _elementwise_weight(weight, dtype):
-    return None if weight is None else np.asarray(weight).astype(dtype, copy=False)
+    return None if weight is None else host(weight).astype(dtype, copy=False)
 
 
 def binary_cross_entropy(p, y, *, weight, reduction, threads):
@@ -498,6 +498,6 @@ def row_stats(rows, hk, tf, *, lo=0, whole=True, k=0, threads=False):
 def eval_stats(x, targets, *, axis, ignore_index, threads):
     """(statistics (n, 6) float64, targets as a flat int64 array) of whole rows."""
     rows, _ = class_rows(x.arr, axis)
-    tf = check_targets(np.asarray(targets), rows.shape[1], ignore_index)
+    tf = check_targets(host(targets), rows.shape[1], ignore_index)
     st, _ = row_stats(rows, x.hk, tf, threads=threads)
     return st, tf
