@@ -149,7 +149,6 @@ def run_shape(shape, dtype, device, repeat, results, only=None):
             r = results[-1]
             print(f"{r['shape']:>14} {dtype:>8} {mode:>16} {name:>28}: {r['ms']:9.2f} ms, "
                   f"peak extra {r['extra']:.2f}x logits", flush=True)
-        del x, xg, w
         gc.collect()
 
 
