@@ -9,8 +9,8 @@ on-disk cache) on first use.  Call :func:`warmup` to pay that cost up front.
 """
 
 from ._api import (binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy,
-                   entropy, kl_divergence, log_softmax, logsumexp, softmax,
-                   softmax_cross_entropy, softmax_kl_divergence)
+                   entropy, kl_divergence, linear_cross_entropy, log_softmax, logsumexp,
+                   softmax, softmax_cross_entropy, softmax_kl_divergence)
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "cross_entropy",
     "entropy",
     "kl_divergence",
+    "linear_cross_entropy",
     "log_softmax",
     "logsumexp",
     "softmax",

@@ -250,3 +250,37 @@ def binary_cross_entropy_with_logits(logits, targets, *, weight=None, pos_weight
     return be.binary_cross_entropy_with_logits(
         fx, fy, weight=weight, pos_weight=pos_weight, reduction=reduction,
         want_grad=want_grad, grad_out=grad_out, threads=threads)
+
+
+# ---------------------------------------------------------------------------- fused linear CE
+def linear_cross_entropy(hidden, weight, targets, *, bias=None, axis=-1, ignore_index=-100,
+                         label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
+                         return_grad=False, chunk_rows=None, backend="auto"):
+    """Softmax cross-entropy of the logits ``hidden @ weight.T (+ bias)``, without forming
+    them: computed over chunks of rows, so only one chunk of logits ever exists.
+
+    ``hidden`` (..., H) with its feature axis ``axis``; ``weight`` (V, H), a linear
+    layer's weight (``torch.nn.Linear(H, V).weight``); ``bias`` (V,); ``targets``
+    integer class indices of ``hidden``'s shape without the feature axis.  Options as
+    :func:`softmax_cross_entropy` (no class weights): ``ignore_index``,
+    ``label_smoothing``, ``z_loss``, ``softcap``, ``reduction``.
+
+    With ``return_grad=True`` returns ``(loss, grad_hidden, grad_weight[, grad_bias])``:
+    each chunk's logits are turned into their gradient in place by the fused kernel, then
+    ``grad_hidden[chunk] = g @ weight`` and ``grad_weight += g.T @ hidden[chunk]``, by
+    the array library's BLAS (NumPy's, with SciPy's GEMM accumulating in place where
+    SciPy is installed; PyTorch's for tensors).  Gradients have their inputs' dtypes.
+
+    ``chunk_rows`` defaults to as many rows as fill 32 MiB of logits (at least 64): at a
+    32 000 vocabulary, 256 rows of float32.  Extra memory is then one chunk of logits
+    plus the gradients themselves.  NumPy half-precision inputs are computed in float32
+    (the weight converted once); PyTorch bfloat16 tensors in bfloat16 products with
+    float32 accumulation, as ``F.linear``.
+    """
+    from . import _linear
+
+    _dispatch.check_backend(backend)
+    return _linear.linear_cross_entropy(
+        hidden, weight, targets, bias=bias, axis=axis, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction,
+        return_grad=return_grad, chunk_rows=chunk_rows, backend=backend)

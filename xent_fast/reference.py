@@ -307,3 +307,24 @@ def evaluate(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n_bins
     return {"count": n, "cross_entropy": ce, "perplexity": ppl,
             "accuracy": {k: (float(np.sum(k_rank < k)) / n if n else math.nan) for k in topk},
             "entropy": mean(k_ent), "target_prob": mean(k_prob), "ece": ece, "rows": rows}
+
+
+def linear_cross_entropy(hidden, weight, targets, *, bias=None, axis=-1, ignore_index=-100,
+                         label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
+                         return_grad=False):
+    """The explicit computation: the logits ``hidden @ weight.T + bias`` formed in
+    float64, then :func:`softmax_cross_entropy`; gradients by the chain rule."""
+    h = _last(hidden, axis)
+    w = _f64(weight)
+    z = h @ w.T + (0.0 if bias is None else _f64(bias))
+    res = softmax_cross_entropy(z, targets, ignore_index=ignore_index,
+                                label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                                reduction=reduction, return_grad=return_grad)
+    if not return_grad:
+        return res
+    loss, g = res
+    g2 = g.reshape(-1, g.shape[-1])
+    grads = (np.moveaxis(g @ w, -1, axis), g2.T @ h.reshape(-1, h.shape[-1]))
+    if bias is not None:
+        grads += (g2.sum(axis=0),)
+    return (loss,) + grads

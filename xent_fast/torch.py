@@ -52,8 +52,8 @@ from . import _api
 
 __all__ = [
     "cross_entropy", "binary_cross_entropy", "binary_cross_entropy_with_logits",
-    "softmax_kl_divergence", "CrossEntropyLoss", "BCELoss", "BCEWithLogitsLoss",
-    "SoftmaxKLDivergenceLoss",
+    "softmax_kl_divergence", "linear_cross_entropy", "CrossEntropyLoss", "BCELoss",
+    "BCEWithLogitsLoss", "SoftmaxKLDivergenceLoss", "LinearCrossEntropyLoss",
 ]
 
 _NS = "xent_fast"
@@ -600,6 +600,121 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
     return torch.ops.xent_fast.binary_cross_entropy(input, target, weight, reduction)
 
 
+# ---------------------------------------------------------------------------- fused linear CE
+def _linear_call(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
+                 softcap, chunk_rows, want_grad, row_scale=None):
+    from . import _linear
+
+    return _linear.linear_cross_entropy(
+        input, weight, target, bias=bias, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap if softcap > 0 else None,
+        reduction=reduction, return_grad=want_grad, row_scale=row_scale,
+        chunk_rows=chunk_rows if chunk_rows > 0 else None)
+
+
+@torch.library.custom_op(f"{_NS}::linear_cross_entropy", mutates_args=())
+def _lce_op(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+            ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
+            softcap: float, chunk_rows: int,
+            want_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad input, grad weight, grad bias): the gradients of the reduced loss, or
+    empty tensors without want_grad (and grad bias without a bias); chunk_rows 0 is
+    automatic."""
+    res = _linear_call(input, weight, target, bias, ignore_index, reduction, label_smoothing,
+                       z_loss, softcap, chunk_rows, want_grad)
+    if not want_grad:
+        return (_tensor(res, input), _no_grad_buffer(input), _no_grad_buffer(weight),
+                _no_grad_buffer(input))
+    gb = res[3] if bias is not None else _no_grad_buffer(input)
+    return _tensor(res[0], input), res[1], res[2], gb
+
+
+@_lce_op.register_fake
+def _(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      chunk_rows, want_grad):
+    loss = input.new_empty(input.shape[:-1] if reduction == "none" else ())
+    if not want_grad:
+        return loss, input.new_empty((0,)), weight.new_empty((0,)), input.new_empty((0,))
+    gb = torch.empty_like(bias) if bias is not None else input.new_empty((0,))
+    return loss, torch.empty_like(input), torch.empty_like(weight), gb
+
+
+@torch.library.custom_op(f"{_NS}::linear_cross_entropy_backward", mutates_args=())
+def _lce_backward_op(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                     row_grad: Tensor, ignore_index: int, label_smoothing: float,
+                     z_loss: float, softcap: float,
+                     chunk_rows: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The gradients of sum(row_grad * loss_rows): the backward pass of reduction="none"."""
+    rg = row_grad.detach().reshape(-1).to(input.dtype)
+    res = _linear_call(input, weight, target, bias, ignore_index, "none", label_smoothing,
+                       z_loss, softcap, chunk_rows, True, row_scale=rg)
+    return res[1], res[2], (res[3] if bias is not None else _no_grad_buffer(input))
+
+
+@_lce_backward_op.register_fake
+def _(input, weight, target, bias, row_grad, ignore_index, label_smoothing, z_loss, softcap,
+      chunk_rows):
+    gb = torch.empty_like(bias) if bias is not None else input.new_empty((0,))
+    return torch.empty_like(input), torch.empty_like(weight), gb
+
+
+def _lce_setup(ctx, inputs, output):
+    input, weight, target, bias, ignore, reduction, eps, z, cap, chunk, want_grad = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.reduction, ctx.options = reduction, (ignore, eps, z, cap, chunk)
+    ctx.has_bias, ctx.want_grad = bias is not None, want_grad
+    if reduction == "none":  # the gradient needs the incoming one a row: recomputed then
+        ctx.save_for_backward(input, weight, target, bias)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _lce_backward(ctx, g, *_unused):
+    _no_double_backward("linear_cross_entropy")
+    if g is None:
+        return (None,) * 11
+    _not_differentiable(ctx, {2: "target"})
+    if ctx.reduction == "none":
+        input, weight, target, bias = ctx.saved_tensors
+        grads = torch.ops.xent_fast.linear_cross_entropy_backward(
+            input, weight, target, bias, g, *ctx.options)
+    else:
+        if not ctx.want_grad:
+            raise _missing_grad("linear_cross_entropy")
+        eager = _eager(g, *ctx.saved_tensors)
+        grads = [_scale(t, g, None, "sum", eager) for t in ctx.saved_tensors]
+    gi, gw, gb = grads
+    return (gi if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None,
+            None, gb if ctx.has_bias and ctx.needs_input_grad[3] else None,
+            None, None, None, None, None, None, None)
+
+
+_lce_op.register_autograd(_lce_backward, setup_context=_lce_setup)
+
+
+def linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, reduction="mean",
+                         label_smoothing=0.0, *, z_loss=0.0, softcap=None, chunk_rows=None):
+    """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` without the logits.
+
+    ``input`` (..., H) hidden states, ``weight`` (V, H) and ``bias`` (V,) as
+    ``torch.nn.Linear(H, V)``'s, ``target`` class indices of shape ``input.shape[:-1]``.
+    The logits exist one chunk of rows at a time (``chunk_rows``, by default as many as
+    fill 32 MiB); when a gradient is needed the forward pass computes those of ``input``,
+    ``weight`` and ``bias`` with the loss, and the backward pass only scales them.
+    Products by PyTorch (MKL on the CPU, cuBLAS on the GPU) in the inputs' dtype.
+    """
+    _check_input(input)
+    _check_input(weight, "weight")
+    _check_on(input, weight=weight, target=target, bias=bias)
+    need = any(_wants_grad(t) for t in (input, weight, bias))
+    loss, *_ = torch.ops.xent_fast.linear_cross_entropy(
+        input, weight, target, bias, int(ignore_index), reduction, float(label_smoothing),
+        float(z_loss), 0.0 if softcap is None else float(softcap),
+        0 if chunk_rows is None else int(chunk_rows), need and reduction != "none")
+    return loss
+
+
 # ---------------------------------------------------------------------------- modules
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss`` computed by xent_fast; same arguments, plus the
@@ -632,6 +747,30 @@ class BCELoss(torch.nn.BCELoss):
 
     def forward(self, input, target):
         return binary_cross_entropy(input, target, self.weight, reduction=self.reduction)
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """A linear head and the cross-entropy of its logits, fused
+    (:func:`linear_cross_entropy`): ``loss = LinearCrossEntropyLoss(H, V)(hidden, target)``.
+    Holds ``weight`` (V, H) and ``bias`` as ``torch.nn.Linear(H, V)`` does (tie ``weight``
+    to an embedding by assigning it)."""
+
+    def __init__(self, in_features, num_classes, bias=False, ignore_index=-100,
+                 reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None,
+                 chunk_rows=None, device=None, dtype=None):
+        super().__init__()
+        lin = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.weight = lin.weight
+        self.bias = lin.bias
+        self.ignore_index, self.reduction, self.label_smoothing = (ignore_index, reduction,
+                                                                  label_smoothing)
+        self.z_loss, self.softcap, self.chunk_rows = z_loss, softcap, chunk_rows
+
+    def forward(self, input, target):
+        return linear_cross_entropy(input, self.weight, target, self.bias,
+                                    self.ignore_index, self.reduction, self.label_smoothing,
+                                    z_loss=self.z_loss, softcap=self.softcap,
+                                    chunk_rows=self.chunk_rows)
 
 
 class SoftmaxKLDivergenceLoss(torch.nn.Module):

@@ -1,0 +1,288 @@
+"""Fused linear cross-entropy: the loss of ``hidden @ weight.T (+ bias)`` over row chunks,
+so that only one chunk of logits ever exists.
+
+Per chunk of rows: the array library's BLAS forms the chunk's logits, the fused
+cross-entropy kernel turns them into their gradient in place (``grad_out=logits``), and
+BLAS multiplies that back: ``grad_hidden[chunk] = g @ weight`` and ``grad_weight += g.T @
+hidden[chunk]`` (a GEMM with beta = 1, so the weight's gradient is accumulated where it
+lies).  No matrix product is written here: NumPy arrays use NumPy's BLAS (and SciPy's
+GEMM for the accumulation where SciPy is installed), PyTorch tensors PyTorch's (MKL on
+the CPU, cuBLAS on the GPU), and the kernels run through ``_api`` on either backend.
+
+Works on shapes and a small array-library adapter; imports neither Numba nor PyTorch.
+"""
+
+import math
+
+import numpy as np
+
+from . import _api, _inputs
+
+# A chunk's logits fill about this many bytes (at least MIN_CHUNK_ROWS rows): a fixed,
+# small buffer whatever the batch, and rows enough for BLAS to run at full speed.
+CHUNK_BYTES = 32 << 20
+MIN_CHUNK_ROWS = 64
+
+
+def chunk_rows_for(n, v, itemsize, chunk_rows=None):
+    """The rows a chunk holds: ``chunk_rows`` if given, else as many as fill
+    ``CHUNK_BYTES`` of logits, at least ``MIN_CHUNK_ROWS``; at most ``n``."""
+    if chunk_rows is not None:
+        try:
+            c = int(chunk_rows)
+        except (TypeError, ValueError):
+            raise TypeError(f"chunk_rows must be a positive int, got {chunk_rows!r}") from None
+        if c != chunk_rows or c < 1:
+            raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    else:
+        c = max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(v * itemsize, 1))
+    return max(1, min(c, n))
+
+
+# ---------------------------------------------------------------------------- array libraries
+class _NumPy:
+    """NumPy arrays: products by NumPy's BLAS; half precision computed in float32."""
+
+    name = "numpy"
+
+    def __init__(self, *arrays):
+        dts = [np.asarray(a).dtype for a in arrays if a is not None]
+        self.dtype = np.dtype(np.float64 if all(d == np.float64 for d in dts) else np.float32)
+        self._gemm = None
+        try:  # GEMM with beta = 1: the weight's gradient accumulated where it lies
+            from scipy.linalg import blas
+
+            self._gemm = blas.dgemm if self.dtype == np.float64 else blas.sgemm
+        except ImportError:
+            pass
+
+    def compute(self, a):
+        """``a`` as a C-contiguous array of the compute dtype (a view where it is one)."""
+        return np.ascontiguousarray(a, dtype=self.dtype)
+
+    def matrix(self, a, ax):
+        a = np.asarray(a)
+        if ax != a.ndim - 1:
+            a = np.moveaxis(a, ax, -1)
+        return self.compute(a.reshape(-1, a.shape[-1]) if a.ndim != 2 else a)
+
+    def empty(self, shape):
+        return np.empty(shape, self.dtype)
+
+    def zeros(self, shape):
+        return np.zeros(shape, self.dtype)
+
+    def matmul(self, a, b, out):
+        np.matmul(a, b, out=out)
+
+    def add_matmul_t(self, c, g, h, tmp):
+        """``c += g.T @ h`` with ``c`` (V, H), ``g`` (n, V), ``h`` (n, H), all C order."""
+        if self._gemm is not None:
+            # In Fortran order c.T is (H, V) = h.T @ g: no operand is copied
+            self._gemm(1.0, h.T, g.T, beta=1.0, c=c.T, trans_b=1, overwrite_c=1)
+            return
+        step = tmp.shape[0]
+        for s in range(0, c.shape[0], step):
+            e = min(s + step, c.shape[0])
+            np.matmul(g[:, s:e].T, h, out=tmp[:e - s])
+            c[s:e] += tmp[:e - s]
+
+    def tmp_for(self, v, h):
+        """Scratch for ``add_matmul_t`` without a GEMM: a slab of the weight's gradient."""
+        if self._gemm is not None:
+            return None
+        return np.empty((max(1, min(v, (8 << 20) // max(h * self.dtype.itemsize, 1))), h),
+                        self.dtype)
+
+    def add_rows_sum(self, out, g):
+        out += g.sum(axis=0)
+
+    def finish(self, a, like):
+        """A result in the dtype of the input it is the gradient of."""
+        dt = np.asarray(like).dtype
+        return a if a.dtype == dt else a.astype(dt)
+
+
+class _Torch:
+    """PyTorch tensors (CPU or CUDA): products by PyTorch, in the inputs' dtype
+    (bfloat16 products accumulate in float32 inside the GEMM, as ``F.linear``)."""
+
+    name = "torch"
+
+    def __init__(self, hidden, weight, bias):
+        import torch
+
+        self.torch = torch
+        self.dtype = hidden.dtype
+        self.device = hidden.device
+        if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+            raise TypeError(f"hidden, weight and bias must have one dtype, got {hidden.dtype}, "
+                            f"{weight.dtype}" + ("" if bias is None else f", {bias.dtype}"))
+
+    def compute(self, a):
+        return a.detach().contiguous()
+
+    def matrix(self, a, ax):
+        a = a.detach()
+        if ax != a.dim() - 1:
+            a = a.movedim(ax, -1)
+        return a.reshape(-1, a.shape[-1]).contiguous()
+
+    def empty(self, shape):
+        return self.torch.empty(shape, dtype=self.dtype, device=self.device)
+
+    def zeros(self, shape):
+        return self.torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def matmul(self, a, b, out):
+        self.torch.matmul(a, b, out=out)
+
+    def add_matmul_t(self, c, g, h, tmp):
+        c.addmm_(g.t(), h)
+
+    def tmp_for(self, v, h):
+        return None
+
+    def add_rows_sum(self, out, g):
+        out += g.sum(dim=0)
+
+    def finish(self, a, like):
+        return a
+
+
+def _lib(hidden, weight, bias):
+    mod = type(hidden).__module__ or ""
+    if mod.startswith("torch"):
+        return _Torch(hidden, weight, bias)
+    if _inputs.is_gpu_array(hidden):
+        raise TypeError("linear_cross_entropy takes NumPy arrays or PyTorch tensors; for other "
+                        "GPU arrays form the logits and call softmax_cross_entropy")
+    return _NumPy(hidden, weight, bias)
+
+
+# ---------------------------------------------------------------------------- the loss
+def linear_cross_entropy(hidden, weight, targets, *, bias=None, axis=-1, ignore_index=-100,
+                         label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
+                         return_grad=False, chunk_rows=None, row_scale=None, backend="auto"):
+    """See ``xent_fast.linear_cross_entropy``.  ``row_scale`` (one factor a row, an
+    array of the library's kind): the gradient returned is that of ``sum(row_scale *
+    loss_rows)`` (the backward pass of ``reduction="none"``)."""
+    o = _inputs.CEOptions(reduction, label_smoothing, z_loss, softcap, return_grad, None)
+    want_grad = o.want_grad or row_scale is not None
+    lib = _lib(hidden, weight, bias)
+    for name, a in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if a is not None and lib.name == "numpy":
+            _inputs.float_policy(np.asarray(a).dtype, name)
+    hshape = tuple(hidden.shape)
+    ax = _inputs.class_axis(hshape, axis, "hidden")
+    batch = _inputs.batch_shape(hshape, ax)
+    h_dim = hshape[ax]
+    if len(weight.shape) != 2 or tuple(weight.shape)[1] != h_dim:
+        raise ValueError(f"weight must have shape (V, {h_dim}) (classes, hidden features), "
+                         f"got {tuple(weight.shape)}")
+    v = int(weight.shape[0])
+    if bias is not None and tuple(bias.shape) != (v,):
+        raise ValueError(f"bias must have shape ({v},) (one per class), got {tuple(bias.shape)}")
+    if tuple(targets.shape) != batch:
+        raise ValueError(f"targets must have hidden's shape without the feature axis, {batch}; "
+                         f"got {tuple(targets.shape)}")
+    ignore = _inputs.ignore_index_option(ignore_index)
+    if o.cap:
+        _inputs.check_inverse(o.cap, "softcap", np.dtype(np.float32))
+    n = math.prod(batch)
+    h2 = lib.matrix(hidden, ax)
+    w2 = lib.compute(weight)
+    b2 = None if bias is None else lib.compute(bias)
+    tflat, kept = _targets(lib, targets, v, ignore, batch)
+    item = 2 if str(lib.dtype).endswith("float16") else np.dtype(
+        np.float64 if str(lib.dtype).endswith("float64") else np.float32).itemsize
+    chunk = chunk_rows_for(n, v, item, chunk_rows)
+    z = lib.empty((chunk, v)) if n else None
+    none = o.reduction == "none"
+    rows_loss = [] if none else None
+    total = 0.0
+    gh = gw = gb = None
+    if want_grad:
+        gh = lib.empty((n, h_dim))
+        gw = lib.zeros((v, h_dim))
+        gb = None if bias is None else lib.zeros((v,))
+        tmp = lib.tmp_for(v, h_dim)
+    wt = w2.T
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        hc, zc, tc = h2[s:e], z[:e - s], tflat[s:e]
+        lib.matmul(hc, wt, out=zc)
+        if b2 is not None:
+            zc += b2
+        red = "none" if none else "sum"
+        res = _api.softmax_cross_entropy(zc, tc, ignore_index=ignore, label_smoothing=o.eps,
+                                         z_loss=o.z, softcap=o.cap or None, reduction=red,
+                                         grad_out=zc if want_grad else None, backend=backend)
+        loss_c = res[0] if want_grad else res
+        if none:
+            rows_loss.append(loss_c)
+        else:
+            total += float(loss_c)
+        if want_grad:
+            if row_scale is not None:
+                zc *= row_scale[s:e, None]
+            lib.matmul(zc, w2, out=gh[s:e])
+            lib.add_matmul_t(gw, zc, hc, tmp)
+            if gb is not None:
+                lib.add_rows_sum(gb, zc)
+    loss = _finish_loss(lib, o.reduction, total, kept, rows_loss, batch)
+    if not want_grad:
+        return loss
+    if o.reduction == "mean" and row_scale is None and kept:
+        for g in (gh, gw, gb):
+            if g is not None:
+                g *= 1.0 / kept
+    gh = _unmatrix(lib, gh, hshape, ax)
+    grads = (lib.finish(gh, hidden), lib.finish(gw, weight))
+    if bias is not None:
+        grads += (lib.finish(gb, bias),)
+    return (loss,) + grads
+
+
+def _targets(lib, targets, v, ignore, batch):
+    """Flat int64 targets, checked against [0, V) before any work; the number kept."""
+    if lib.name == "torch":
+        t = targets.detach().reshape(-1)
+        if t.dtype.is_floating_point or t.dtype == lib.torch.bool:
+            raise TypeError(f"targets must be integer class indices, got {t.dtype}")
+        t = t.to(lib.torch.int64)
+        bad = ((t < 0) | (t >= v)) & (t != ignore)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise _inputs.bad_target(batch, i, int(t[i]), v, ignore)
+        return t, int((t != ignore).sum())
+    tn = np.asarray(targets)
+    if tn.dtype.kind not in "iu":
+        raise TypeError(f"targets must be integer class indices, got dtype {tn.dtype}")
+    t = _inputs.index_targets(tn, v, ignore)
+    bad = np.flatnonzero(((t < 0) | (t >= v)) & (t != ignore))
+    if bad.size:
+        raise _inputs.bad_target(batch, int(bad[0]), int(t[bad[0]]), v, ignore)
+    return t, int(np.count_nonzero(t != ignore))
+
+
+def _finish_loss(lib, reduction, total, kept, rows_loss, batch):
+    out_dt = np.dtype(np.float64 if str(lib.dtype).endswith("float64") else np.float32)
+    if reduction == "none":
+        if lib.name == "torch":
+            parts = [lib.torch.as_tensor(r) for r in rows_loss]
+            res = lib.torch.cat(parts) if parts else lib.torch.empty(0)
+            return res.reshape(batch)
+        res = np.concatenate(rows_loss) if rows_loss else np.empty(0, out_dt)
+        return res.astype(out_dt, copy=False).reshape(batch)
+    value = total if reduction == "sum" else _inputs.mean_of(total, kept)
+    return out_dt.type(value)
+
+
+def _unmatrix(lib, g, shape, ax):
+    """The (N, H) gradient in the hidden's shape (feature axis back at ``ax``)."""
+    moved = shape[:ax] + shape[ax + 1:] + (shape[ax],)
+    g = g.reshape(moved)
+    if ax == len(shape) - 1:
+        return g
+    return np.moveaxis(g, -1, ax) if lib.name == "numpy" else g.movedim(-1, ax)
