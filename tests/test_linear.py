@@ -223,3 +223,75 @@ def test_torch_bfloat16():
     assert hb.grad.dtype == torch.bfloat16 and wb.grad.dtype == torch.bfloat16
     torch.testing.assert_close(hb.grad.double(), h64.grad, rtol=5e-2, atol=5e-3)
     torch.testing.assert_close(wb.grad.double(), w64.grad, rtol=5e-2, atol=5e-3)
+
+
+# ---------------------------------------------------------------------------- token statistics
+def _explicit_stats(h, w, b, t, temperature):
+    z = (h.astype(np.float64) @ w.astype(np.float64).T + (0 if b is None else b)) / temperature
+    logp = z - ref.logsumexp(z)[:, None]
+    p = np.exp(logp)
+    kept = t != -100
+    lp = np.where(kept, logp[np.arange(len(t)), np.where(kept, t, 0)], 0.0)
+    ent = np.where(kept, -np.sum(p * logp, axis=1), 0.0)
+    return lp, ent
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_token_stats_values(temperature, with_bias):
+    h, w, b, t = problem(n=17)
+    bias = b if with_bias else None
+    lp, ent = xf.linear_token_stats(h, w, t, bias=bias, temperature=temperature, chunk_rows=5)
+    want_lp, want_ent = _explicit_stats(h, w, bias, t, temperature)
+    np.testing.assert_allclose(lp, want_lp, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(ent, want_ent, rtol=1e-12, atol=1e-13)
+    assert lp[0] == 0 and ent[0] == 0  # an ignored row
+
+
+@pytest.mark.parametrize("which", ["logprob", "entropy", "both"])
+def test_token_stats_gradients_against_autograd(which):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    h, w, b, t = problem(n=13)
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal(13) if which != "entropy" else None
+    c = rng.standard_normal(13) if which != "logprob" else None
+    got = xf.linear_token_stats(h, w, t, bias=b, temperature=0.8, chunk_rows=4,
+                                grad_logprob=a, grad_entropy=c)
+    hs, ws, bs = (torch.from_numpy(x).requires_grad_() for x in (h, w, b))
+    tt = torch.from_numpy(t)
+    logp = F.log_softmax(F.linear(hs, ws, bs) / 0.8, dim=1)
+    kept = tt != -100
+    lp = torch.where(kept, logp.gather(1, tt.clamp(min=0)[:, None])[:, 0], 0.0)
+    ent = torch.where(kept, -(logp.exp() * logp).sum(1), 0.0)
+    obj = 0
+    if a is not None:
+        obj = obj + (torch.from_numpy(a) * lp).sum()
+    if c is not None:
+        obj = obj + (torch.from_numpy(c) * ent).sum()
+    want = torch.autograd.grad(obj, (hs, ws, bs))
+    np.testing.assert_allclose(got[0], lp.detach().numpy(), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(got[1], ent.detach().numpy(), rtol=1e-12, atol=1e-13)
+    for g, r in zip(got[2:], want):
+        np.testing.assert_allclose(g, r.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_torch_token_stats_autograd_and_opcheck():
+    torch = pytest.importorskip("torch")
+    xt = pytest.importorskip("xent_fast.torch")
+    from torch.library import opcheck
+
+    h, w, b, t = (torch.from_numpy(x) for x in problem(n=9))
+    hs, ws, bs = (x.clone().requires_grad_() for x in (h, w, b))
+
+    def ppo_like(h, w, b):  # a policy term and an entropy bonus
+        lp, ent = xt.linear_token_stats(h, w, t, b, temperature=1.3, chunk_rows=4)
+        return (lp * torch.linspace(-1, 1, 9, dtype=torch.float64)).sum() + 0.01 * ent.sum()
+
+    assert torch.autograd.gradcheck(ppo_like, (hs, ws, bs))
+    opcheck(torch.ops.xent_fast.linear_token_stats.default, (hs, ws, t, bs, 1.3, -100, 4))
+    opcheck(torch.ops.xent_fast.linear_token_stats_backward.default,
+            (h, w, t, None, torch.rand(9, dtype=torch.float64), torch.rand(9, dtype=torch.float64),
+             1.0, -100, 0))
+    compiled = torch.compile(ppo_like, fullgraph=True)
+    torch.testing.assert_close(compiled(hs, ws, bs), ppo_like(hs, ws, bs))

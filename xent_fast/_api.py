@@ -284,3 +284,30 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, axis=-1, ignore_
         hidden, weight, targets, bias=bias, axis=axis, ignore_index=ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction,
         return_grad=return_grad, chunk_rows=chunk_rows, backend=backend)
+
+
+def linear_token_stats(hidden, weight, targets, *, bias=None, axis=-1, temperature=1.0,
+                       ignore_index=-100, chunk_rows=None, grad_logprob=None,
+                       grad_entropy=None, backend="auto"):
+    """Per row, the log-probability of the target token and the entropy of the
+    predictive distribution ``softmax((hidden @ weight.T + bias) / temperature)``,
+    without forming the logits (chunks of rows, as :func:`linear_cross_entropy`): the
+    inputs of a PPO/GRPO policy loss with an entropy bonus.
+
+    Returns ``(logprob, entropy)``, each of the targets' shape (natural logs; rows whose
+    target is ``ignore_index`` give 0 for both).  Given upstream gradients
+    ``grad_logprob`` and/or ``grad_entropy`` (the targets' shape), also returns the
+    gradients of ``sum(grad_logprob * logprob + grad_entropy * entropy)`` with respect to
+    ``hidden``, ``weight`` (and ``bias``): ``(logprob, entropy, grad_hidden, grad_weight
+    [, grad_bias])``.  Per row, with ``y = z / T`` and ``p = softmax(y)``::
+
+        d logprob / dz = (onehot(t) - p) / T
+        d entropy / dz = -p (y - sum(p y)) / T
+    """
+    from . import _linear
+
+    _dispatch.check_backend(backend)
+    return _linear.linear_token_stats(
+        hidden, weight, targets, bias=bias, axis=axis, temperature=temperature,
+        ignore_index=ignore_index, chunk_rows=chunk_rows, grad_logprob=grad_logprob,
+        grad_entropy=grad_entropy, backend=backend)

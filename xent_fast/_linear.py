@@ -97,6 +97,15 @@ class _NumPy:
     def add_rows_sum(self, out, g):
         out += g.sum(axis=0)
 
+    def asarray(self, a):
+        return np.asarray(a)
+
+    def rows_index(self, n):
+        return np.arange(n)
+
+    def where(self, cond, a, b):
+        return np.where(cond, a, b)
+
     def finish(self, a, like):
         """A result in the dtype of the input it is the gradient of."""
         dt = np.asarray(like).dtype
@@ -146,6 +155,15 @@ class _Torch:
     def add_rows_sum(self, out, g):
         out += g.sum(dim=0)
 
+    def asarray(self, a):
+        return self.torch.as_tensor(a, device=self.device)
+
+    def rows_index(self, n):
+        return self.torch.arange(n, device=self.device)
+
+    def where(self, cond, a, b):
+        return self.torch.where(cond, a, b)
+
     def finish(self, a, like):
         return a
 
@@ -169,54 +187,27 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, axis=-1, ignore_
     loss_rows)`` (the backward pass of ``reduction="none"``)."""
     o = _inputs.CEOptions(reduction, label_smoothing, z_loss, softcap, return_grad, None)
     want_grad = o.want_grad or row_scale is not None
-    lib = _lib(hidden, weight, bias)
-    for name, a in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if a is not None and lib.name == "numpy":
-            _inputs.float_policy(np.asarray(a).dtype, name)
-    hshape = tuple(hidden.shape)
-    ax = _inputs.class_axis(hshape, axis, "hidden")
-    batch = _inputs.batch_shape(hshape, ax)
-    h_dim = hshape[ax]
-    if len(weight.shape) != 2 or tuple(weight.shape)[1] != h_dim:
-        raise ValueError(f"weight must have shape (V, {h_dim}) (classes, hidden features), "
-                         f"got {tuple(weight.shape)}")
-    v = int(weight.shape[0])
-    if bias is not None and tuple(bias.shape) != (v,):
-        raise ValueError(f"bias must have shape ({v},) (one per class), got {tuple(bias.shape)}")
-    if tuple(targets.shape) != batch:
-        raise ValueError(f"targets must have hidden's shape without the feature axis, {batch}; "
-                         f"got {tuple(targets.shape)}")
-    ignore = _inputs.ignore_index_option(ignore_index)
     if o.cap:
         _inputs.check_inverse(o.cap, "softcap", np.dtype(np.float32))
-    n = math.prod(batch)
-    h2 = lib.matrix(hidden, ax)
-    w2 = lib.compute(weight)
-    b2 = None if bias is None else lib.compute(bias)
-    tflat, kept = _targets(lib, targets, v, ignore, batch)
-    item = 2 if str(lib.dtype).endswith("float16") else np.dtype(
-        np.float64 if str(lib.dtype).endswith("float64") else np.float32).itemsize
-    chunk = chunk_rows_for(n, v, item, chunk_rows)
-    z = lib.empty((chunk, v)) if n else None
+    lib = _lib(hidden, weight, bias)
+    p = _Problem(lib, hidden, weight, targets, bias, axis, ignore_index)
+    chunk = chunk_rows_for(p.n, p.v, p.itemsize, chunk_rows)
+    z = lib.empty((chunk, p.v)) if p.n else None
     none = o.reduction == "none"
     rows_loss = [] if none else None
     total = 0.0
-    gh = gw = gb = None
     if want_grad:
-        gh = lib.empty((n, h_dim))
-        gw = lib.zeros((v, h_dim))
-        gb = None if bias is None else lib.zeros((v,))
-        tmp = lib.tmp_for(v, h_dim)
-    wt = w2.T
-    for s in range(0, n, chunk):
-        e = min(s + chunk, n)
-        hc, zc, tc = h2[s:e], z[:e - s], tflat[s:e]
-        lib.matmul(hc, wt, out=zc)
-        if b2 is not None:
-            zc += b2
-        red = "none" if none else "sum"
-        res = _api.softmax_cross_entropy(zc, tc, ignore_index=ignore, label_smoothing=o.eps,
-                                         z_loss=o.z, softcap=o.cap or None, reduction=red,
+        gh, gw, gb, tmp = p.grad_buffers()
+    for s in range(0, p.n, chunk):
+        e = min(s + chunk, p.n)
+        hc, zc = p.h2[s:e], z[:e - s]
+        lib.matmul(hc, p.w2.T, out=zc)
+        if p.b2 is not None:
+            zc += p.b2
+        res = _api.softmax_cross_entropy(zc, p.t[s:e], ignore_index=p.ignore,
+                                         label_smoothing=o.eps, z_loss=o.z,
+                                         softcap=o.cap or None,
+                                         reduction="none" if none else "sum",
                                          grad_out=zc if want_grad else None, backend=backend)
         loss_c = res[0] if want_grad else res
         if none:
@@ -226,22 +217,15 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, axis=-1, ignore_
         if want_grad:
             if row_scale is not None:
                 zc *= row_scale[s:e, None]
-            lib.matmul(zc, w2, out=gh[s:e])
-            lib.add_matmul_t(gw, zc, hc, tmp)
-            if gb is not None:
-                lib.add_rows_sum(gb, zc)
-    loss = _finish_loss(lib, o.reduction, total, kept, rows_loss, batch)
+            p.backward_chunk(zc, hc, s, e, gh, gw, gb, tmp)
+    loss = _finish_loss(lib, o.reduction, total, p.kept, rows_loss, p.batch)
     if not want_grad:
         return loss
-    if o.reduction == "mean" and row_scale is None and kept:
+    if o.reduction == "mean" and row_scale is None and p.kept:
         for g in (gh, gw, gb):
             if g is not None:
-                g *= 1.0 / kept
-    gh = _unmatrix(lib, gh, hshape, ax)
-    grads = (lib.finish(gh, hidden), lib.finish(gw, weight))
-    if bias is not None:
-        grads += (lib.finish(gb, bias),)
-    return (loss,) + grads
+                g *= 1.0 / p.kept
+    return (loss,) + p.grads(gh, gw, gb, hidden, weight, bias)
 
 
 def _targets(lib, targets, v, ignore, batch):
@@ -286,3 +270,115 @@ def _unmatrix(lib, g, shape, ax):
     if ax == len(shape) - 1:
         return g
     return np.moveaxis(g, -1, ax) if lib.name == "numpy" else g.movedim(-1, ax)
+
+
+# ---------------------------------------------------------------------------- token statistics
+def linear_token_stats(hidden, weight, targets, *, bias=None, axis=-1, temperature=1.0,
+                       ignore_index=-100, chunk_rows=None, grad_logprob=None, grad_entropy=None,
+                       backend="auto"):
+    """See ``xent_fast.linear_token_stats``."""
+    temp = _inputs.real_option(temperature, "temperature", 0.0, None, lo_open=True)
+    _inputs.check_inverse(temp, "temperature", np.dtype(np.float32))
+    lib = _lib(hidden, weight, bias)
+    p = _Problem(lib, hidden, weight, targets, bias, axis, ignore_index)
+    want_grad = grad_logprob is not None or grad_entropy is not None
+    ups = []
+    for name, g in (("grad_logprob", grad_logprob), ("grad_entropy", grad_entropy)):
+        if g is not None and tuple(g.shape) != p.batch:
+            raise ValueError(f"{name} must have the targets' shape {p.batch}; got "
+                             f"{tuple(g.shape)}")
+        ups.append(None if g is None else lib.compute(g).reshape(-1))
+    chunk = chunk_rows_for(p.n, p.v, p.itemsize, chunk_rows)
+    z = lib.empty((chunk, p.v)) if p.n else None
+    logprob, entropy = lib.zeros((p.n,)), lib.zeros((p.n,))
+    if want_grad:
+        gh, gw, gb, tmp = p.grad_buffers()
+    for s in range(0, p.n, chunk):
+        e = min(s + chunk, p.n)
+        hc, zc = p.h2[s:e], z[:e - s]
+        lib.matmul(hc, p.w2.T, out=zc)
+        if p.b2 is not None:
+            zc += p.b2
+        zc *= 1.0 / temp
+        tc = p.t[s:e]
+        kept = tc != p.ignore
+        safe = lib.where(kept, tc, 0 * tc)
+        rows = lib.rows_index(e - s)
+        lse = lib.asarray(_api.logsumexp(zc, backend=backend))
+        probs = lib.asarray(_api.softmax(zc, backend=backend))
+        ent = lib.asarray(_api.entropy(probs, backend=backend))
+        zero = 0 * lse
+        logprob[s:e] = lib.where(kept, zc[rows, safe] - lse, zero)
+        entropy[s:e] = lib.where(kept, ent, zero)
+        if not want_grad:
+            continue
+        # d logprob_t / dy = onehot_t - p;  d entropy / dy_c = -p_c (y_c - sum p y), y = z / T
+        a = zero if ups[0] is None else lib.where(kept, ups[0][s:e], zero)
+        b = zero if ups[1] is None else lib.where(kept, ups[1][s:e], zero)
+        mu = lse - ent
+        centred = lib.where(probs > 0, zc - mu[:, None], 0 * zc)
+        zc[...] = probs * -(a[:, None] + b[:, None] * centred)
+        zc[rows, safe] += a
+        zc *= 1.0 / temp
+        p.backward_chunk(zc, hc, s, e, gh, gw, gb, tmp)
+    shape = p.batch
+    out = (logprob.reshape(shape), entropy.reshape(shape))
+    if not want_grad:
+        return out
+    return out + p.grads(gh, gw, gb, hidden, weight, bias)
+
+
+class _Problem:
+    """A linear head's inputs checked and laid out as (N, H) rows, (V, H) weight."""
+
+    def __init__(self, lib, hidden, weight, targets, bias, axis, ignore_index):
+        self.lib = lib
+        if lib.name == "numpy":
+            for name, a in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+                if a is not None:
+                    _inputs.float_policy(np.asarray(a).dtype, name)
+        self.hshape = tuple(hidden.shape)
+        self.ax = _inputs.class_axis(self.hshape, axis, "hidden")
+        self.batch = _inputs.batch_shape(self.hshape, self.ax)
+        h_dim = self.hshape[self.ax]
+        if len(weight.shape) != 2 or tuple(weight.shape)[1] != h_dim:
+            raise ValueError(f"weight must have shape (V, {h_dim}) (classes, hidden features), "
+                             f"got {tuple(weight.shape)}")
+        self.v = v = int(weight.shape[0])
+        if bias is not None and tuple(bias.shape) != (v,):
+            raise ValueError(f"bias must have shape ({v},) (one per class), got "
+                             f"{tuple(bias.shape)}")
+        if tuple(targets.shape) != self.batch:
+            raise ValueError(f"targets must have hidden's shape without the feature axis, "
+                             f"{self.batch}; got {tuple(targets.shape)}")
+        self.ignore = _inputs.ignore_index_option(ignore_index)
+        self.n = math.prod(self.batch)
+        self.h_dim = h_dim
+        self.h2 = lib.matrix(hidden, self.ax)
+        self.w2 = lib.compute(weight)
+        self.b2 = None if bias is None else lib.compute(bias)
+        self.t, self.kept = _targets(lib, targets, v, self.ignore, self.batch)
+        dt = str(lib.dtype)
+        self.itemsize = 2 if dt.endswith("float16") else 8 if dt.endswith("float64") else 4
+
+    def grad_buffers(self):
+        lib = self.lib
+        gb = None if self.b2 is None else lib.zeros((self.v,))
+        return (lib.empty((self.n, self.h_dim)), lib.zeros((self.v, self.h_dim)), gb,
+                lib.tmp_for(self.v, self.h_dim))
+
+    def backward_chunk(self, g, hc, s, e, gh, gw, gb, tmp):
+        """A chunk's logit gradient ``g`` multiplied back into the three gradients."""
+        lib = self.lib
+        lib.matmul(g, self.w2, out=gh[s:e])
+        lib.add_matmul_t(gw, g, hc, tmp)
+        if gb is not None:
+            lib.add_rows_sum(gb, g)
+
+    def grads(self, gh, gw, gb, hidden, weight, bias):
+        lib = self.lib
+        out = (lib.finish(_unmatrix(lib, gh, self.hshape, self.ax), hidden),
+               lib.finish(gw, weight))
+        if bias is not None:
+            out += (lib.finish(gb, bias),)
+        return out

@@ -52,8 +52,8 @@ from . import _api
 
 __all__ = [
     "cross_entropy", "binary_cross_entropy", "binary_cross_entropy_with_logits",
-    "softmax_kl_divergence", "linear_cross_entropy", "CrossEntropyLoss", "BCELoss",
-    "BCEWithLogitsLoss", "SoftmaxKLDivergenceLoss", "LinearCrossEntropyLoss",
+    "softmax_kl_divergence", "linear_cross_entropy", "linear_token_stats", "CrossEntropyLoss",
+    "BCELoss", "BCEWithLogitsLoss", "SoftmaxKLDivergenceLoss", "LinearCrossEntropyLoss",
 ]
 
 _NS = "xent_fast"
@@ -691,6 +691,78 @@ def _lce_backward(ctx, g, *_unused):
 
 
 _lce_op.register_autograd(_lce_backward, setup_context=_lce_setup)
+
+
+@torch.library.custom_op(f"{_NS}::linear_token_stats", mutates_args=())
+def _lts_op(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+            temperature: float, ignore_index: int, chunk_rows: int) -> Tuple[Tensor, Tensor]:
+    """(log-probability of the target, entropy) per row; chunk_rows 0 is automatic."""
+    from . import _linear
+
+    lp, ent = _linear.linear_token_stats(input, weight, target, bias=bias,
+                                         temperature=temperature, ignore_index=ignore_index,
+                                         chunk_rows=chunk_rows or None)
+    return _tensor(lp, input), _tensor(ent, input)
+
+
+@_lts_op.register_fake
+def _(input, weight, target, bias, temperature, ignore_index, chunk_rows):
+    return input.new_empty(input.shape[:-1]), input.new_empty(input.shape[:-1])
+
+
+@torch.library.custom_op(f"{_NS}::linear_token_stats_backward", mutates_args=())
+def _lts_backward_op(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                     grad_logprob: Tensor, grad_entropy: Tensor, temperature: float,
+                     ignore_index: int, chunk_rows: int) -> Tuple[Tensor, Tensor, Tensor]:
+    from . import _linear
+
+    res = _linear.linear_token_stats(input, weight, target, bias=bias, temperature=temperature,
+                                     ignore_index=ignore_index, chunk_rows=chunk_rows or None,
+                                     grad_logprob=grad_logprob.detach().to(input.dtype),
+                                     grad_entropy=grad_entropy.detach().to(input.dtype))
+    return res[2], res[3], (res[4] if bias is not None else _no_grad_buffer(input))
+
+
+@_lts_backward_op.register_fake
+def _(input, weight, target, bias, grad_logprob, grad_entropy, temperature, ignore_index,
+      chunk_rows):
+    gb = torch.empty_like(bias) if bias is not None else input.new_empty((0,))
+    return torch.empty_like(input), torch.empty_like(weight), gb
+
+
+def _lts_setup(ctx, inputs, output):
+    input, weight, target, bias, temperature, ignore, chunk = inputs
+    ctx.options = (temperature, ignore, chunk)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(input, weight, target, bias)
+
+
+def _lts_backward(ctx, g_lp, g_ent):
+    _no_double_backward("linear_token_stats")
+    input, weight, target, bias = ctx.saved_tensors
+    _not_differentiable(ctx, {2: "target"})
+    gi, gw, gb = torch.ops.xent_fast.linear_token_stats_backward(
+        input, weight, target, bias, g_lp, g_ent, *ctx.options)
+    return (gi if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None,
+            None, gb if ctx.has_bias and ctx.needs_input_grad[3] else None, None, None, None)
+
+
+_lts_op.register_autograd(_lts_backward, setup_context=_lts_setup)
+
+
+def linear_token_stats(input, weight, target, bias=None, *, temperature=1.0, ignore_index=-100,
+                       chunk_rows=None):
+    """Per row ``(logprob, entropy)`` of ``softmax(F.linear(input, weight, bias) /
+    temperature)``: the log-probability of ``target`` and the entropy, without the
+    logits (the inputs of a PPO/GRPO loss with an entropy bonus).  Differentiable with
+    respect to ``input``, ``weight`` and ``bias``; the backward pass recomputes each
+    chunk's logits.  Rows whose target is ``ignore_index`` give 0 for both."""
+    _check_input(input)
+    _check_input(weight, "weight")
+    _check_on(input, weight=weight, target=target, bias=bias)
+    return torch.ops.xent_fast.linear_token_stats(
+        input, weight, target, bias, float(temperature), int(ignore_index),
+        0 if chunk_rows is None else int(chunk_rows))
 
 
 def linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, reduction="mean",
