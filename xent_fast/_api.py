@@ -268,8 +268,8 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, axis=-1, ignore_
     With ``return_grad=True`` returns ``(loss, grad_hidden, grad_weight[, grad_bias])``:
     each chunk's logits are turned into their gradient in place by the fused kernel, then
     ``grad_hidden[chunk] = g @ weight`` and ``grad_weight += g.T @ hidden[chunk]``, by
-    the array library's BLAS (NumPy's, with SciPy's GEMM accumulating in place where
-    SciPy is installed; PyTorch's for tensors).  Gradients have their inputs' dtypes.
+    the array library's BLAS (NumPy's for arrays, PyTorch's for tensors: CPU or CUDA).
+    Gradients have their inputs' dtypes.
 
     ``chunk_rows`` defaults to as many rows as fill 32 MiB of logits (at least 64): at a
     32 000 vocabulary, 256 rows of float32.  Extra memory is then one chunk of logits

@@ -5,9 +5,9 @@ Per chunk of rows: the array library's BLAS forms the chunk's logits, the fused
 cross-entropy kernel turns them into their gradient in place (``grad_out=logits``), and
 BLAS multiplies that back: ``grad_hidden[chunk] = g @ weight`` and ``grad_weight += g.T @
 hidden[chunk]`` (a GEMM with beta = 1, so the weight's gradient is accumulated where it
-lies).  No matrix product is written here: NumPy arrays use NumPy's BLAS (and SciPy's
-GEMM for the accumulation where SciPy is installed), PyTorch tensors PyTorch's (MKL on
-the CPU, cuBLAS on the GPU), and the kernels run through ``_api`` on either backend.
+lies, for tensors; through an 8 MiB slab for NumPy arrays).  No matrix product is
+written here: NumPy arrays use NumPy's BLAS, PyTorch tensors PyTorch's (MKL on the CPU,
+cuBLAS on the GPU), and the kernels run through ``_api`` on either backend.
 
 Works on shapes and a small array-library adapter; imports neither Numba nor PyTorch.
 """
@@ -48,13 +48,6 @@ class _NumPy:
     def __init__(self, *arrays):
         dts = [np.asarray(a).dtype for a in arrays if a is not None]
         self.dtype = np.dtype(np.float64 if all(d == np.float64 for d in dts) else np.float32)
-        self._gemm = None
-        try:  # GEMM with beta = 1: the weight's gradient accumulated where it lies
-            from scipy.linalg import blas
-
-            self._gemm = blas.dgemm if self.dtype == np.float64 else blas.sgemm
-        except ImportError:
-            pass
 
     def compute(self, a):
         """``a`` as a C-contiguous array of the compute dtype (a view where it is one)."""
@@ -76,11 +69,12 @@ class _NumPy:
         np.matmul(a, b, out=out)
 
     def add_matmul_t(self, c, g, h, tmp):
-        """``c += g.T @ h`` with ``c`` (V, H), ``g`` (n, V), ``h`` (n, H), all C order."""
-        if self._gemm is not None:
-            # In Fortran order c.T is (H, V) = h.T @ g: no operand is copied
-            self._gemm(1.0, h.T, g.T, beta=1.0, c=c.T, trans_b=1, overwrite_c=1)
-            return
+        """``c += g.T @ h`` with ``c`` (V, H), ``g`` (n, V), ``h`` (n, H), all C order.
+
+        NumPy's matmul has no accumulating form (GEMM's beta), so the product goes
+        through a slab of ``tmp`` (8 MiB) and is added there.  SciPy's GEMM would
+        accumulate in place, but its BLAS is a second library with its own threads, which
+        spin beside NumPy's and the kernels': measured 25% slower end to end."""
         step = tmp.shape[0]
         for s in range(0, c.shape[0], step):
             e = min(s + step, c.shape[0])
@@ -88,9 +82,7 @@ class _NumPy:
             c[s:e] += tmp[:e - s]
 
     def tmp_for(self, v, h):
-        """Scratch for ``add_matmul_t`` without a GEMM: a slab of the weight's gradient."""
-        if self._gemm is not None:
-            return None
+        """Scratch for ``add_matmul_t``: a slab of the weight's gradient, 8 MiB."""
         return np.empty((max(1, min(v, (8 << 20) // max(h * self.dtype.itemsize, 1))), h),
                         self.dtype)
 
