@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from . import _api, _inputs
+from ._cpu.arrays import host
 
 # A chunk's logits fill about this many bytes (at least MIN_CHUNK_ROWS rows): a fixed,
 # small buffer whatever the batch, and rows enough for BLAS to run at full speed.
@@ -46,15 +47,15 @@ class _NumPy:
     name = "numpy"
 
     def __init__(self, *arrays):
-        dts = [np.asarray(a).dtype for a in arrays if a is not None]
+        dts = [host(a).dtype for a in arrays if a is not None]
         self.dtype = np.dtype(np.float64 if all(d == np.float64 for d in dts) else np.float32)
 
     def compute(self, a):
         """``a`` as a C-contiguous array of the compute dtype (a view where it is one)."""
-        return np.ascontiguousarray(a, dtype=self.dtype)
+        return np.ascontiguousarray(host(a), dtype=self.dtype)
 
     def matrix(self, a, ax):
-        a = np.asarray(a)
+        a = host(a)
         if ax != a.ndim - 1:
             a = np.moveaxis(a, ax, -1)
         return self.compute(a.reshape(-1, a.shape[-1]) if a.ndim != 2 else a)
@@ -100,7 +101,7 @@ class _NumPy:
 
     def finish(self, a, like):
         """A result in the dtype of the input it is the gradient of."""
-        dt = np.asarray(like).dtype
+        dt = host(like).dtype
         return a if a.dtype == dt else a.astype(dt)
 
 
@@ -163,7 +164,13 @@ class _Torch:
 def _lib(hidden, weight, bias):
     mod = type(hidden).__module__ or ""
     if mod.startswith("torch"):
-        return _Torch(hidden, weight, bias)
+        lib = _Torch(hidden, weight, bias)
+        if hidden.device.type == "cpu" and hidden.dtype in (lib.torch.float32,
+                                                             lib.torch.float64):
+            # NumPy's BLAS on views of the tensors: measured faster here at these shapes
+            # (4.5 s against 5.5 s for 4096 x 1024 x 32000 float32) than PyTorch's
+            return _NumPy(hidden, weight, bias)
+        return lib
     if _inputs.is_gpu_array(hidden):
         raise TypeError("linear_cross_entropy takes NumPy arrays or PyTorch tensors; for other "
                         "GPU arrays form the logits and call softmax_cross_entropy")
@@ -183,6 +190,7 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, axis=-1, ignore_
         _inputs.check_inverse(o.cap, "softcap", np.dtype(np.float32))
     lib = _lib(hidden, weight, bias)
     p = _Problem(lib, hidden, weight, targets, bias, axis, ignore_index)
+    scale = None if row_scale is None else lib.compute(row_scale).reshape(-1)
     chunk = chunk_rows_for(p.n, p.v, p.itemsize, chunk_rows)
     z = lib.empty((chunk, p.v)) if p.n else None
     none = o.reduction == "none"
@@ -208,7 +216,7 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, axis=-1, ignore_
             total += float(loss_c)
         if want_grad:
             if row_scale is not None:
-                zc *= row_scale[s:e, None]
+                zc *= scale[s:e, None]
             p.backward_chunk(zc, hc, s, e, gh, gw, gb, tmp)
     loss = _finish_loss(lib, o.reduction, total, p.kept, rows_loss, p.batch)
     if not want_grad:
@@ -232,7 +240,7 @@ def _targets(lib, targets, v, ignore, batch):
             i = int(bad.nonzero()[0, 0])
             raise _inputs.bad_target(batch, i, int(t[i]), v, ignore)
         return t, int((t != ignore).sum())
-    tn = np.asarray(targets)
+    tn = host(targets)
     if tn.dtype.kind not in "iu":
         raise TypeError(f"targets must be integer class indices, got dtype {tn.dtype}")
     t = _inputs.index_targets(tn, v, ignore)
@@ -328,7 +336,7 @@ class _Problem:
         if lib.name == "numpy":
             for name, a in (("hidden", hidden), ("weight", weight), ("bias", bias)):
                 if a is not None:
-                    _inputs.float_policy(np.asarray(a).dtype, name)
+                    _inputs.float_policy(host(a).dtype, name)
         self.hshape = tuple(hidden.shape)
         self.ax = _inputs.class_axis(self.hshape, axis, "hidden")
         self.batch = _inputs.batch_shape(self.hshape, self.ax)

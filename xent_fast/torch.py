@@ -107,6 +107,11 @@ def _tensor(value, like):
                                                                dtype=like.dtype)
 
 
+def _owned(a):
+    """A gradient the front end allocated, as a tensor over the same memory."""
+    return a if isinstance(a, Tensor) else torch.from_numpy(a)
+
+
 def _class_dim(input):
     return 1 if input.dim() >= 2 else 0
 
@@ -625,8 +630,8 @@ def _lce_op(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor
     if not want_grad:
         return (_tensor(res, input), _no_grad_buffer(input), _no_grad_buffer(weight),
                 _no_grad_buffer(input))
-    gb = res[3] if bias is not None else _no_grad_buffer(input)
-    return _tensor(res[0], input), res[1], res[2], gb
+    gb = _owned(res[3]) if bias is not None else _no_grad_buffer(input)
+    return _tensor(res[0], input), _owned(res[1]), _owned(res[2]), gb
 
 
 @_lce_op.register_fake
@@ -648,7 +653,8 @@ def _lce_backward_op(input: Tensor, weight: Tensor, target: Tensor, bias: Option
     rg = row_grad.detach().reshape(-1).to(input.dtype)
     res = _linear_call(input, weight, target, bias, ignore_index, "none", label_smoothing,
                        z_loss, softcap, chunk_rows, True, row_scale=rg)
-    return res[1], res[2], (res[3] if bias is not None else _no_grad_buffer(input))
+    return _owned(res[1]), _owned(res[2]), (_owned(res[3]) if bias is not None
+                                            else _no_grad_buffer(input))
 
 
 @_lce_backward_op.register_fake
@@ -720,7 +726,8 @@ def _lts_backward_op(input: Tensor, weight: Tensor, target: Tensor, bias: Option
                                      ignore_index=ignore_index, chunk_rows=chunk_rows or None,
                                      grad_logprob=grad_logprob.detach().to(input.dtype),
                                      grad_entropy=grad_entropy.detach().to(input.dtype))
-    return res[2], res[3], (res[4] if bias is not None else _no_grad_buffer(input))
+    return _owned(res[2]), _owned(res[3]), (_owned(res[4]) if bias is not None
+                                            else _no_grad_buffer(input))
 
 
 @_lts_backward_op.register_fake
