@@ -21,9 +21,10 @@ def same(got, want, rtol=1e-12, atol=1e-300):
 
 @pytest.mark.parametrize("axis", AXES, ids=str)
 @pytest.mark.parametrize("keepdims", [False, True])
-def test_logsumexp_axes(axis, keepdims):
+@pytest.mark.parametrize("backend", ["cpu", "parallel"])
+def test_logsumexp_axes(axis, keepdims, backend):
     a = np.random.default_rng(0).standard_normal((3, 4, 5)) * 10
-    same(xs.logsumexp(a, axis=axis, keepdims=keepdims),
+    same(xs.logsumexp(a, axis=axis, keepdims=keepdims, backend=backend),
          sp.logsumexp(a, axis=axis, keepdims=keepdims))
 
 
@@ -73,12 +74,14 @@ def test_logsumexp_dtypes():
 
 
 @pytest.mark.parametrize("axis", AXES, ids=str)
-def test_softmax_and_log_softmax(axis):
+@pytest.mark.parametrize("backend", ["cpu", "parallel"])
+def test_softmax_and_log_softmax(axis, backend):
     x = np.random.default_rng(3).standard_normal((3, 4, 5)) * 8
     x[0, 0, 0] = -INF
-    same(xs.softmax(x, axis=axis), sp.softmax(x, axis=axis))
+    same(xs.softmax(x, axis=axis, backend=backend), sp.softmax(x, axis=axis))
     # near 0 (a row's dominant class) both round x - lse: absolute error ~ eps |x|
-    same(xs.log_softmax(x, axis=axis), sp.log_softmax(x, axis=axis), atol=1e-14)
+    same(xs.log_softmax(x, axis=axis, backend=backend), sp.log_softmax(x, axis=axis),
+         atol=1e-14)
 
 
 def test_zero_d_and_defaults():

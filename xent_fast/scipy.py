@@ -10,7 +10,8 @@ functions, ``b`` weights (negative ones included) and ``return_sign`` for
 ``logsumexp``, and ``scipy.stats.entropy``'s ``axis=0`` and renormalisation.  The reduced
 axes are moved last and merged into one, so the same row kernels run (serial or
 threaded); weighted ``logsumexp`` (``b`` given) is computed in NumPy.  NumPy arrays in,
-NumPy arrays out (as SciPy); SciPy itself is not needed.  Equal to SciPy 1.17 to 1e-12
+NumPy arrays out (as SciPy); ``backend`` as everywhere (``"cuda"`` copies to the device and
+back).  SciPy itself is not needed.  Equal to SciPy 1.17 to 1e-12
 relative on the tests' random and adversarial inputs (``log_softmax`` near 0, where
 both round ``x - lse``, to 1e-14 absolute).
 
@@ -63,7 +64,7 @@ def _unrows(r, a_shape, axes, keepdims):
     return np.reshape(r, shape)
 
 
-def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False):
+def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, backend="auto"):
     """``log(sum(b * exp(a)))`` over ``axis`` (default: all elements), as
     ``scipy.special.logsumexp``: ``b`` broadcasts against ``a``, elements with ``b = 0``
     do not count, a negative sum gives NaN (or, with ``return_sign``, its magnitude's log
@@ -76,7 +77,7 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False):
     rows, kept = _rows(a, axes)
     empty = rows.shape[-1] == 0
     if b is None:
-        out = np.asarray(_api.logsumexp(rows, axis=-1))
+        out = np.asarray(_api.logsumexp(rows, axis=-1, backend=backend))
         sign = np.where(np.isnan(out), np.nan, np.where(out == -np.inf, 0.0, 1.0))
         if empty:
             sign = np.full(out.shape, -1.0)  # as SciPy: the sign of an empty sum is -1
@@ -113,29 +114,29 @@ def _weighted(rows, b):
     return out.astype(dt, copy=False), sign
 
 
-def _dist(fn, x, axis):
+def _dist(fn, x, axis, backend):
     x = host(x)
     axes = _axes(axis, x.ndim)
     rows = _rows(x, axes)[0] if x.ndim else x.reshape(1, 1)
-    res = np.asarray(fn(rows, axis=-1))
+    res = np.asarray(fn(rows, axis=-1, backend=backend))
     rest = [d for d in range(x.ndim) if d not in axes]
     moved_shape = tuple(x.shape[d] for d in rest) + tuple(x.shape[d] for d in axes)
     back = np.argsort(rest + list(axes))
     return np.transpose(res.reshape(moved_shape), back) if x.ndim else res.reshape(())
 
 
-def softmax(x, axis=None):
+def softmax(x, axis=None, *, backend="auto"):
     """``exp(x - logsumexp(x, axis, keepdims=True))`` as ``scipy.special.softmax``
     (default: all elements one distribution; a tuple of axes allowed)."""
-    return _dist(_api.softmax, x, axis)
+    return _dist(_api.softmax, x, axis, backend)
 
 
-def log_softmax(x, axis=None):
+def log_softmax(x, axis=None, *, backend="auto"):
     """``x - logsumexp(x, axis, keepdims=True)`` as ``scipy.special.log_softmax``."""
-    return _dist(_api.log_softmax, x, axis)
+    return _dist(_api.log_softmax, x, axis, backend)
 
 
-def entropy(pk, qk=None, base=None, axis=0, *, keepdims=False):
+def entropy(pk, qk=None, base=None, axis=0, *, keepdims=False, backend="auto"):
     """``scipy.stats.entropy``: ``pk`` (and ``qk``) renormalised to sum to 1 along
     ``axis`` (default 0), then ``-sum(pk log pk)``, or with ``qk`` the KL divergence
     ``sum(pk log(pk / qk))``; ``base`` the logarithm's base (default e)."""
@@ -150,7 +151,7 @@ def entropy(pk, qk=None, base=None, axis=0, *, keepdims=False):
         p = p / np.sum(p, axis=ax, keepdims=True)
         if qk is not None:
             q = q / np.sum(q, axis=ax, keepdims=True)
-    res = (_api.entropy(p, axis=ax, base=base) if qk is None
-           else _api.kl_divergence(p, q, axis=ax, base=base))
+    res = (_api.entropy(p, axis=ax, base=base, backend=backend) if qk is None
+           else _api.kl_divergence(p, q, axis=ax, base=base, backend=backend))
     res = np.asarray(res)
     return np.expand_dims(res, ax)[()] if keepdims else res[()]
