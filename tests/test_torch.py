@@ -543,3 +543,23 @@ def test_numpy_api_takes_cpu_tensors_as_they_are():
     assert xf.softmax_cross_entropy(xb, t, grad_out=gb)[1] is gb
     close(gb.float(), torch.from_numpy(xf.softmax_cross_entropy(
         xb.float().numpy(), t.numpy(), return_grad=True)[1]), torch.float32, scale=2e4)
+
+
+def test_what_pytorch_accepts_at_the_edges():
+    """0-d binary inputs; probability targets wider than the logits promote the loss's
+    dtype, as PyTorch's; an empty batch's mean is NaN."""
+    a = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor(1.0, dtype=torch.float64)
+    close(xt.binary_cross_entropy_with_logits(a, y), F.binary_cross_entropy_with_logits(a, y))
+    p = torch.tensor(0.3, dtype=torch.float64)
+    close(xt.binary_cross_entropy(p, y), F.binary_cross_entropy(p, y))
+    x = logits((4, C), torch.float32).requires_grad_()
+    q = prob_targets((4, C), 1, torch.float64).requires_grad_()
+    got, want = xt.cross_entropy(x, q), F.cross_entropy(x, q)
+    assert got.dtype == want.dtype == torch.float64
+    close(got, want, torch.float32)
+    for g, h in zip(torch.autograd.grad(got, (x, q)), torch.autograd.grad(want, (x, q))):
+        assert g.dtype == h.dtype
+        close(g, h, torch.float32)
+    empty = xt.cross_entropy(logits((0, C)), torch.zeros(0, dtype=torch.long))
+    assert empty.shape == () and torch.isnan(empty)

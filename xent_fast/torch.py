@@ -139,12 +139,13 @@ def _no_grad_buffer(input):
     return input.new_empty((0,))
 
 
-def _check_input(input, name="input"):
+def _check_input(input, name="input", classes=True):
+    """A floating-point tensor; with ``classes``, one with a class dimension."""
     if not isinstance(input, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {input.dtype}")
-    if input.dim() == 0:
+    if classes and input.dim() == 0:
         raise ValueError(f"{name} must have at least one dimension (the class dimension)")
 
 
@@ -369,11 +370,20 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         if _wants_grad(target):
             raise ValueError("inplace_backward=True overwrites the logits, which the targets' "
                              "gradient needs: use inplace_backward=False")
-        return _CrossEntropyInplace.apply(input, target, weight, int(ignore_index), reduction,
-                                          float(label_smoothing), float(z_loss), float(cap))
+        return _promoted(_CrossEntropyInplace.apply(
+            input, target, weight, int(ignore_index), reduction, float(label_smoothing),
+            float(z_loss), float(cap)), input, target)
     loss, _ = torch.ops.xent_fast.cross_entropy(input, target, weight, int(ignore_index),
                                                 reduction, float(label_smoothing),
                                                 float(z_loss), float(cap), need)
+    return _promoted(loss, input, target)
+
+
+def _promoted(loss, input, target):
+    """The loss in the dtype PyTorch gives: probability targets of a wider dtype than the
+    logits promote it (computed in the logits' precision either way)."""
+    if isinstance(target, Tensor) and target.is_floating_point() and target.dtype != input.dtype:
+        return loss.to(torch.promote_types(input.dtype, target.dtype))
     return loss
 
 
@@ -534,7 +544,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     ``weight`` broadcasts against the input, ``pos_weight`` along its last dimension.
     """
     reduction = _reduction_arg(size_average, reduce, reduction)
-    _check_input(input)
+    _check_input(input, classes=False)
     _check_on(input, target=target, weight=weight, pos_weight=pos_weight)
     if target.shape != input.shape:
         raise ValueError(f"Target size ({tuple(target.shape)}) must be the same as input size "
@@ -596,7 +606,7 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
     The gradient with respect to ``target`` is that of the loss as computed, with the
     clamped logs: finite at ``input`` 0 or 1, where PyTorch's is infinite."""
     reduction = _reduction_arg(size_average, reduce, reduction)
-    _check_input(input)
+    _check_input(input, classes=False)
     _check_on(input, target=target, weight=weight)
     if target.shape != input.shape:
         raise ValueError(f"Using a target size ({tuple(target.shape)}) that is different to "
