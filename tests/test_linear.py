@@ -178,9 +178,12 @@ def test_torch_gradcheck_opcheck_compile_and_tied_weights():
             lambda h, w, b: xt.linear_cross_entropy(h, w, t, b, reduction=red, z_loss=0.01,
                                                     softcap=3.0, chunk_rows=4), (hs, ws, bs))
     ops = torch.ops.xent_fast
-    opcheck(ops.linear_cross_entropy.default, (hs, ws, t, bs, -100, "mean", 0.1, 0.0, 0.0, 4, True))
+    opcheck(ops.linear_cross_entropy.default, (hs, ws, t, bs, -100, "mean", 0.1, 0.0, 0.0, 4, True,
+                                               True))
     opcheck(ops.linear_cross_entropy.default, (hs, ws, t, None, -100, "none", 0.0, 0.0, 0.0, 0,
-                                               False))
+                                               False, True))
+    opcheck(ops.linear_cross_entropy.default, (hs, w, t, None, -100, "sum", 0.0, 0.0, 0.0, 0,
+                                               True, False))
     opcheck(ops.linear_cross_entropy_backward.default,
             (h, w, t, b, torch.rand(9, dtype=torch.float64), -100, 0.0, 0.0, 0.0, 4))
     # tied weights: an embedding whose matrix is also the output head
@@ -295,3 +298,27 @@ def test_torch_token_stats_autograd_and_opcheck():
              1.0, -100, 0))
     compiled = torch.compile(ppo_like, fullgraph=True)
     torch.testing.assert_close(compiled(hs, ws, bs), ppo_like(hs, ws, bs))
+
+
+def test_torch_frozen_head_skips_the_weight_gradient(monkeypatch):
+    """A head that does not require grad (a frozen or LoRA-adapted model): no weight
+    gradient is formed, and the input's is PyTorch's."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    xt = pytest.importorskip("xent_fast.torch")
+    from xent_fast import _linear
+
+    calls = []
+    real = _linear._NumPy.add_matmul_t
+    monkeypatch.setattr(_linear._NumPy, "add_matmul_t",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    h, w, b, t = (torch.from_numpy(a) for a in problem(n=30))
+    for reduction in ("mean", "sum"):
+        hs = h.clone().requires_grad_()
+        got = xt.linear_cross_entropy(hs, w, t, reduction=reduction, chunk_rows=8)
+        g, = torch.autograd.grad(got, hs)
+        h2 = h.clone().requires_grad_()
+        want = F.cross_entropy(F.linear(h2, w), t, reduction=reduction)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(g, torch.autograd.grad(want, h2)[0])
+    assert not calls

@@ -180,10 +180,13 @@ def _lib(hidden, weight, bias):
 # ---------------------------------------------------------------------------- the loss
 def linear_cross_entropy(hidden, weight, targets, *, bias=None, axis=-1, ignore_index=-100,
                          label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
-                         return_grad=False, chunk_rows=None, row_scale=None, backend="auto"):
+                         return_grad=False, chunk_rows=None, row_scale=None, weight_grad=True,
+                         backend="auto"):
     """See ``xent_fast.linear_cross_entropy``.  ``row_scale`` (one factor a row, an
     array of the library's kind): the gradient returned is that of ``sum(row_scale *
-    loss_rows)`` (the backward pass of ``reduction="none"``)."""
+    loss_rows)`` (the backward pass of ``reduction="none"``).  ``weight_grad=False``
+    skips the weight's gradient (a frozen head: a third of the products), returned as
+    None."""
     o = _inputs.CEOptions(reduction, label_smoothing, z_loss, softcap, return_grad, None)
     want_grad = o.want_grad or row_scale is not None
     if o.cap:
@@ -197,7 +200,7 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, axis=-1, ignore_
     rows_loss = [] if none else None
     total = 0.0
     if want_grad:
-        gh, gw, gb, tmp = p.grad_buffers()
+        gh, gw, gb, tmp = p.grad_buffers(weight_grad)
     for s in range(0, p.n, chunk):
         e = min(s + chunk, p.n)
         hc, zc = p.h2[s:e], z[:e - s]
@@ -361,9 +364,13 @@ class _Problem:
         dt = str(lib.dtype)
         self.itemsize = 2 if dt.endswith("float16") else 8 if dt.endswith("float64") else 4
 
-    def grad_buffers(self):
+    def grad_buffers(self, weight_grad=True):
+        """(grad hidden, grad weight, grad bias, scratch); no weight gradient (nor
+        scratch) without ``weight_grad``."""
         lib = self.lib
         gb = None if self.b2 is None else lib.zeros((self.v,))
+        if not weight_grad:
+            return lib.empty((self.n, self.h_dim)), None, gb, None
         return (lib.empty((self.n, self.h_dim)), lib.zeros((self.v, self.h_dim)), gb,
                 lib.tmp_for(self.v, self.h_dim))
 
@@ -371,14 +378,15 @@ class _Problem:
         """A chunk's logit gradient ``g`` multiplied back into the three gradients."""
         lib = self.lib
         lib.matmul(g, self.w2, out=gh[s:e])
-        lib.add_matmul_t(gw, g, hc, tmp)
+        if gw is not None:
+            lib.add_matmul_t(gw, g, hc, tmp)
         if gb is not None:
             lib.add_rows_sum(gb, g)
 
     def grads(self, gh, gw, gb, hidden, weight, bias):
         lib = self.lib
         out = (lib.finish(_unmatrix(lib, gh, self.hshape, self.ax), hidden),
-               lib.finish(gw, weight))
+               None if gw is None else lib.finish(gw, weight))
         if bias is not None:
             out += (lib.finish(gb, bias),)
         return out

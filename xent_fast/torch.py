@@ -617,41 +617,43 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
 
 # ---------------------------------------------------------------------------- fused linear CE
 def _linear_call(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
-                 softcap, chunk_rows, want_grad, row_scale=None):
+                 softcap, chunk_rows, want_grad, row_scale=None, weight_grad=True):
     from . import _linear
 
     return _linear.linear_cross_entropy(
         input, weight, target, bias=bias, ignore_index=ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap if softcap > 0 else None,
         reduction=reduction, return_grad=want_grad, row_scale=row_scale,
-        chunk_rows=chunk_rows if chunk_rows > 0 else None)
+        weight_grad=weight_grad, chunk_rows=chunk_rows if chunk_rows > 0 else None)
 
 
 @torch.library.custom_op(f"{_NS}::linear_cross_entropy", mutates_args=())
 def _lce_op(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
             ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
-            softcap: float, chunk_rows: int,
-            want_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            softcap: float, chunk_rows: int, want_grad: bool,
+            weight_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, grad input, grad weight, grad bias): the gradients of the reduced loss, or
-    empty tensors without want_grad (and grad bias without a bias); chunk_rows 0 is
-    automatic."""
+    empty tensors without want_grad (grad weight without weight_grad, a frozen head;
+    grad bias without a bias); chunk_rows 0 is automatic."""
     res = _linear_call(input, weight, target, bias, ignore_index, reduction, label_smoothing,
-                       z_loss, softcap, chunk_rows, want_grad)
+                       z_loss, softcap, chunk_rows, want_grad, weight_grad=weight_grad)
     if not want_grad:
         return (_tensor(res, input), _no_grad_buffer(input), _no_grad_buffer(weight),
                 _no_grad_buffer(input))
     gb = _owned(res[3]) if bias is not None else _no_grad_buffer(input)
-    return _tensor(res[0], input), _owned(res[1]), _owned(res[2]), gb
+    gw = _owned(res[2]) if weight_grad else _no_grad_buffer(weight)
+    return _tensor(res[0], input), _owned(res[1]), gw, gb
 
 
 @_lce_op.register_fake
 def _(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-      chunk_rows, want_grad):
+      chunk_rows, want_grad, weight_grad):
     loss = input.new_empty(input.shape[:-1] if reduction == "none" else ())
     if not want_grad:
         return loss, input.new_empty((0,)), weight.new_empty((0,)), input.new_empty((0,))
     gb = torch.empty_like(bias) if bias is not None else input.new_empty((0,))
-    return loss, torch.empty_like(input), torch.empty_like(weight), gb
+    gw = torch.empty_like(weight) if weight_grad else weight.new_empty((0,))
+    return loss, torch.empty_like(input), gw, gb
 
 
 @torch.library.custom_op(f"{_NS}::linear_cross_entropy_backward", mutates_args=())
@@ -675,11 +677,12 @@ def _(input, weight, target, bias, row_grad, ignore_index, label_smoothing, z_lo
 
 
 def _lce_setup(ctx, inputs, output):
-    input, weight, target, bias, ignore, reduction, eps, z, cap, chunk, want_grad = inputs
+    input, weight, target, bias, ignore, reduction, eps, z, cap, chunk, want_grad, _ = inputs
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
     ctx.reduction, ctx.options = reduction, (ignore, eps, z, cap, chunk)
     ctx.has_bias, ctx.want_grad = bias is not None, want_grad
+    ctx.weight_numel = weight.numel()
     if reduction == "none":  # the gradient needs the incoming one a row: recomputed then
         ctx.save_for_backward(input, weight, target, bias)
     else:
@@ -689,21 +692,22 @@ def _lce_setup(ctx, inputs, output):
 def _lce_backward(ctx, g, *_unused):
     _no_double_backward("linear_cross_entropy")
     if g is None:
-        return (None,) * 11
+        return (None,) * 12
     _not_differentiable(ctx, {2: "target"})
     if ctx.reduction == "none":
         input, weight, target, bias = ctx.saved_tensors
         grads = torch.ops.xent_fast.linear_cross_entropy_backward(
             input, weight, target, bias, g, *ctx.options)
     else:
-        if not ctx.want_grad:
+        if not ctx.want_grad or (ctx.needs_input_grad[1]
+                                 and ctx.saved_tensors[1].numel() != ctx.weight_numel):
             raise _missing_grad("linear_cross_entropy")
         eager = _eager(g, *ctx.saved_tensors)
         grads = [_scale(t, g, None, "sum", eager) for t in ctx.saved_tensors]
     gi, gw, gb = grads
     return (gi if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None,
             None, gb if ctx.has_bias and ctx.needs_input_grad[3] else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 _lce_op.register_autograd(_lce_backward, setup_context=_lce_setup)
@@ -800,7 +804,8 @@ def linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, re
     loss, *_ = torch.ops.xent_fast.linear_cross_entropy(
         input, weight, target, bias, int(ignore_index), reduction, float(label_smoothing),
         float(z_loss), 0.0 if softcap is None else float(softcap),
-        0 if chunk_rows is None else int(chunk_rows), need and reduction != "none")
+        0 if chunk_rows is None else int(chunk_rows), need and reduction != "none",
+        _wants_grad(weight))
     return loss
 
 
