@@ -10,7 +10,10 @@ The functions take PyTorch's names, argument order and defaults, with the class
 dimension 1 as in ``torch.nn.functional`` (0 for an unbatched ``(C,)`` input), and the
 modules subclass PyTorch's own, so they take the same constructor arguments and hold
 the same buffers.  Extras are keyword-only: ``z_loss`` and ``softcap`` for
-cross-entropy, and ``inplace_backward`` (see below).
+cross-entropy, and ``inplace_backward`` (see below).  From hidden states, without the
+logits: ``linear_cross_entropy`` (``F.linear`` then ``F.cross_entropy``, with the
+``LinearCrossEntropyLoss`` module) and ``linear_token_stats`` (per-token log-probability
+and entropy, for policy-gradient losses).
 
 How it runs.  Each loss is a PyTorch custom operator in the ``xent_fast`` namespace
 (``torch.ops.xent_fast.cross_entropy`` and so on) with a fake (meta) implementation and
