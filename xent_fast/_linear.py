@@ -194,19 +194,12 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, axis=-1, ignore_
     lib = _lib(hidden, weight, bias)
     p = _Problem(lib, hidden, weight, targets, bias, axis, ignore_index)
     scale = None if row_scale is None else lib.compute(row_scale).reshape(-1)
-    chunk = chunk_rows_for(p.n, p.v, p.itemsize, chunk_rows)
-    z = lib.empty((chunk, p.v)) if p.n else None
     none = o.reduction == "none"
     rows_loss = [] if none else None
     total = 0.0
     if want_grad:
         gh, gw, gb, tmp = p.grad_buffers(weight_grad)
-    for s in range(0, p.n, chunk):
-        e = min(s + chunk, p.n)
-        hc, zc = p.h2[s:e], z[:e - s]
-        lib.matmul(hc, p.w2.T, out=zc)
-        if p.b2 is not None:
-            zc += p.b2
+    for s, e, hc, zc in p.chunks(chunk_rows):
         res = _api.softmax_cross_entropy(zc, p.t[s:e], ignore_index=p.ignore,
                                          label_smoothing=o.eps, z_loss=o.z,
                                          softcap=o.cap or None,
@@ -291,17 +284,10 @@ def linear_token_stats(hidden, weight, targets, *, bias=None, axis=-1, temperatu
             raise ValueError(f"{name} must have the targets' shape {p.batch}; got "
                              f"{tuple(g.shape)}")
         ups.append(None if g is None else lib.compute(g).reshape(-1))
-    chunk = chunk_rows_for(p.n, p.v, p.itemsize, chunk_rows)
-    z = lib.empty((chunk, p.v)) if p.n else None
     logprob, entropy = lib.zeros((p.n,)), lib.zeros((p.n,))
     if want_grad:
         gh, gw, gb, tmp = p.grad_buffers()
-    for s in range(0, p.n, chunk):
-        e = min(s + chunk, p.n)
-        hc, zc = p.h2[s:e], z[:e - s]
-        lib.matmul(hc, p.w2.T, out=zc)
-        if p.b2 is not None:
-            zc += p.b2
+    for s, e, hc, zc in p.chunks(chunk_rows):
         zc *= 1.0 / temp
         tc = p.t[s:e]
         kept = tc != p.ignore
@@ -363,6 +349,20 @@ class _Problem:
         self.t, self.kept = _targets(lib, targets, v, self.ignore, self.batch)
         dt = str(lib.dtype)
         self.itemsize = 2 if dt.endswith("float16") else 8 if dt.endswith("float64") else 4
+
+    def chunks(self, chunk_rows):
+        """(start, end, hidden rows, their logits) chunk by chunk: one logits buffer,
+        refilled by BLAS for each chunk."""
+        lib = self.lib
+        chunk = chunk_rows_for(self.n, self.v, self.itemsize, chunk_rows)
+        z = lib.empty((chunk, self.v)) if self.n else None
+        for s in range(0, self.n, chunk):
+            e = min(s + chunk, self.n)
+            hc, zc = self.h2[s:e], z[:e - s]
+            lib.matmul(hc, self.w2.T, out=zc)
+            if self.b2 is not None:
+                zc += self.b2
+            yield s, e, hc, zc
 
     def grad_buffers(self, weight_grad=True):
         """(grad hidden, grad weight, grad bias, scratch); no weight gradient (nor

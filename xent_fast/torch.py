@@ -44,6 +44,7 @@ Needs PyTorch; bfloat16 CPU tensors also need ``ml_dtypes`` (both in the ``torch
 extra: ``pip install "xent_fast[torch]"``; for a CPU-only PyTorch, see the README).
 """
 
+import importlib.util
 from typing import Optional, Tuple
 
 import numpy as np
@@ -52,6 +53,7 @@ from torch import Tensor
 from torch.nn import _reduction
 
 from . import _api
+from ._cpu.arrays import host
 
 __all__ = [
     "cross_entropy", "binary_cross_entropy", "binary_cross_entropy_with_logits",
@@ -63,40 +65,24 @@ _NS = "xent_fast"
 
 
 # ---------------------------------------------------------------------------- tensors
-_BF16 = []
-
-
-def _bfloat16():
-    if not _BF16:
-        try:
-            import ml_dtypes
-        except ImportError:
-            raise ImportError("bfloat16 CPU tensors are read through ml_dtypes' bfloat16: "
-                              "pip install ml_dtypes (or \"xent_fast[torch]\")") from None
-        _BF16.append(np.dtype(ml_dtypes.bfloat16))
-    return _BF16[0]
-
-
 def _array(t, name):
     """What the front end reads: a CPU tensor as a NumPy array over the same memory
-    (no copy), a CUDA tensor as it is (the CUDA backend reads tensors in place)."""
+    (``_cpu.arrays.host``: no copy), a CUDA tensor as it is (the CUDA backend reads
+    tensors in place)."""
     if t is None:
         return None
-    t = t.detach()
     if t.device.type == "cuda":
-        return t
+        return t.detach()
     if t.device.type != "cpu":
         raise ValueError(f"{name} is on device {t.device}: xent_fast runs on CPU and CUDA "
                          "tensors")
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
-    if t.is_conj():
-        t = t.resolve_conj()
-    if t.is_neg():
-        t = t.resolve_neg()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(_bfloat16())
-    return t.numpy()
+    if t.dtype == torch.bfloat16 and importlib.util.find_spec("ml_dtypes") is None:
+        # without it host() would widen a copy, which a gradient buffer cannot be
+        raise ImportError("bfloat16 CPU tensors are read through ml_dtypes' bfloat16: "
+                          "pip install ml_dtypes (or \"xent_fast[torch]\")")
+    return host(t)
 
 
 def _tensor(value, like):
@@ -200,6 +186,15 @@ def _scale(grad, g, cdim, reduction, eager):
     return grad.mul_(g)
 
 
+def _input_grad(ctx, grad, g, name, cdim):
+    """The input's gradient from the one the forward pass filled (``cdim`` None: an
+    elementwise loss, whose incoming gradient has the input's shape or none)."""
+    if grad.numel() != ctx.numel:
+        raise _missing_grad(name)
+    return _scale(grad, g, cdim, ctx.reduction if cdim is not None else "elementwise",
+                  _eager(grad, g))
+
+
 def _row_scale(g, reduction, rows, cdim):
     """The incoming gradient per row, as a factor for a per-element term."""
     if reduction == "none":
@@ -300,9 +295,7 @@ def _ce_backward(ctx, g, _g_grad):
     _not_differentiable(ctx, {2: "weight"})
     gi = gt = None
     if ctx.needs_input_grad[0]:
-        if grad.numel() != ctx.numel:
-            raise _missing_grad("cross_entropy")
-        gi = _scale(grad, g, ctx.cdim, ctx.reduction, _eager(grad, g))
+        gi = _input_grad(ctx, grad, g, "cross_entropy", ctx.cdim)
     if ctx.needs_input_grad[1]:
         gt = _ce_target_grad(input, weight, ctx.eps, ctx.cap, g, ctx.cdim, ctx.reduction)
     return gi, gt, None, None, None, None, None, None, None
@@ -447,9 +440,7 @@ def _kl_backward(ctx, g, _g_grad):
     grad, input, target_logits = ctx.saved_tensors
     gi = gt = None
     if ctx.needs_input_grad[0]:
-        if grad.numel() != ctx.numel:
-            raise _missing_grad("softmax_kl_divergence")
-        gi = _scale(grad, g, ctx.cdim, ctx.reduction, _eager(grad, g))
+        gi = _input_grad(ctx, grad, g, "softmax_kl_divergence", ctx.cdim)
     if ctx.needs_input_grad[1]:
         gt = _kl_target_grad(input, target_logits, ctx.temperature, g, ctx.cdim,
                              ctx.reduction).to(target_logits.dtype)
@@ -529,9 +520,7 @@ def _bcel_backward(ctx, g, _g_grad):
     _not_differentiable(ctx, {2: "weight", 3: "pos_weight"})
     gi = gt = None
     if ctx.needs_input_grad[0]:
-        if grad.numel() != ctx.numel:
-            raise _missing_grad("binary_cross_entropy_with_logits")
-        gi = _scale(grad, g, None, "elementwise", _eager(grad, g))
+        gi = _input_grad(ctx, grad, g, "binary_cross_entropy_with_logits", None)
     if ctx.needs_input_grad[1]:
         gt = _bcel_target_grad(input, weight, pos_weight, g, ctx.reduction)
     return gi, gt, None, None, None, None
