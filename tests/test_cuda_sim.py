@@ -21,7 +21,8 @@ import pytest
 
 HERE = Path(__file__).parent
 # the files whose backend-parametrised tests run for CUDA too
-_CUDA_FILES = ("test_against_reference.py", "test_edge_cases.py", "test_trust.py", "cuda")
+_CUDA_FILES = ("test_against_reference.py", "test_edge_cases.py", "test_trust.py",
+               "test_distillation.py", "cuda")
 _run = None
 
 

@@ -387,6 +387,8 @@ def test_opcheck_every_operator():
         opcheck(ops.cross_entropy.default, args)
     opcheck(ops.cross_entropy_inplace_.default, (x.detach().clone(), t, w, -100, "sum", 0.0, 0.0, 0.0))
     opcheck(ops.softmax_kl_divergence.default, (x, y, 2.0, "batchmean", True))
+    opcheck(ops.softmax_js_divergence.default, (x, y, t, 0.3, 2.0, -100, "batchmean", True))
+    opcheck(ops.softmax_js_divergence.default, (x.detach(), y, None, 0.0, 1.0, -100, "none", False))
     opcheck(ops.binary_cross_entropy_with_logits.default, (x, y, None, w, "none", True))
     opcheck(ops.binary_cross_entropy.default, (torch.sigmoid(x.detach()).requires_grad_(), y, w,
                                                "mean"))
@@ -397,6 +399,7 @@ LOSSES = {
     "ce_inplace": lambda z, t, y: xt.cross_entropy(z, t, inplace_backward=True),
     "ce_module": lambda z, t, y: xt.CrossEntropyLoss(z_loss=1e-3)(z, t),
     "kl": lambda z, t, y: xt.softmax_kl_divergence(z, y, temperature=2.0),
+    "jsd": lambda z, t, y: xt.JSDLoss(beta=0.3, temperature=2.0)(z, y, t),
     "bce_logits": lambda z, t, y: xt.binary_cross_entropy_with_logits(z, torch.sigmoid(y)),
     "bce": lambda z, t, y: xt.binary_cross_entropy(torch.sigmoid(z), torch.sigmoid(y)),
 }

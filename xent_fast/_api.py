@@ -205,6 +205,51 @@ def softmax_kl_divergence(logits, target_logits, *, axis=-1, temperature=1.0,
                                     want_grad=want_grad, grad_out=grad_out, threads=threads)
 
 
+
+def softmax_js_divergence(logits, target_logits, *, beta=0.5, temperature=1.0, axis=-1,
+                          targets=None, ignore_index=-100, reduction="batchmean",
+                          return_grad=False, grad_out=None, backend="auto"):
+    """Generalised Jensen-Shannon divergence between a teacher's and a student's logits,
+    per row, for distillation::
+
+        JSD_beta = beta KL(P || M) + (1 - beta) KL(Q || M),   M = beta P + (1 - beta) Q
+
+    with ``P = softmax(target_logits/T)`` (the teacher) and ``Q = softmax(logits/T)``
+    (the student).  ``beta = 0.5`` is the symmetric JSD (at most log 2); at the ends, as
+    Liger-Kernel's ``LigerJSD`` defines them, ``beta = 0`` is the forward KL(P || Q) and
+    ``beta = 1`` the reverse KL(Q || P) (the formula itself would give 0 there).
+    Computed from the two logit arrays in three reads of each row, no distribution
+    stored; ``log M`` in logs, ``max(a, b) + log1p(exp(-|a - b|))`` with
+    ``a = log beta + log p``, ``b = log(1 - beta) + log q``.
+
+    ``targets`` (optional, integers of the batch shape, e.g. the labels of a causal LM)
+    masks rows: a row whose target equals ``ignore_index`` gives 0 and no gradient and is
+    not counted; other target values are not read.  Reductions as
+    ``softmax_kl_divergence``: ``"batchmean"`` (default; over the counted rows, NaN if
+    none), ``"sum"``, ``"mean"`` (over their elements) and ``"none"``.  No ``T**2``
+    factor.  The gradient is with respect to ``logits``:
+    ``(1 - beta)/T q (log q - log m - KL(Q || M))`` (at beta = 0: ``(q - p)/T``).
+    A row with ``+inf`` or NaN, or all ``-inf``, in either input gives NaN.
+    """
+    reduction = _inputs.reduction(reduction, _inputs.KL_REDUCTIONS)
+    b = _inputs.real_option(beta, "beta", 0.0, 1.0)
+    temp = _inputs.real_option(temperature, "temperature", 0.0, None, lo_open=True)
+    want_grad = bool(return_grad) or grad_out is not None
+    be, x, threads = _prepare(backend, logits, "logits", target_logits, targets)
+    _inputs.check_inverse(temp, "temperature", x.out_dtype)
+    t = x.companion(target_logits, "target_logits")
+    _inputs.same_shape(x.shape, t.shape, "target_logits must have the logits' shape")
+    ax = _inputs.class_axis(x.shape, axis, "logits")
+    ignore = None
+    if targets is not None:
+        tshape, tdtype = be.describe(targets)
+        _inputs.check_index_targets(tdtype, tshape, _inputs.batch_shape(x.shape, ax))
+        ignore = _inputs.ignore_index_option(ignore_index)
+    _check_grad_out(be, grad_out, x)
+    return be.softmax_js_divergence(x, t, axis=ax, beta=b, temperature=temp, targets=targets,
+                                    ignore_index=ignore, reduction=reduction,
+                                    want_grad=want_grad, grad_out=grad_out, threads=threads)
+
 # ---------------------------------------------------------------------------- binary CE
 def _binary_inputs(backend, x, targets, xname, weights):
     be, fx, threads = _prepare(backend, x, xname, targets)

@@ -218,6 +218,64 @@ def softmax_kl_divergence(logits, target_logits, *, axis=-1, temperature=1.0,
     return loss, np.moveaxis(g, -1, axis)
 
 
+def _masked_rows(shape, targets, ignore_index):
+    """Which rows count (targets != ignore_index), all when ``targets`` is None."""
+    if targets is None:
+        return np.ones(shape, bool)
+    return np.asarray(targets) != ignore_index
+
+
+def _kl_reduce(rows, keep, c, reduction):
+    """Rows (0 where not kept) reduced as the KL family reduces, batchmean over the kept
+    rows and mean over their elements; and the gradient's scale, 1/denominator."""
+    rows = np.where(keep, rows, 0.0)
+    n = int(np.sum(keep))
+    den = {"batchmean": n, "mean": n * c, "sum": 1, "none": 1}[reduction]
+    if reduction in ("none", "sum"):
+        return _reduce(rows, reduction, 1), 1.0
+    return _reduce(rows, "mean", den), (1.0 / den if den else np.nan)
+
+
+def softmax_js_divergence(logits, target_logits, *, beta=0.5, temperature=1.0, axis=-1,
+                          targets=None, ignore_index=-100, reduction="batchmean",
+                          return_grad=False):
+    """Generalised Jensen-Shannon divergence of P = softmax(target_logits/T) (teacher)
+    and Q = softmax(logits/T) (student): beta KL(P||M) + (1-beta) KL(Q||M),
+    M = beta P + (1-beta) Q; beta = 0 is KL(P||Q), beta = 1 is KL(Q||P).  Gradient with
+    respect to ``logits``: (1-beta)/T Q (log Q - log M - KL(Q||M)) (the two KLs' own at
+    the ends)."""
+    s = _last(logits, axis) / temperature
+    t = _last(target_logits, axis) / temperature
+    keep = _masked_rows(s.shape[:-1], targets, ignore_index)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        lq = _log_softmax_last(s)
+        lp = _log_softmax_last(t)
+        q, p = np.exp(lq), np.exp(lp)
+        if beta == 0:
+            rows = np.sum(np.where(p == 0, 0.0, p * (lp - lq)), axis=-1)
+            g = q - p
+        elif beta == 1:
+            e = np.where(q == 0, 0.0, q * (lq - lp))
+            rows = np.sum(e, axis=-1)
+            g = np.where(q == 0, 0.0, e - q * rows[..., None])  # no mass, no gradient
+        else:
+            lm = np.logaddexp(math.log(beta) + lp, math.log1p(-beta) + lq)
+            kp = np.sum(np.where(p == 0, 0.0, p * (lp - lm)), axis=-1)
+            e = np.where(q == 0, 0.0, q * (lq - lm))
+            kq = np.sum(e, axis=-1)
+            rows = beta * kp + (1 - beta) * kq
+            g = (1 - beta) * np.where(q == 0, 0.0, e - q * kq[..., None])
+        # softmax is undefined on a row with +inf or NaN, or all -inf: NaN, as the KL
+        bad = ~(np.isfinite(_lse_last(s)) & np.isfinite(_lse_last(t)))
+        rows = np.where(bad, np.nan, rows)
+        g = np.where(bad[..., None], np.nan, g)
+    loss, scale = _kl_reduce(rows, keep, s.shape[-1], reduction)
+    if not return_grad:
+        return loss
+    g = np.where(keep[..., None], g, 0.0) / temperature * scale
+    return loss, np.moveaxis(g, -1, axis)
+
+
 def binary_cross_entropy(probs, targets, *, weight=None, reduction="mean"):
     p, y = _f64(probs), _f64(targets)
     if not ((p >= 0) & (p <= 1)).all():

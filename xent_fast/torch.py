@@ -45,6 +45,7 @@ extra: ``pip install "xent_fast[torch]"``; for a CPU-only PyTorch, see the READM
 """
 
 import importlib.util
+import math
 from typing import Optional, Tuple
 
 import numpy as np
@@ -57,8 +58,9 @@ from ._cpu.arrays import host
 
 __all__ = [
     "cross_entropy", "binary_cross_entropy", "binary_cross_entropy_with_logits",
-    "softmax_kl_divergence", "linear_cross_entropy", "linear_token_stats", "CrossEntropyLoss",
-    "BCELoss", "BCEWithLogitsLoss", "SoftmaxKLDivergenceLoss", "LinearCrossEntropyLoss",
+    "softmax_kl_divergence", "softmax_js_divergence", "linear_cross_entropy",
+    "linear_token_stats", "CrossEntropyLoss", "BCELoss", "BCEWithLogitsLoss",
+    "SoftmaxKLDivergenceLoss", "JSDLoss", "LinearCrossEntropyLoss",
 ]
 
 _NS = "xent_fast"
@@ -468,6 +470,112 @@ def softmax_kl_divergence(input, target_logits, *, temperature=1.0, reduction="b
     return loss
 
 
+
+@torch.library.custom_op(f"{_NS}::softmax_js_divergence", mutates_args=())
+def _jsd_op(input: Tensor, target_logits: Tensor, target: Optional[Tensor], beta: float,
+            temperature: float, ignore_index: int, reduction: str,
+            want_grad: bool) -> Tuple[Tensor, Tensor]:
+    """(generalised JSD of softmax(target_logits/T) and softmax(input/T), its gradient
+    w.r.t. input)."""
+    kw = dict(axis=_class_dim(input), beta=beta, temperature=temperature,
+              reduction=reduction, ignore_index=ignore_index,
+              targets=None if target is None else _array(target, "target"))
+    x, t = _array(input, "input"), _array(target_logits, "target_logits")
+    if not want_grad:
+        return _tensor(_api.softmax_js_divergence(x, t, **kw), input), _no_grad_buffer(input)
+    grad = _grad_buffer(input)
+    loss, _ = _api.softmax_js_divergence(x, t, grad_out=_array(grad, "grad"), **kw)
+    return _tensor(loss, input), grad
+
+
+@_jsd_op.register_fake
+def _(input, target_logits, target, beta, temperature, ignore_index, reduction, want_grad):
+    shape = _batch_shape(input) if reduction == "none" else ()
+    return (input.new_empty(shape),
+            _grad_buffer(input) if want_grad else _no_grad_buffer(input))
+
+
+def _jsd_setup(ctx, inputs, output):
+    input, target_logits, target, beta, temperature, ignore_index, reduction, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.reduction, ctx.cdim, ctx.numel = reduction, _class_dim(input), input.numel()
+    ctx.opts = (beta, temperature, ignore_index, reduction)
+    soft = target_logits.requires_grad
+    ctx.save_for_backward(output[1], input if soft else None,
+                          target_logits if soft else None, target if soft else None)
+
+
+def _jsd_dense(input, target_logits, target, beta, temperature, ignore_index, reduction,
+               cdim):
+    """The JSD by its formula in PyTorch ops, differentiable in both logits: the
+    teacher's gradient (rarely wanted) comes from autograd through it."""
+    dt = _compute_dtype(input)
+    lq = torch.log_softmax(input.to(dt) / temperature, dim=cdim)
+    lp = torch.log_softmax(target_logits.to(dt) / temperature, dim=cdim)
+    zero = torch.zeros((), dtype=dt, device=lq.device)
+
+    def plogr(lx, ly):
+        return torch.where(lx.exp() > 0, lx.exp() * (lx - ly), zero).sum(dim=cdim)
+
+    if beta == 0:
+        rows = plogr(lp, lq)
+    elif beta == 1:
+        rows = plogr(lq, lp)
+    else:
+        lm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+        rows = beta * plogr(lp, lm) + (1 - beta) * plogr(lq, lm)
+    keep = torch.ones_like(rows, dtype=torch.bool) if target is None else target != ignore_index
+    rows = torch.where(keep, rows, zero)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    c = input.shape[cdim] if reduction == "mean" else 1
+    return rows.sum() / (keep.sum() * c)
+
+
+def _jsd_backward(ctx, g, _g_grad):
+    _no_double_backward("softmax_js_divergence")
+    if g is None:
+        return (None,) * 8
+    grad, input, target_logits, target = ctx.saved_tensors
+    gi = gt = None
+    if ctx.needs_input_grad[0]:
+        gi = _input_grad(ctx, grad, g, "softmax_js_divergence", ctx.cdim)
+    if ctx.needs_input_grad[1]:
+        with torch.enable_grad():
+            z = target_logits.detach().requires_grad_(True)
+            loss = _jsd_dense(input.detach(), z, target, *ctx.opts, ctx.cdim)
+            gt, = torch.autograd.grad(loss, z, g)
+    return gi, gt, None, None, None, None, None, None
+
+
+_jsd_op.register_autograd(_jsd_backward, setup_context=_jsd_setup)
+
+
+def softmax_js_divergence(input, target_logits, target=None, *, beta=0.5, temperature=1.0,
+                          ignore_index=-100, reduction="batchmean"):
+    """Generalised Jensen-Shannon divergence for distillation over dimension 1:
+    ``beta KL(P||M) + (1-beta) KL(Q||M)``, ``M = beta P + (1-beta) Q``, with
+    ``Q = softmax(input / T)`` (the student) and ``P = softmax(target_logits / T)`` (the
+    teacher); ``beta = 0`` is KL(P||Q) and ``beta = 1`` KL(Q||P), as Liger-Kernel's
+    ``LigerJSD`` (which takes log-probabilities; here logits).  ``target`` (optional,
+    the labels, (N,) or (N, d1, ...)) masks rows equal to ``ignore_index``, as Liger's
+    ``shift_labels``.  Reductions ``"batchmean"`` (over the kept rows, Liger's),
+    ``"sum"``, ``"mean"`` and ``"none"``.  No ``T**2`` factor.
+    """
+    _check_input(input)
+    _check_input(target_logits, "target_logits")
+    _check_on(input, target_logits=target_logits)
+    if target is not None:
+        _check_on(input, target=target)
+    loss, _ = torch.ops.xent_fast.softmax_js_divergence(
+        input, target_logits, target, float(beta), float(temperature), int(ignore_index),
+        reduction, _wants_grad(input))
+    return loss
+
+
 # ---------------------------------------------------------------------------- binary CE
 @torch.library.custom_op(f"{_NS}::binary_cross_entropy_with_logits", mutates_args=())
 def _bcel_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
@@ -857,6 +965,26 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                                     self.ignore_index, self.reduction, self.label_smoothing,
                                     z_loss=self.z_loss, softcap=self.softcap,
                                     chunk_rows=self.chunk_rows)
+
+
+class JSDLoss(torch.nn.Module):
+    """Distillation loss: :func:`softmax_js_divergence` of (student, teacher) logits,
+    with the labels as an optional mask; the arguments of Liger-Kernel's ``LigerJSD``
+    (``beta``, ``ignore_index``) and a temperature."""
+
+    def __init__(self, beta=0.5, ignore_index=-100, temperature=1.0, reduction="batchmean"):
+        super().__init__()
+        self.beta, self.ignore_index = beta, ignore_index
+        self.temperature, self.reduction = temperature, reduction
+
+    def forward(self, input, target_logits, target=None):
+        return softmax_js_divergence(input, target_logits, target, beta=self.beta,
+                                     temperature=self.temperature,
+                                     ignore_index=self.ignore_index, reduction=self.reduction)
+
+    def extra_repr(self):
+        return (f"beta={self.beta}, ignore_index={self.ignore_index}, "
+                f"temperature={self.temperature}, reduction={self.reduction!r}")
 
 
 class SoftmaxKLDivergenceLoss(torch.nn.Module):

@@ -46,7 +46,8 @@ _DRIVERS = {
 }
 # The drivers that can write a gradient, as two variants each: NAME and NAME_grad.
 for _name, _outs in (("ce_index", {"g", "loss"}), ("ce_prob", {"g", "loss"}),
-                     ("kl_logits", {"g", "out"}), ("bce_logits", {"g", "out", "partial"})):
+                     ("kl_logits", {"g", "out"}), ("jsd", {"g", "out"}),
+                     ("bce_logits", {"g", "out", "partial"})):
     for _grad in (False, True):
         _DRIVERS[_name + ("_grad" if _grad else "")] = (
             getattr(drivers, "make_" + _name)(_grad), _outs)
@@ -427,6 +428,32 @@ def softmax_kl_divergence(x, t, *, axis, temperature, reduction, want_grad, grad
         res = reduce_rows(out, batch, reduction, 1, x.out_dtype)
     return (res, grad) if want_grad else res
 
+
+
+def softmax_js_divergence(x, t, *, axis, beta, temperature, targets, ignore_index, reduction,
+                          want_grad, grad_out, threads):
+    rows, batch = class_rows(x.arr, axis)
+    trows, _ = class_rows(t.arr, axis)
+    n, c = rows.shape
+    if targets is None:
+        kept, keep = n, np.empty(0, np.uint8)
+    else:
+        keep = (host(targets).reshape(-1) != ignore_index).view(np.uint8)
+        kept = int(np.count_nonzero(keep))
+    den = _inputs.kl_denominator(reduction, kept, c)
+    gscale = 1.0 / den if den else math.nan
+    grad, g2, finish = grad_target(want_grad, grad_out, x, axis, rows.shape, (t.source,))
+    out = np.empty(n, np.float64)
+    mode = 0 if beta == 0 else 1 if beta == 1 else 2
+    run(_grad_variant("jsd", want_grad), threads, rows, x.hk, trows, t.hk, keep,
+        1.0 / temperature, float(beta), mode, gscale, g2, x.hk, out, _nblocks(n, threads))
+    if finish is not None:
+        finish()
+    if reduction in ("batchmean", "mean"):
+        res = reduce_rows(out, batch, "mean", den, x.out_dtype)
+    else:
+        res = reduce_rows(out, batch, reduction, 1, x.out_dtype)
+    return (res, grad) if want_grad else res
 
 def _elementwise_buffers(shape2, keep, dtype):
     """Output rows (kept only for ``"none"``) and one partial sum per kernel task."""

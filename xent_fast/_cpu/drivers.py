@@ -21,7 +21,7 @@ from .reduce import row_logsumexp
 from .row_access import (block_bounds, grad_row, half_work_row, load_row, row_at,
                          store_grad_row, task_bounds, work_row)
 from .rows import (bce_logits_row, bce_row, ce_index_row, ce_prob_row, dist_row, first_bad_prob,
-                   kl_logits_row, row_softmax, row_sum, softcap_grad_row, softcap_row)
+                   jsd_row, kl_logits_row, row_softmax, row_sum, softcap_grad_row, softcap_row)
 
 
 # ---------------------------------------------------------------------------- drivers
@@ -187,6 +187,37 @@ def make_kl_logits(want_grad):
                 out[i] = kl_logits_row(y, yt, inv_t, gwork, False, gscale)
     return _variant(kl_logits, want_grad)
 
+
+
+def make_jsd(want_grad):
+    """The jsd driver with ``want_grad`` a compile-time constant; rows whose ``keep`` is 0
+    (an empty ``keep``: none) give 0 and a zero gradient."""
+
+    def jsd(x, hk, xt, thk, keep, inv_t, beta, mode, gscale, g, ghk, out, nblocks, b):
+        n, c = x.shape
+        lo, hi = block_bounds(b, nblocks, n)
+        masked = keep.shape[0] > 0
+        work = half_work_row(x, c)
+        twork = half_work_row(xt, c)
+        gwork = half_work_row(g, c if want_grad else 0)
+        w = work_row(x, c if want_grad else 0)
+        for i in range(lo, hi):
+            if masked and keep[i] == 0:
+                out[i] = 0.0
+                if want_grad:
+                    grow = row_at(g, i)
+                    for j in range(c):
+                        grow[j] = 0
+                continue
+            y = load_row(row_at(x, i), work, hk)
+            yt = load_row(row_at(xt, i), twork, thk)
+            if want_grad:
+                gr = grad_row(row_at(g, i), gwork)
+                out[i] = jsd_row(y, yt, inv_t, beta, mode, w, gr, True, gscale)
+                store_grad_row(row_at(g, i), gr, ghk)
+            else:
+                out[i] = jsd_row(y, yt, inv_t, beta, mode, w, gwork, False, gscale)
+    return _variant(jsd, want_grad)
 
 def eval_stats(x, hk, t, lo, count, st, top, nblocks, b):
     """Per-row evaluation statistics (see eval_rows.py) of rows ``x``, classes ``lo ..``;

@@ -221,6 +221,45 @@ def softmax_kl_divergence(x, t, *, axis, temperature, reduction, want_grad, grad
     return _with_grad(out, want_grad, grad, gfin, x)
 
 
+
+def softmax_js_divergence(x, t, *, axis, beta, temperature, targets, ignore_index, reduction,
+                          want_grad, grad_out, threads=False):
+    x3 = x.rows3(axis)
+    t3 = t.rows3(axis)
+    n = x3.shape[0] * x3.shape[2]
+    c = x3.shape[1]
+    batch = _inputs.batch_shape(x.shape, axis)
+    mean = reduction in ("mean", "batchmean")
+    masked = targets is not None
+    den = zeros(1, np.float64)
+    if masked:  # the denominator counts the kept rows, on the device
+        tdev = _index_targets(targets, n, c, None)[0]
+        if n and mean:
+            K.kept_rows_kernel[min(1024, max(1, -(-n // K.FLAT_THREADS))), K.FLAT_THREADS](
+                tdev, ignore_index, float(c) if reduction == "mean" else 1.0, den)
+        ignore = ignore_index
+    else:
+        tdev, ignore = dummy(np.int64, 1), 0
+    host_den = _inputs.kl_denominator(reduction, n, c)
+    gscale = 1.0 / host_den if host_den else math.nan
+    use_den = masked and mean
+    keep = reduction == "none"
+    acc = zeros(1, np.float64)
+    res, flat = (per_row_out(x, batch, x.out_dtype) if keep else (None, dummy(x.out_dtype, 1)))
+    grad, g3, gfin = _grad_out(want_grad, grad_out, x, axis)
+    mode = 0 if beta == 0 else 1 if beta == 1 else 2
+    if n:
+        ts = team_size(c)
+        blocks, nthreads = launch(n, ts)
+        kernels(1, x.out_dtype == np.float64)["jsd"][blocks, nthreads](
+            x3, t3, tdev, masked, ignore, 1.0 / temperature, float(beta), mode, gscale, den,
+            use_den, want_grad, g3, keep, flat, acc, ts)
+    if keep:
+        out = x.finish(res)
+    else:
+        out = scalar_out(x, acc, den, use_den, float(host_den), mean, x.out_dtype)
+    return _with_grad(out, want_grad, grad, gfin, x)
+
 # ---------------------------------------------------------------------------- binary CE
 def _flat_blocks(size):
     return min(4096, -(-size // K.FLAT_THREADS)), K.FLAT_THREADS

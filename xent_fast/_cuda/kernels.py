@@ -510,6 +510,118 @@ def kernels(v, f64):
             gv = ks * math.exp(decode(row[c]) * it - ams) - kt * math.exp(decode(trow[c]) * it - amt)
             grow[c] = encode(gv, g)
 
+    @device
+    def jsd_terms(y, yt, m, mt, it, lq0, lp0, lb, l1b, mode):
+        """(teacher's term, student's term, what the gradient reads) of one element:
+        see _cpu/rows.py's _jsd_terms and _jsd_grad."""
+        lq = (y - m) * it - lq0
+        lp = (yt - mt) * it - lp0
+        zero = FT(0.0)
+        if mode == 2:
+            a = lb + lp
+            b = l1b + lq
+            hi = a if a > b else b
+            lm = hi + math.log1p(math.exp(-abs(a - b))) if hi != NEG_INF else hi
+            ea = math.exp(a)
+            eb = math.exp(b)
+            return (ea * (lp - lm) if ea != zero else zero,
+                    eb * (lq - lm) if eb != zero else zero, lq, lq - lm)
+        if mode == 0:
+            p = math.exp(lp)
+            return p * (lp - lq) if p != zero else zero, zero, lq, p
+        q = math.exp(lq)
+        return zero, q * (lq - lp) if q != zero else zero, lq, lq - lp
+
+    @cuda.jit(**KERNEL)
+    def jsd_kernel(x, xt, t, masked, ignore, inv_t, beta, mode, gscale, den, use_den,
+                   want_grad, g, keep, out, acc, ts):
+        sm = cuda.shared.array(SHARED, np.float64)
+        inner = x.shape[2]
+        C = x.shape[1]
+        n = x.shape[0] * inner
+        r, lane, active = row_index(ts, n)
+        rr = r if active else 0
+        row = x[rr // inner, :, rr % inner]
+        trow = xt[rr // inner, :, rr % inner]
+        kept = active and not (masked and np.int64(t[rr]) == ignore)
+        cnt = C if kept else 0
+        it = FT(inv_t)
+        ms = FT(NEG_INF)
+        mt = FT(NEG_INF)
+        ss = FT(0.0)
+        st = FT(0.0)
+        nanf = 0
+        for c in range(lane, cnt, ts):
+            ys = decode(row[c])
+            yt = decode(trow[c])
+            nanf = nanf | (1 if ys != ys or yt != yt else 0)
+            if ys > ms:
+                ss = ss * math.exp((ms - ys) * it) if ms != NEG_INF else FT(0.0)
+                ms = ys
+            if yt > mt:
+                st = st * math.exp((mt - yt) * it) if mt != NEG_INF else FT(0.0)
+                mt = yt
+            if ms != NEG_INF and ms != math.inf:
+                ss += math.exp((ys - ms) * it)
+            if mt != NEG_INF and mt != math.inf:
+                st += math.exp((yt - mt) * it)
+        nanf = team_max(nanf, ts, sm)
+        gms = team_max(ms, ts, sm)
+        gmt = team_max(mt, ts, sm)
+        fin = (nanf == 0 and gms != NEG_INF and gmt != NEG_INF and gms != math.inf
+               and gmt != math.inf)
+        fs = FT(0.0) if (not fin or ms == NEG_INF) else math.exp((ms - FT(gms)) * it)
+        ft = FT(0.0) if (not fin or mt == NEG_INF) else math.exp((mt - FT(gmt)) * it)
+        ss64 = team_sum(np.float64(ss * fs), ts, sm)
+        st64 = team_sum(np.float64(st * ft), ts, sm)
+        am = FT(gms) if fin else FT(0.0)
+        amt = FT(gmt) if fin else FT(0.0)
+        lq0 = FT(math.log(ss64)) if fin else FT(0.0)
+        lp0 = FT(math.log(st64)) if fin else FT(0.0)
+        lb = FT(math.log(beta)) if beta > 0 else FT(0.0)
+        l1b = FT(math.log1p(-beta)) if beta < 1 else FT(0.0)
+        ta = FT(0.0)
+        tb = FT(0.0)
+        for c in range(lane, cnt if fin else 0, ts):
+            a_, b_, _, _ = jsd_terms(decode(row[c]), decode(trow[c]), am, amt, it, lq0, lp0,
+                                     lb, l1b, mode)
+            ta += a_
+            tb += b_
+        ta64 = team_sum(np.float64(ta), ts, sm)
+        tb64 = team_sum(np.float64(tb), ts, sm)
+        loss = 0.0
+        if kept and C > 0:
+            loss = ta64 + tb64 if fin else math.nan
+        if keep:
+            if active and lane == 0:
+                out[r] = loss
+        else:
+            block_add(loss if lane == 0 else 0.0, acc, sm)
+        if not want_grad or not active:
+            return
+        grow = g[rr // inner, :, rr % inner]
+        gs = gscale
+        if use_den:
+            gs = 1.0 / den[0] if den[0] != 0.0 else math.nan
+        k = FT(tb64 / (1.0 - beta)) if mode == 2 else FT(tb64)
+        sc = FT(gs * inv_t * (1.0 - beta)) if mode == 2 else FT(gs * inv_t)
+        for j in range(lane, C, ts):
+            c = C - 1 - j
+            gv = FT(0.0)
+            if not kept:
+                gv = FT(0.0)
+            elif not fin:
+                gv = FT(math.nan)
+            else:
+                _, _, lq, w = jsd_terms(decode(row[c]), decode(trow[c]), am, amt, it, lq0,
+                                        lp0, lb, l1b, mode)
+                q = math.exp(lq)
+                if mode == 0:
+                    gv = sc * (q - w)
+                elif q != FT(0.0):
+                    gv = sc * (q * (w - k))
+            grow[c] = encode(gv, g)
+
     @cuda.jit(**KERNEL)
     def dist_kernel(p, q, mode, out, bad, ts):
         sm = cuda.shared.array(SHARED, np.float64)
@@ -623,7 +735,8 @@ def kernels(v, f64):
                 st[r, 5] = am
 
     return dict(lse=lse_kernel, softmax=softmax_kernel, ce_index=ce_index_kernel,
-                ce_prob=ce_prob_kernel, kl_logits=kl_logits_kernel, dist=dist_kernel,
+                ce_prob=ce_prob_kernel, kl_logits=kl_logits_kernel, jsd=jsd_kernel,
+                dist=dist_kernel,
                 eval=eval_kernel)
 
 
@@ -678,6 +791,20 @@ def targets_kernel(t, C, ignore, w, has_w, den, bad):
                     kept += 1.0
     _grid_add(part, den, sm, 0)
     _grid_add(kept, den, sm, 1)
+
+
+@cuda.jit(**KERNEL)
+def kept_rows_kernel(t, ignore, per_row, den):
+    """den[0] += per_row times the number of targets other than ``ignore``."""
+    sm = cuda.shared.array(SHARED, np.float64)
+    n = t.shape[0]
+    start, step, trips = _grid_loop(n)
+    kept = 0.0
+    for k in range(trips):
+        i = start + k * step
+        if i < n and np.int64(t[i]) != ignore:
+            kept += per_row
+    _grid_add(kept, den, sm, 0)
 
 
 @cuda.jit(**KERNEL)
