@@ -19,6 +19,11 @@ BETAS = [0.0, 0.1, 0.5, 1.0]
 ROWS = 12 if SIM else 64
 
 
+def _sim_trim(batch, dtype):
+    if SIM and len(batch) > 1 and dtype.name in ("float64", "float16"):
+        pytest.skip("the simulator runs the widest shape in float32 and bfloat16 only")
+
+
 def _logits(rng, shape, dtype, scale=4.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
 
@@ -27,6 +32,7 @@ def _logits(rng, shape, dtype, scale=4.0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("batch,c", SHAPES, ids=IDS)
 def test_jsd_against_reference(rng, batch, c, dtype, backend):
+    _sim_trim(batch, dtype)
     x = _logits(rng, batch + (c,), dtype)
     xt = _logits(rng, batch + (c,), dtype)
     targets = rng.integers(0, 3, batch) - 1  # some rows at -1: ignored below
@@ -198,3 +204,163 @@ def test_torch_jsd_gradients_and_mask():
     assert loss.dtype == torch.float32
     loss.backward()
     assert x.grad is not None and (x.grad[2] == 0).all()
+
+
+# ---------------------------------------------------------------------------- sparse top-k
+def _topk_teacher(rng, shape, k, axis=-1):
+    """(teacher logits, the k top classes of each row, their log-probabilities)."""
+    z = rng.standard_normal(shape) * 3
+    lz = R.log_softmax(z, axis=axis)
+    idx = np.argsort(-z, axis=axis).take(np.arange(k), axis=axis)
+    return z, idx, np.take_along_axis(lz, idx, axis)
+
+
+SPARSE_SHAPES = [((5,), 1, 1), ((13,), 37, 5), ((3,), 32000, 64), ((0,), 37, 4),
+                 ((2, 3), 300, 40), ((4,), 12, 12), ((4,), 50, 0)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("batch,c,k", SPARSE_SHAPES, ids=lambda v: str(v))
+def test_sparse_against_reference(rng, batch, c, k, dtype, backend):
+    _sim_trim(batch, dtype)
+    x = _logits(rng, batch + (c,), dtype)
+    _, idx, lp = _topk_teacher(rng, batch + (c,), k)
+    cases = [("kl", {}), ("kl", {"missing": "residual", "reduction": "sum"}),
+             ("kl", {"temperature": 2.0, "reduction": "none"}),
+             ("kl", {"missing": "residual", "temperature": 0.5, "reduction": "mean"}),
+             ("ce", {}), ("ce", {"reduction": "none"})]
+    for kind, opts in cases[:2] + cases[4:5] if SIM else cases:
+        what = f"{kind} {opts}"
+        name = {"kl": "softmax_kl_divergence_sparse", "ce": "softmax_cross_entropy_sparse"}[kind]
+        vals = lp if kind == "kl" else np.exp(lp)
+        loss, grad = getattr(xf, name)(x, idx, vals.astype(dtype), return_grad=True,
+                                       backend=backend, **opts)
+        rloss, rgrad = getattr(R, name)(x, idx, vals.astype(dtype), return_grad=True, **opts)
+        assert_close(loss, rloss, tol(dtype) * 20, atol=tol(dtype) * 20, what=what)
+        assert grad.dtype == x.dtype and grad.shape == x.shape
+        assert_grad_close(grad, rgrad, dtype, term=1.0 / max(1, x.shape[0]), what=what)
+        assert_close(getattr(xf, name)(x, idx, vals.astype(dtype), backend=backend, **opts),
+                     rloss, tol(dtype) * 20, atol=tol(dtype) * 20, what=what)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_equals_the_dense_computations(rng, backend):
+    """renormalize: the dense KL against a teacher at -inf off its k classes; residual:
+    the dense KL against a teacher spreading its remaining mass as the student does;
+    the cross-entropy form: dense probability targets."""
+    x = _logits(rng, (ROWS, 40), np.float64)
+    z, idx, lp = _topk_teacher(rng, (ROWS, 40), 6)
+    for temp in (1.0, 2.5):
+        dense = np.full_like(z, -np.inf)
+        np.put_along_axis(dense, idx, np.take_along_axis(z, idx, -1), -1)
+        got = xf.softmax_kl_divergence_sparse(x, idx, lp, temperature=temp, return_grad=True,
+                                              backend=backend)
+        want = xf.softmax_kl_divergence(x, dense, temperature=temp, return_grad=True,
+                                        backend=backend)
+        assert_close(got[0], want[0], 1e-12)
+        assert_close(got[1], want[1], 1e-12, atol=1e-16)
+    q = R.softmax(x)
+    p = np.exp(lp)
+    r = 1 - p.sum(-1)
+    pd = q * (r / (1 - np.take_along_axis(q, idx, -1).sum(-1)))[:, None]
+    np.put_along_axis(pd, idx, p, -1)
+    want = np.sum(pd * (np.log(pd) - np.log(q))) / x.shape[0]
+    got = xf.softmax_kl_divergence_sparse(x, idx, lp, missing="residual", backend=backend)
+    assert got == pytest.approx(want, rel=1e-12)
+    pdense = np.zeros_like(x)
+    np.put_along_axis(pdense, idx, p, -1)
+    for red in ("mean", "none"):
+        got = xf.softmax_cross_entropy_sparse(x, idx, p, reduction=red, return_grad=True,
+                                              backend=backend)
+        want = xf.softmax_cross_entropy(x, pdense, reduction=red, return_grad=True,
+                                        backend=backend)
+        assert_close(got[0], want[0], 1e-12)
+        assert_close(got[1], want[1], 1e-12, atol=1e-16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_adversarial_rows_and_layouts(rng, backend):
+    x = np.array([[0.0, -np.inf, 1.0, 2.0, 0.5],     # the student -inf at a teacher class
+                  [3e38, -3e38, 1e38, 0.0, 1.0],     # huge
+                  [-np.inf] * 5,                      # all -inf
+                  [1.0, np.inf, 0.0, 0.0, 0.0],      # +inf
+                  [1.0, np.nan, 0.0, 0.0, 0.0]])     # NaN
+    idx = np.array([[1, 0], [0, 2], [0, 1], [2, 3], [3, 4]])
+    lp = np.log(np.array([[0.5, 0.3], [0.2, 0.6], [0.5, 0.5], [0.4, 0.4], [0.1, 0.1]]))
+    lp[1, 0] = -np.inf  # a padded entry: adds nothing
+    for opts in ({}, {"missing": "residual"}, {"temperature": 3.0}):
+        loss, grad = xf.softmax_kl_divergence_sparse(x, idx, lp, reduction="none",
+                                                     return_grad=True, backend=backend, **opts)
+        rloss, rgrad = R.softmax_kl_divergence_sparse(x, idx, lp, reduction="none",
+                                                      return_grad=True, **opts)
+        assert_close(loss, rloss, 1e-12, atol=1e-300, what=str(opts))
+        assert_close(grad, rgrad, 1e-12, atol=1e-300, what=str(opts))
+        assert loss[0] == np.inf and np.isnan(loss[2:]).all() and np.isnan(grad[2:]).all()
+    # class axis 1, strided read-only inputs unchanged, the gradient in place
+    x3 = _logits(rng, (4, 30, 3), np.float32)
+    _, i3, l3 = _topk_teacher(rng, (4, 30, 3), 5, axis=1)
+    want = R.softmax_kl_divergence_sparse(x3, i3, l3, axis=1, return_grad=True)
+    xs = np.asfortranarray(x3)
+    xs.flags.writeable = False
+    got = xf.softmax_kl_divergence_sparse(xs, i3, l3, axis=1, return_grad=True, backend=backend)
+    assert_close(got[0], want[0], 1e-5)
+    assert_grad_close(got[1], want[1], np.float32)
+    assert (xs == x3).all()
+    y = x3.copy()
+    out = xf.softmax_kl_divergence_sparse(y, i3, l3, axis=1, grad_out=y, backend=backend)
+    assert out[1] is y
+    assert_grad_close(y, want[1], np.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("idx,msg", [([[0, 4]], r"must lie in \[0, 4\); got 4 at \(0, 1\)"),
+                                     ([[-1, 2]], r"must lie in \[0, 4\); got -1"),
+                                     ([[2, 2]], "must be distinct within a row; class 2 appears twice")])
+def test_sparse_index_errors(backend, idx, msg):
+    x = np.zeros((1, 4))
+    v = np.log(np.full((1, 2), 0.25))
+    with pytest.raises(ValueError, match="teacher_indices " + msg):
+        xf.softmax_kl_divergence_sparse(x, np.array(idx), v, backend=backend)
+    with pytest.raises(ValueError, match="target_indices " + msg):
+        xf.softmax_cross_entropy_sparse(x, np.array(idx), np.exp(v), backend=backend)
+
+
+@pytest.mark.parametrize("kw,err,msg", [
+    ({"missing": "drop"}, ValueError, "missing"),
+    ({"temperature": -1}, ValueError, "temperature"),
+    ({"reduction": "avg"}, ValueError, "reduction"),
+])
+def test_sparse_option_errors(kw, err, msg):
+    x = np.zeros((3, 4))
+    i = np.zeros((3, 1), int)
+    with pytest.raises(err, match=msg):
+        xf.softmax_kl_divergence_sparse(x, i, np.zeros((3, 1)), **kw)
+    with pytest.raises(TypeError, match="teacher_indices must be integer"):
+        xf.softmax_kl_divergence_sparse(x, i.astype(float), np.zeros((3, 1)))
+    with pytest.raises(ValueError, match="teacher_logprobs must have the shape"):
+        xf.softmax_kl_divergence_sparse(x, i, np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="teacher_indices must have the logits' shape"):
+        xf.softmax_kl_divergence_sparse(x, np.zeros((2, 1), int), np.zeros((2, 1)))
+
+
+def test_torch_sparse_kd_gradients():
+    torch = pytest.importorskip("torch")
+    xt = pytest.importorskip("xent_fast.torch")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 20, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(6, 20, 2, generator=g, dtype=torch.float64)
+    idx = torch.argsort(z, dim=1, descending=True)[:, :5]
+    lp = torch.log_softmax(z, 1).gather(1, idx)
+    for missing in ("renormalize", "residual"):
+        for red in ("batchmean", "none"):
+            def f(a):
+                return xt.softmax_kl_divergence_sparse(a, idx, lp, temperature=1.5,
+                                                       missing=missing, reduction=red)
+            assert torch.autograd.gradcheck(f, (x,))
+            ref = R.softmax_kl_divergence_sparse(x.detach().numpy(), idx.numpy(), lp.numpy(),
+                                                 temperature=1.5, missing=missing, axis=1,
+                                                 reduction=red)
+            np.testing.assert_allclose(f(x).detach().numpy(), ref, rtol=1e-12, atol=1e-15)
+    with pytest.raises(RuntimeError, match="teacher_logprobs"):
+        xt.softmax_kl_divergence_sparse(x, idx, lp.clone().requires_grad_()).backward()

@@ -389,6 +389,9 @@ def test_opcheck_every_operator():
     opcheck(ops.softmax_kl_divergence.default, (x, y, 2.0, "batchmean", True))
     opcheck(ops.softmax_js_divergence.default, (x, y, t, 0.3, 2.0, -100, "batchmean", True))
     opcheck(ops.softmax_js_divergence.default, (x.detach(), y, None, 0.0, 1.0, -100, "none", False))
+    ti = torch.argsort(y.detach(), dim=1, descending=True)[:, :4].contiguous()
+    tv = torch.log_softmax(y.detach(), 1).gather(1, ti)
+    opcheck(ops.softmax_kl_divergence_sparse.default, (x, ti, tv, 2.0, "residual", "sum", True))
     opcheck(ops.binary_cross_entropy_with_logits.default, (x, y, None, w, "none", True))
     opcheck(ops.binary_cross_entropy.default, (torch.sigmoid(x.detach()).requires_grad_(), y, w,
                                                "mean"))

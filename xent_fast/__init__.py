@@ -11,8 +11,9 @@ on-disk cache) on first use.  Call :func:`warmup` to pay that cost up front.
 from ._api import (binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy,
                    entropy, kl_divergence, linear_cross_entropy, linear_token_stats,
                    log_softmax, logsumexp,
-                   softmax, softmax_cross_entropy, softmax_js_divergence,
-                   softmax_kl_divergence)
+                   softmax, softmax_cross_entropy, softmax_cross_entropy_sparse,
+                   softmax_js_divergence, softmax_kl_divergence,
+                   softmax_kl_divergence_sparse)
 
 __version__ = "0.1.0"
 
@@ -47,8 +48,10 @@ __all__ = [
     "logsumexp",
     "softmax",
     "softmax_cross_entropy",
+    "softmax_cross_entropy_sparse",
     "softmax_js_divergence",
     "softmax_kl_divergence",
+    "softmax_kl_divergence_sparse",
     "warmup",
     "EvalResult",
     "EvalState",

@@ -6,6 +6,8 @@ with the same keyword options, so a call means the same thing, and fails the sam
 on every backend.  Nothing here imports Numba: the backends are imported on first use.
 """
 
+import numpy as np
+
 from . import _dispatch, _inputs
 
 
@@ -249,6 +251,83 @@ def softmax_js_divergence(logits, target_logits, *, beta=0.5, temperature=1.0, a
     return be.softmax_js_divergence(x, t, axis=ax, beta=b, temperature=temp, targets=targets,
                                     ignore_index=ignore, reduction=reduction,
                                     want_grad=want_grad, grad_out=grad_out, threads=threads)
+
+
+_MISSING = {"renormalize": 0, "residual": 1}
+
+
+def _sparse(backend, logits, indices, values, axis, iname, vname):
+    be, x, threads = _prepare(backend, logits, "logits", indices, values)
+    ax = _inputs.class_axis(x.shape, axis, "logits")
+    ishape, idt = be.describe(indices)
+    if np.dtype(idt).kind not in "iu":
+        raise TypeError(f"{iname} must be integer class indices, got dtype {np.dtype(idt)}")
+    v = x.companion(values, vname)
+    _inputs.sparse_shape(x.shape, ax, ishape, v.shape, iname, vname)
+    return be, x, v, ax, threads
+
+
+def softmax_kl_divergence_sparse(logits, teacher_indices, teacher_logprobs, *,
+                                 temperature=1.0, missing="renormalize", axis=-1,
+                                 reduction="batchmean", return_grad=False, grad_out=None,
+                                 backend="auto"):
+    """KL(teacher || softmax(logits/T)) per row with the teacher given on k classes a row,
+    as distillation pipelines store it (the top-k of a large vocabulary)::
+
+        KL = sum_j p_j (log p_j - log q_{i_j})  [+ r log(r / (1 - sum_j q_{i_j}))]
+
+    ``teacher_indices`` (integers) and ``teacher_logprobs`` have the logits' shape with k
+    entries along the class axis; the indices of a row are distinct and in [0, C)
+    (checked; pad a short row with unused classes at ``-inf``, which add nothing).
+    ``missing`` says what the teacher's mass outside the k is:
+
+    * ``"renormalize"`` (default): none; the teacher is ``softmax(teacher_logprobs/T)``
+      over its k classes (so raw top-k logits work as well as log-probabilities), and
+      equals the dense KL against a teacher whose other logits are ``-inf``;
+    * ``"residual"``: ``p_j = exp(teacher_logprobs)`` as given (stored at the
+      distillation temperature; T softens the student only) and the remaining mass
+      ``r = 1 - sum p`` (0 if the sum exceeds 1 by rounding, or if k = C) sits on the
+      other classes,
+      compared with the student's mass there; equals the dense KL against a teacher that
+      spreads ``r`` over them as the student does.
+
+    Reductions as ``softmax_kl_divergence``.  The gradient, w.r.t. ``logits`` in the same
+    pass, is ``(q - p)/T`` at the k classes and ``a q/T`` elsewhere (``a`` = 1, or
+    ``1 - r/(1 - sum_j q_{i_j})`` for ``"residual"``).  A row of the logits with ``+inf``,
+    NaN or all ``-inf`` gives NaN.
+    """
+    reduction = _inputs.reduction(reduction, _inputs.KL_REDUCTIONS)
+    temp = _inputs.real_option(temperature, "temperature", 0.0, None, lo_open=True)
+    if missing not in _MISSING:
+        raise ValueError(f"missing must be 'renormalize' or 'residual', got {missing!r}")
+    want_grad = bool(return_grad) or grad_out is not None
+    be, x, v, ax, threads = _sparse(backend, logits, teacher_indices, teacher_logprobs, axis,
+                                    "teacher_indices", "teacher_logprobs")
+    _inputs.check_inverse(temp, "temperature", x.out_dtype)
+    _check_grad_out(be, grad_out, x)
+    return be.sparse_targets(x, teacher_indices, teacher_logprobs, axis=ax, temperature=temp,
+                             mode=_MISSING[missing], reduction=reduction, want_grad=want_grad,
+                             grad_out=grad_out, threads=threads)
+
+
+def softmax_cross_entropy_sparse(logits, target_indices, target_probs, *, axis=-1,
+                                 reduction="mean", return_grad=False, grad_out=None,
+                                 backend="auto"):
+    """Softmax cross-entropy with soft targets given on k classes a row:
+    ``-sum_j p_j log softmax(logits)[i_j]`` (``p`` as given, not renormalised: the same
+    as ``softmax_cross_entropy`` with the dense probability targets that are ``p`` at
+    the ``i_j`` and 0 elsewhere).  Shapes and index rules as
+    ``softmax_kl_divergence_sparse``; reductions ``"mean"`` (over rows, as PyTorch's
+    probability targets), ``"sum"``, ``"none"``.  Gradient ``(sum p) q - p``.
+    """
+    reduction = _inputs.reduction(reduction)
+    want_grad = bool(return_grad) or grad_out is not None
+    be, x, v, ax, threads = _sparse(backend, logits, target_indices, target_probs, axis,
+                                    "target_indices", "target_probs")
+    _check_grad_out(be, grad_out, x)
+    return be.sparse_targets(x, target_indices, target_probs, axis=ax, temperature=1.0, mode=2,
+                             reduction=reduction, want_grad=want_grad, grad_out=grad_out,
+                             threads=threads)
 
 # ---------------------------------------------------------------------------- binary CE
 def _binary_inputs(backend, x, targets, xname, weights):

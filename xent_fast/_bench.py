@@ -57,11 +57,15 @@ HEADLINE = [
     Case("bce_logits", 1, 10_000_000), Case("bce_logits_grad", 1, 10_000_000),
     Case("kl", 4096, 32000), Case("kl_grad", 4096, 32000),
     Case("logsumexp", 4096, 32000),
+    Case("jsd", 4096, 32000), Case("jsd_grad", 4096, 32000),
+    Case("kl_sparse", 4096, 32000), Case("kl_sparse_grad", 4096, 32000),
 ]
 # every other public function once, at the shape its entry gives (the CE headline shape)
 BLOCKS = [Case(op.kind, *op.bench_shape) for op in _ops.OPS if op.bench_shape]
 QUICK = [Case("ce", 4096, 32000), Case("ce_grad", 4096, 32000), Case("ce", 1_000_000, 10),
-         Case("ce", 8192, 2), Case("bce_logits", 1, 10_000_000), Case("kl", 4096, 32000)]
+         Case("ce", 8192, 2), Case("bce_logits", 1, 10_000_000), Case("kl", 4096, 32000),
+         Case("jsd", 1024, 32000), Case("jsd_grad", 1024, 32000),
+         Case("kl_sparse", 4096, 32000), Case("kl_sparse_grad", 4096, 32000)]
 # throughput against class count at a fixed 2^27 elements, for the plot
 SWEEP = [Case("ce", (1 << 27) // c, c) for c in (2, 10, 100, 1000, 10_000, 32000, 128_000)]
 

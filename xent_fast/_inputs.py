@@ -236,6 +236,35 @@ def check_index_targets(tdtype, tshape, batch):
                          f"{tuple(batch)}; got {tuple(tshape)}")
 
 
+def sparse_shape(shape, ax, ishape, vshape, iname, vname):
+    """Checks the shapes of a sparse target: ``iname`` (integers) and ``vname`` of the
+    logits' shape but for the class axis (k entries); returns k."""
+    ishape, vshape = tuple(ishape), tuple(vshape)
+    if len(ishape) != len(shape) or batch_shape(ishape, ax) != batch_shape(shape, ax):
+        raise ValueError(f"{iname} must have the logits' shape with k entries along the "
+                         f"class axis, {batch_shape(shape, ax)} and k; got {ishape}")
+    if vshape != ishape:
+        raise ValueError(f"{vname} must have the shape of {iname}, {ishape}; got {vshape}")
+    return ishape[ax]
+
+
+def check_sparse_indices(idx, c, batch, ax, name):
+    """(n, k) class indices: each in [0, c) and distinct within its row."""
+    if not idx.size:
+        return
+    out = (idx < 0) | (idx >= c)
+    if out.any():
+        i, j = np.argwhere(out)[0]
+        raise ValueError(f"{name} must lie in [0, {c}); got {int(idx[i, j])} at "
+                         f"{position(batch, ax, int(i), int(j))}")
+    s = np.sort(idx, axis=1)
+    dup = s[:, 1:] == s[:, :-1]
+    if dup.any():
+        i, j = np.argwhere(dup)[0]
+        raise ValueError(f"{name} must be distinct within a row; class {int(s[i, j])} "
+                         f"appears twice in row {int(i)}")
+
+
 def index_targets(t, c, ignore, origin=None):
     """Integer targets as a flat int64 array, checked before the cast: a uint64 target
     beyond the int64 range would wrap (onto ``ignore_index`` even) and is an error."""

@@ -120,6 +120,17 @@ def _prob_targets(rng, x, shape, dtype):
     return {"x": x, "p": _probabilities(rng, shape).astype(dtype)}
 
 
+def _sparse_teacher(rng, x, shape, dtype):
+    """The logits and a teacher on k = min(64, C) distinct classes a row (a run of classes
+    from a random start) holding 0.9 of its mass, as log-probabilities."""
+    rows, cols = shape
+    k = min(64, cols)
+    idx = (rng.integers(0, max(cols, 1), (rows, 1)) + np.arange(k)) % max(cols, 1)
+    p = rng.random((rows, k)) + 0.01
+    lp = np.log(0.9 * p / p.sum(-1, keepdims=True))
+    return {"x": x, "ti": idx.astype(np.int64), "tv": lp.astype(dtype)}
+
+
 def _binary_logits(rng, x, shape, dtype):
     return {"x": x.reshape(-1), "y": rng.random(x.size, dtype=np.float32).astype(dtype)}
 
@@ -140,7 +151,9 @@ def demo_inputs(rng):
     t = rng.integers(0, 1000, 257)
     probs = R.softmax(xt).astype(np.float32)
     y = rng.random(x.shape).astype(np.float32)
-    return {"x": x, "xt": xt, "t": t, "p": probs, "q": probs[::-1], "y": y}
+    ti = (rng.integers(0, 1000, (257, 1)) + np.arange(64)) % 1000
+    tv = np.take_along_axis(R.log_softmax(xt), ti, -1).astype(np.float32)
+    return {"x": x, "xt": xt, "t": t, "p": probs, "q": probs[::-1], "y": y, "ti": ti, "tv": tv}
 
 
 # ---------------------------------------------------------------------------- peers
@@ -261,6 +274,30 @@ def _torch_kl(torch, F, xt):
                               log_target=True)
 
 
+def _torch_jsd(beta):
+    """Liger-Kernel's generalised JSD as its own tests compute it in PyTorch (student z,
+    teacher xt, batchmean)."""
+    def make(torch, F, xt):
+        lp = F.log_softmax(xt, dim=-1)
+
+        def loss(z):
+            lq = F.log_softmax(z, dim=-1)
+            m = beta * lp.exp() + (1 - beta) * lq.exp()
+            lm = m.log()
+            return (beta * (lp.exp() * (lp - lm)).sum(-1)
+                    + (1 - beta) * (lq.exp() * (lq - lm)).sum(-1)).sum() / z.shape[0]
+        return loss
+    return make
+
+
+def _torch_kl_sparse(torch, F, ti, tv):
+    """The sparse-teacher KL as it is written in PyTorch: log_softmax, gather, the
+    teacher renormalised over its k classes."""
+    lp = tv - torch.logsumexp(tv, dim=-1, keepdim=True)
+    p = lp.exp()
+    return lambda z: (p * (lp - F.log_softmax(z, dim=-1).gather(-1, ti))).sum() / z.shape[0]
+
+
 # ---------------------------------------------------------------------------- the table
 OPS = [
     Op("logsumexp", "logsumexp", inputs=_logits,
@@ -313,6 +350,15 @@ OPS = [
        peers={"scipy": _scipy(_scipy_kl), "torch": _torch_loss(("xt",), _torch_kl),
               "jax": _jax_loss("xt", _jax_kl)},
        check={"temperature": 2.0}),
+    Op("softmax_js_divergence", "jsd", inputs=_logit_pair, grad=True, reads=2,
+       call=lambda m, d, **kw: m.softmax_js_divergence(d["x"], d["xt"], **kw),
+       peers={"torch": _torch_loss(("xt",), _torch_jsd(0.5))},
+       check={"beta": 0.3, "temperature": 2.0, "return_grad": True}),
+    Op("softmax_kl_divergence_sparse", "kl_sparse", inputs=_sparse_teacher, grad=True,
+       row_bytes=64 * 16,
+       call=lambda m, d, **kw: m.softmax_kl_divergence_sparse(d["x"], d["ti"], d["tv"], **kw),
+       peers={"torch": _torch_loss(("ti", "tv"), _torch_kl_sparse)},
+       check={"return_grad": True}),
     Op("binary_cross_entropy", "bce", inputs=_binary_probs, reads=2, elementwise=True,
        call=lambda m, d, **kw: m.binary_cross_entropy(d["p"], d["y"], **kw),
        peers={"torch": _torch(("p", "y"), lambda torch, F, p, y: lambda:

@@ -276,6 +276,82 @@ def softmax_js_divergence(logits, target_logits, *, beta=0.5, temperature=1.0, a
     return loss, np.moveaxis(g, -1, axis)
 
 
+def _sparse_parts(logits, indices, values, axis, temperature):
+    """(log q of every class at T, log q at the given classes, the values, indices),
+    the class axis last."""
+    s = _last(logits, axis) / temperature
+    idx = np.moveaxis(np.asarray(indices), axis, -1).astype(np.int64)
+    v = _last(values, axis)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        lq = _log_softmax_last(s)
+    return lq, np.take_along_axis(lq, idx, -1), v, idx
+
+
+def _sparse_grad(q, a, idx, at_idx, scale, axis, temperature):
+    """scale/T (a q everywhere, ``at_idx`` at the given classes), class axis restored."""
+    g = a[..., None] * q
+    np.put_along_axis(g, idx, at_idx, -1)
+    return np.moveaxis(g * (scale / temperature), -1, axis)
+
+
+def softmax_kl_divergence_sparse(logits, teacher_indices, teacher_logprobs, *,
+                                 temperature=1.0, missing="renormalize", axis=-1,
+                                 reduction="batchmean", return_grad=False):
+    """KL(teacher || softmax(logits/T)) with the teacher given on k distinct classes a row.
+
+    missing="renormalize": the teacher is softmax(teacher_logprobs/T) over its k classes.
+    missing="residual": the teacher's probabilities are exp(teacher_logprobs) as given
+    and its remaining mass r = 1 - sum p sits on the classes outside the k, compared
+    with the student's mass there: + r log(r / (1 - sum_k q)) (none when k = C)."""
+    lq, lqk, lp, idx = _sparse_parts(logits, teacher_indices, teacher_logprobs, axis,
+                                     temperature)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        q = np.exp(lq)
+        qk = np.exp(lqk)
+        if missing == "renormalize":
+            lp = lp / temperature
+            lp = lp - _lse_last(lp)[..., None]
+        p = np.exp(lp)
+        rows = np.sum(np.where(p == 0, 0.0, p * (lp - lqk)), axis=-1)
+        a = np.ones(rows.shape)
+        if missing == "residual":
+            r = np.maximum(1.0 - np.sum(p, axis=-1), 0.0)
+            if idx.shape[-1] >= lq.shape[-1]:  # no class outside the k: no residual
+                r = np.zeros_like(r)
+            rest = np.log1p(-np.sum(qk, axis=-1))
+            rows = rows + np.where(r > 0, r * (np.log(np.where(r > 0, r, 1.0)) - rest), 0.0)
+            a = 1.0 - r / np.exp(rest)  # 1 - r / (1 - sum_k q)
+        bad = ~np.isfinite(_lse_last(_last(logits, axis)))
+        rows = np.where(bad, np.nan, rows)
+    loss, scale = _kl_reduce(rows, np.ones(rows.shape, bool), lq.shape[-1], reduction)
+    if not return_grad:
+        return loss
+    at = (qk - p) if missing == "residual" else a[..., None] * qk - p
+    g = _sparse_grad(q, a, idx, at, scale, -1, temperature)
+    g = np.where(bad[..., None], np.nan, g)
+    return loss, np.moveaxis(g, -1, axis)
+
+
+def softmax_cross_entropy_sparse(logits, target_indices, target_probs, *, axis=-1,
+                                 reduction="mean", return_grad=False):
+    """-sum_j p_j log softmax(logits)[i_j]: cross-entropy with soft targets given on k
+    distinct classes a row (probabilities as given, not renormalised)."""
+    lq, lqk, p, idx = _sparse_parts(logits, target_indices, target_probs, axis, 1.0)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        rows = -np.sum(np.where(p == 0, 0.0, p * lqk), axis=-1)
+        a = np.sum(p, axis=-1)
+        bad = ~np.isfinite(_lse_last(_last(logits, axis)))
+        rows = np.where(bad, np.nan, rows)
+        n = rows.size
+        loss = _reduce(rows, reduction, n)
+        if not return_grad:
+            return loss
+        scale = (1.0 / n if n else np.nan) if reduction == "mean" else 1.0
+        g = _sparse_grad(np.exp(lq), a, idx, a[..., None] * np.exp(lqk) - p, scale, -1, 1.0)
+    g = np.where(bad[..., None], np.nan, g)
+    return loss, np.moveaxis(g, -1, axis)
+
+
 def binary_cross_entropy(probs, targets, *, weight=None, reduction="mean"):
     p, y = _f64(probs), _f64(targets)
     if not ((p >= 0) & (p <= 1)).all():

@@ -58,7 +58,8 @@ from ._cpu.arrays import host
 
 __all__ = [
     "cross_entropy", "binary_cross_entropy", "binary_cross_entropy_with_logits",
-    "softmax_kl_divergence", "softmax_js_divergence", "linear_cross_entropy",
+    "softmax_kl_divergence", "softmax_js_divergence", "softmax_kl_divergence_sparse",
+    "linear_cross_entropy",
     "linear_token_stats", "CrossEntropyLoss", "BCELoss", "BCEWithLogitsLoss",
     "SoftmaxKLDivergenceLoss", "JSDLoss", "LinearCrossEntropyLoss",
 ]
@@ -573,6 +574,72 @@ def softmax_js_divergence(input, target_logits, target=None, *, beta=0.5, temper
     loss, _ = torch.ops.xent_fast.softmax_js_divergence(
         input, target_logits, target, float(beta), float(temperature), int(ignore_index),
         reduction, _wants_grad(input))
+    return loss
+
+
+
+@torch.library.custom_op(f"{_NS}::softmax_kl_divergence_sparse", mutates_args=())
+def _skd_op(input: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor,
+            temperature: float, missing: str, reduction: str,
+            want_grad: bool) -> Tuple[Tensor, Tensor]:
+    """(KL to a teacher given on k classes a row, its gradient w.r.t. input)."""
+    kw = dict(axis=_class_dim(input), temperature=temperature, missing=missing,
+              reduction=reduction)
+    x = _array(input, "input")
+    i, v = _array(teacher_indices, "teacher_indices"), _array(teacher_logprobs,
+                                                             "teacher_logprobs")
+    if not want_grad:
+        return (_tensor(_api.softmax_kl_divergence_sparse(x, i, v, **kw), input),
+                _no_grad_buffer(input))
+    grad = _grad_buffer(input)
+    loss, _ = _api.softmax_kl_divergence_sparse(x, i, v, grad_out=_array(grad, "grad"), **kw)
+    return _tensor(loss, input), grad
+
+
+@_skd_op.register_fake
+def _(input, teacher_indices, teacher_logprobs, temperature, missing, reduction, want_grad):
+    shape = _batch_shape(input) if reduction == "none" else ()
+    return (input.new_empty(shape),
+            _grad_buffer(input) if want_grad else _no_grad_buffer(input))
+
+
+def _skd_setup(ctx, inputs, output):
+    input, _, _, _, _, reduction, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.reduction, ctx.cdim, ctx.numel = reduction, _class_dim(input), input.numel()
+    ctx.save_for_backward(output[1])
+
+
+def _skd_backward(ctx, g, _g_grad):
+    _no_double_backward("softmax_kl_divergence_sparse")
+    _not_differentiable(ctx, {2: "teacher_logprobs"})
+    if g is None:
+        return (None,) * 7
+    grad, = ctx.saved_tensors
+    gi = None
+    if ctx.needs_input_grad[0]:
+        gi = _input_grad(ctx, grad, g, "softmax_kl_divergence_sparse", ctx.cdim)
+    return gi, None, None, None, None, None, None
+
+
+_skd_op.register_autograd(_skd_backward, setup_context=_skd_setup)
+
+
+def softmax_kl_divergence_sparse(input, teacher_indices, teacher_logprobs, *, temperature=1.0,
+                                 missing="renormalize", reduction="batchmean"):
+    """KL(teacher || softmax(input / T)) over dimension 1 with the teacher stored sparsely:
+    ``teacher_indices`` (integers) and ``teacher_logprobs`` shaped as ``input`` with k
+    entries along dimension 1 (e.g. the top 64 of a 128k vocabulary).  ``missing``:
+    ``"renormalize"`` (the teacher renormalised over its k classes at T) or
+    ``"residual"`` (its remaining mass on the other classes); see
+    :func:`xent_fast.softmax_kl_divergence_sparse`.  The teacher is not differentiated.
+    """
+    _check_input(input)
+    _check_on(input, teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs)
+    loss, _ = torch.ops.xent_fast.softmax_kl_divergence_sparse(
+        input, teacher_indices, teacher_logprobs, float(temperature), missing, reduction,
+        _wants_grad(input))
     return loss
 
 

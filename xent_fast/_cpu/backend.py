@@ -47,6 +47,7 @@ _DRIVERS = {
 # The drivers that can write a gradient, as two variants each: NAME and NAME_grad.
 for _name, _outs in (("ce_index", {"g", "loss"}), ("ce_prob", {"g", "loss"}),
                      ("kl_logits", {"g", "out"}), ("jsd", {"g", "out"}),
+                     ("sparse_kd", {"g", "out"}),
                      ("bce_logits", {"g", "out", "partial"})):
     for _grad in (False, True):
         _DRIVERS[_name + ("_grad" if _grad else "")] = (
@@ -453,6 +454,34 @@ def softmax_js_divergence(x, t, *, axis, beta, temperature, targets, ignore_inde
         res = reduce_rows(out, batch, "mean", den, x.out_dtype)
     else:
         res = reduce_rows(out, batch, reduction, 1, x.out_dtype)
+    return (res, grad) if want_grad else res
+
+
+def sparse_targets(x, indices, values, *, axis, temperature, mode, reduction, want_grad,
+                   grad_out, threads):
+    """KL to a teacher (mode 0 renormalised, 1 residual) or cross-entropy (mode 2) with the
+    target given on k classes a row: ``indices`` and ``values`` of the logits' shape with
+    k along the class axis."""
+    rows, batch = class_rows(x.arr, axis)
+    n, c = rows.shape
+    hi = np.moveaxis(host(indices), axis, -1)
+    k = hi.shape[-1]
+    idx = np.ascontiguousarray(hi.reshape(n, k), np.int64)
+    _inputs.check_sparse_indices(idx, c, batch, axis, "target_indices" if mode == 2
+                                 else "teacher_indices")
+    v = np.ascontiguousarray(np.moveaxis(host(values), axis, -1).reshape(n, k), np.float64)
+    den = n if mode == 2 else _inputs.kl_denominator(reduction, n, c)
+    if reduction in ("none", "sum"):
+        den = 1
+    gscale = 1.0 / den if den else math.nan
+    grad, g2, finish = grad_target(want_grad, grad_out, x, axis, rows.shape, (idx, v))
+    out = np.empty(n, np.float64)
+    run(_grad_variant("sparse_kd", want_grad), threads, rows, x.hk, idx, v, 1.0 / temperature,
+        mode, gscale, g2, x.hk, out, _nblocks(n, threads))
+    if finish is not None:
+        finish()
+    res = reduce_rows(out, batch, reduction if reduction in ("none", "sum") else "mean", den,
+                      x.out_dtype)
     return (res, grad) if want_grad else res
 
 def _elementwise_buffers(shape2, keep, dtype):

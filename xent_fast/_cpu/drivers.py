@@ -21,7 +21,7 @@ from .reduce import row_logsumexp
 from .row_access import (block_bounds, grad_row, half_work_row, load_row, row_at,
                          store_grad_row, task_bounds, work_row)
 from .rows import (bce_logits_row, bce_row, ce_index_row, ce_prob_row, dist_row, first_bad_prob,
-                   jsd_row, kl_logits_row, row_softmax, row_sum, softcap_grad_row, softcap_row)
+                   jsd_row, kl_logits_row, row_softmax, sparse_kd_row, row_sum, softcap_grad_row, softcap_row)
 
 
 # ---------------------------------------------------------------------------- drivers
@@ -218,6 +218,31 @@ def make_jsd(want_grad):
             else:
                 out[i] = jsd_row(y, yt, inv_t, beta, mode, w, gwork, False, gscale)
     return _variant(jsd, want_grad)
+
+
+def make_sparse_kd(want_grad):
+    """The sparse-target driver (see rows.sparse_kd_row) with ``want_grad`` a
+    compile-time constant: ``idx``, ``v`` (n, k) int64 and float64 rows."""
+
+    def sparse_kd(x, hk, idx, v, inv_t, mode, gscale, g, ghk, out, nblocks, b):
+        n, c = x.shape
+        k = idx.shape[1]
+        lo, hi = block_bounds(b, nblocks, n)
+        work = half_work_row(x, c)
+        gwork = half_work_row(g, c if want_grad else 0)
+        pk = np.empty(k)
+        lqk = np.empty(k)
+        for i in range(lo, hi):
+            y = load_row(row_at(x, i), work, hk)
+            if want_grad:
+                gr = grad_row(row_at(g, i), gwork)
+                out[i] = sparse_kd_row(y, idx[i], v[i], inv_t, mode, pk, lqk, gr, True,
+                                       gscale)
+                store_grad_row(row_at(g, i), gr, ghk)
+            else:
+                out[i] = sparse_kd_row(y, idx[i], v[i], inv_t, mode, pk, lqk, gwork, False,
+                                       gscale)
+    return _variant(sparse_kd, want_grad)
 
 def eval_stats(x, hk, t, lo, count, st, top, nblocks, b):
     """Per-row evaluation statistics (see eval_rows.py) of rows ``x``, classes ``lo ..``;

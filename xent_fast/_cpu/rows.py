@@ -695,6 +695,96 @@ def jsd_row(x, xt, inv_t, beta, mode, w, gr, want_grad, gscale):
     return loss
 
 
+
+@njit(**JIT)
+def _scaled_sumexp(x, mx, it):
+    """sum exp((x - max x)/T), in float64 across chunks."""
+    C = x.shape[0]
+    s = 0.0
+    for lo in range(0, C, CHUNK):
+        sx = x[lo:min(lo + CHUNK, C)]
+        a = cast_like(0.0, x)
+        for j in range(sx.shape[0]):
+            a += fexp(shift_scale(sx[j], mx, it))
+        s += a
+    return s
+
+
+@njit(**JIT)
+def sparse_kd_row(x, idx, v, inv_t, mode, pk, lqk, gr, want_grad, gscale):
+    """The student softmax(x/T) against a target given on the classes ``idx`` (distinct)
+    with values ``v``: mode 0 KL from the teacher's log-probabilities renormalised over
+    the k at T, mode 1 KL with the teacher's remaining mass r = 1 - sum p on the other
+    classes (+ r log(r / (1 - sum_k q))), mode 2 cross-entropy -sum v log q (``v``
+    probabilities).  The student's log-normaliser costs two reads of the row, the k
+    entries are gathered in float64 (``lqk``, ``pk``: work of k values).
+
+    With ``want_grad`` writes ``gscale/T`` times the gradient into ``gr`` (which may be
+    ``x``): a q everywhere, then at the k classes b q - p, where a = b = 1 (mode 0),
+    a = 1 - r/(1 - sum_k q) and b = 1 (mode 1), a = b = sum p (mode 2)."""
+    C = x.shape[0]
+    k = idx.shape[0]
+    if C == 0:
+        return 0.0
+    it = cast_like(inv_t, x)
+    mx = row_max(x)
+    if not abs(mx) < np.inf:
+        return _kl_infinite(gr, want_grad)
+    lq0 = math.log(_scaled_sumexp(x, mx, it))
+    m64 = np.float64(mx)
+    for j in range(k):
+        lqk[j] = (np.float64(x[idx[j]]) - m64) * inv_t - lq0
+    loss = 0.0
+    a = 1.0
+    if mode == 0:
+        mt = -np.inf
+        for j in range(k):
+            mt = max(mt, v[j] * inv_t)
+        st = 0.0
+        for j in range(k):
+            st += math.exp(v[j] * inv_t - mt) if mt > -np.inf else np.nan
+        lst = math.log(st) if k else 0.0
+        for j in range(k):
+            lp = v[j] * inv_t - mt - lst
+            p = math.exp(lp)
+            pk[j] = p
+            if p != 0:
+                loss += p * (lp - lqk[j])
+    elif mode == 1:
+        total = 0.0
+        s = 0.0
+        for j in range(k):
+            p = math.exp(v[j])
+            pk[j] = p
+            total += p
+            s += math.exp(lqk[j])
+            if p != 0:
+                loss += p * (v[j] - lqk[j])
+        r = max(1.0 - total, 0.0) if k < C else 0.0  # k = C: no class to hold it
+        rest = math.log1p(-s) if s < 1 else -np.inf
+        if r > 0:
+            loss += r * (math.log(r) - rest)
+        a = 1.0 - r / math.exp(rest) if r > 0 else 1.0
+    else:
+        a = 0.0
+        for j in range(k):
+            p = v[j]
+            pk[j] = p
+            a += p
+            if p != 0:
+                loss -= p * lqk[j]
+    if want_grad:
+        sc = gscale * inv_t
+        sa = cast_like(sc * a, gr)
+        lqc = cast_like(lq0, x)
+        for c in range(C):
+            gr[c] = sa * fexp(shift_scale(x[c], mx, it) - lqc)
+        b = 1.0 if mode == 1 else a
+        for j in range(k):
+            gr[idx[j]] = sc * (b * math.exp(lqk[j]) - pk[j])
+    return loss
+
+
 # ---------------------------------------------------------------------------- distributions
 @njit(**JIT)
 def first_bad_prob(p):

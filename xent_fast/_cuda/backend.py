@@ -260,6 +260,48 @@ def softmax_js_divergence(x, t, *, axis, beta, temperature, targets, ignore_inde
         out = scalar_out(x, acc, den, use_den, float(host_den), mean, x.out_dtype)
     return _with_grad(out, want_grad, grad, gfin, x)
 
+
+def sparse_targets(x, indices, values, *, axis, temperature, mode, reduction, want_grad,
+                   grad_out, threads=False):
+    x3 = x.rows3(axis)
+    di = Dev(indices, "indices", allow_int=True)
+    i3 = di.rows3(axis)
+    v3 = x.companion(values, "values").rows3(axis)
+    n = x3.shape[0] * x3.shape[2]
+    c, k = x3.shape[1], i3.shape[1]
+    batch = _inputs.batch_shape(x.shape, axis)
+    den = n if mode == 2 else _inputs.kl_denominator(reduction, n, c)
+    if reduction in ("none", "sum"):
+        den = 1
+    gscale = 1.0 / den if den else math.nan
+    keep = reduction == "none"
+    acc = zeros(1, np.float64)
+    bad = cuda.to_device(np.array([NO_BAD, NO_BAD], np.int64))
+    res, flat = (per_row_out(x, batch, x.out_dtype) if keep else (None, dummy(x.out_dtype, 1)))
+    grad, g3, gfin = _grad_out(want_grad, grad_out, x, axis)
+    if n:
+        ts = team_size(c)
+        blocks, nthreads = launch(n, ts)
+        kernels(1, x.out_dtype == np.float64)["sparse_kd"][blocks, nthreads](
+            x3, i3, v3, 1.0 / temperature, mode, gscale, want_grad, g3, keep, flat, acc, bad,
+            ts)
+    flags = bad.copy_to_host()  # the only host round trip: the error flags
+    name = "target_indices" if mode == 2 else "teacher_indices"
+    if flags.min() != NO_BAD:
+        which = 0 if flags[0] != NO_BAD else 1
+        i, j = divmod(int(flags[which]), k)
+        pos = _inputs.position(batch, axis, i, j)
+        val = element(di, pos)
+        if which == 0:
+            raise ValueError(f"{name} must lie in [0, {c}); got {val} at {pos}")
+        raise ValueError(f"{name} must be distinct within a row; class {val} appears twice "
+                         f"in row {i}")
+    if keep:
+        out = x.finish(res)
+    else:
+        out = scalar_out(x, acc, None, False, float(den), reduction != "sum", x.out_dtype)
+    return _with_grad(out, want_grad, grad, gfin, x)
+
 # ---------------------------------------------------------------------------- binary CE
 def _flat_blocks(size):
     return min(4096, -(-size // K.FLAT_THREADS)), K.FLAT_THREADS

@@ -622,6 +622,118 @@ def kernels(v, f64):
                     gv = sc * (q * (w - k))
             grow[c] = encode(gv, g)
 
+    @device
+    def sparse_p(vj, mode, it, mt, lst):
+        """(teacher log-probability or probability, probability) of one given entry."""
+        if mode == 0:
+            lp = vj * it - mt - lst
+            return lp, math.exp(lp)
+        if mode == 1:
+            return vj, math.exp(vj)
+        return vj, vj
+
+    @cuda.jit(**KERNEL)
+    def sparse_kd_kernel(x, idx, v, inv_t, mode, gscale, want_grad, g, keep, out, acc, bad,
+                         ts):
+        """See _cpu/rows.py's sparse_kd_row; ``idx``, ``v`` (outer, k, inner).  Indices
+        out of [0, C) set bad[0], repeated ones bad[1] (the lowest row * k + entry)."""
+        sm = cuda.shared.array(SHARED, np.float64)
+        inner = x.shape[2]
+        C = x.shape[1]
+        k = idx.shape[1]
+        n = x.shape[0] * inner
+        r, lane, active = row_index(ts, n)
+        rr = r if active else 0
+        o, ii = rr // inner, rr % inner
+        row = x[o, :, ii]
+        cnt = C if active else 0
+        kc = k if active else 0
+        for j in range(lane, kc, ts):  # the indices' checks
+            ij = np.int64(idx[o, j, ii])
+            if ij < 0 or ij >= C:
+                cuda.atomic.min(bad, 0, np.int64(r * k + j))
+            for jj in range(j):
+                if np.int64(idx[o, jj, ii]) == ij:
+                    cuda.atomic.min(bad, 1, np.int64(r * k + j))
+        it = FT(inv_t)
+        m = FT(NEG_INF)
+        s = FT(0.0)
+        nanf = 0
+        for c in range(lane, cnt, ts):
+            y = decode(row[c])
+            nanf = nanf | (1 if y != y else 0)
+            if y > m:
+                s = s * math.exp((m - y) * it) if m != NEG_INF else FT(0.0)
+                m = y
+            if m != NEG_INF and m != math.inf:
+                s += math.exp((y - m) * it)
+        nanf = team_max(nanf, ts, sm)
+        gm = team_max(m, ts, sm)
+        fin = nanf == 0 and gm != NEG_INF and gm != math.inf
+        f = 0.0 if (not fin or m == NEG_INF) else math.exp((np.float64(m) - gm) * inv_t)
+        s64 = team_sum(np.float64(s) * f, ts, sm)
+        lq0 = math.log(s64) if fin else 0.0
+        gm64 = np.float64(gm) if fin else 0.0
+        mt = NEG_INF
+        for j in range(lane, kc if mode == 0 else 0, ts):
+            mt = max(mt, np.float64(decode(v[o, j, ii])) * inv_t)
+        mt = team_max(mt, ts, sm)
+        st = 0.0
+        for j in range(lane, kc if mode == 0 else 0, ts):
+            st += math.exp(np.float64(decode(v[o, j, ii])) * inv_t - mt) if mt > NEG_INF \
+                else math.nan
+        st = team_sum(st, ts, sm)
+        lst = log0(st) if k > 0 and mode == 0 else 0.0
+        part = 0.0
+        tot = 0.0
+        sq = 0.0
+        for j in range(lane, kc, ts):
+            ij = min(max(np.int64(idx[o, j, ii]), 0), C - 1)
+            lq = (np.float64(decode(row[ij])) - gm64) * inv_t - lq0
+            lp, p = sparse_p(np.float64(decode(v[o, j, ii])), mode, inv_t, mt, lst)
+            tot += p
+            sq += math.exp(lq)
+            if p != 0:
+                part += p * (lp - lq) if mode != 2 else -p * lq
+        part = team_sum(part, ts, sm)
+        tot = team_sum(tot, ts, sm)
+        sq = team_sum(sq, ts, sm)
+        loss = part
+        a = tot if mode == 2 else 1.0
+        if mode == 1:
+            rr_ = max(1.0 - tot, 0.0) if k < C else 0.0
+            rest = math.log1p(-sq) if sq < 1 else NEG_INF
+            if rr_ > 0:
+                loss += rr_ * (math.log(rr_) - rest)
+                a = 1.0 - rr_ / math.exp(rest) if rest > NEG_INF else NEG_INF
+        if not fin:
+            loss = math.nan
+        if not active or C == 0:
+            loss = 0.0
+        if keep:
+            if active and lane == 0:
+                out[r] = loss
+        else:
+            block_add(loss if lane == 0 else 0.0, acc, sm)
+        if not want_grad:
+            return
+        grow = g[o, :, ii]
+        sc = gscale * inv_t
+        sa = FT(sc * a) if fin else FT(math.nan)
+        mm = FT(gm64)
+        lqc = FT(lq0)
+        for jj in range(lane, cnt, ts):
+            c = C - 1 - jj
+            grow[c] = encode(sa * math.exp((decode(row[c]) - mm) * it - lqc), g)
+        cuda.syncthreads()
+        b = 1.0 if mode == 1 else a
+        for j in range(lane, kc if fin else 0, ts):
+            ij = np.int64(idx[o, j, ii])
+            if ij >= 0 and ij < C:
+                lq = (np.float64(decode(row[ij])) - gm64) * inv_t - lq0
+                _, p = sparse_p(np.float64(decode(v[o, j, ii])), mode, inv_t, mt, lst)
+                grow[ij] = encode(FT(sc * (b * math.exp(lq) - p)), g)
+
     @cuda.jit(**KERNEL)
     def dist_kernel(p, q, mode, out, bad, ts):
         sm = cuda.shared.array(SHARED, np.float64)
@@ -736,6 +848,7 @@ def kernels(v, f64):
 
     return dict(lse=lse_kernel, softmax=softmax_kernel, ce_index=ce_index_kernel,
                 ce_prob=ce_prob_kernel, kl_logits=kl_logits_kernel, jsd=jsd_kernel,
+                sparse_kd=sparse_kd_kernel,
                 dist=dist_kernel,
                 eval=eval_kernel)
 
