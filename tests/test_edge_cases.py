@@ -431,3 +431,20 @@ def test_bce_with_logits_grad_does_not_cancel_for_negative_logits(shape, weighte
     tol = (1e-6 if f32 else 1e-12) * np.abs(want) + 8 * eps * terms + np.finfo(dtype).tiny
     bad = ~(np.abs(g - want) <= tol)
     assert not bad.any(), np.c_[x[bad], y[bad], g[bad], want[bad]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", [5, 600, 3000])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_nan_in_a_row_of_minus_inf_is_nan(backend, c, sign):
+    """A NaN (either sign bit) in a row of -inf: NaN, never the empty row's -inf / +inf,
+    whichever chunk of a wide row holds it."""
+    x = np.full((2, c), -np.inf)
+    x[0, c - 1] = sign * np.nan
+    x[1, 0] = sign * np.nan
+    t = np.array([1, 1])
+    assert np.isnan(xf.logsumexp(x, backend=backend)).all()
+    assert np.isnan(xf.softmax_cross_entropy(x, t, reduction="none", backend=backend)).all()
+    loss, g = xf.softmax_cross_entropy(x, t, reduction="none", return_grad=True,
+                                       backend=backend)
+    assert np.isnan(loss).all() and np.isnan(g).all()

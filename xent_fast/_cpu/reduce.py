@@ -185,6 +185,8 @@ def _row_max_sumexp_scalar(x):
     for lo in range(0, n, MAX_CHUNK):
         seg = x[lo:min(lo + MAX_CHUNK, n)]
         cm = seg_max(seg, m)
+        if cm != cm:  # a NaN ordered above +inf: the row's answer is NaN
+            return cm, np.nan
         if cm == np.inf or cm == -np.inf:
             m = cm
             continue
@@ -312,10 +314,8 @@ def row_has_nan(x):
 @njit(**INLINE)
 def lse_from(x, m, s):
     """Finish a log-sum-exp from the row max ``m`` and ``s = sum(exp(x - m))``."""
-    if m == -np.inf:
-        return -np.inf
-    if m == np.inf:
-        return np.nan if row_has_nan(x) else np.inf
+    if m == -np.inf or m == np.inf:  # rare rows: a NaN the max skipped is looked for
+        return np.nan if row_has_nan(x) else float(m)
     return float(m) + math.log(s)
 
 

@@ -197,7 +197,7 @@ def ce_index_row(y, t, w, has_w, wsum, eps, z, gr, want_grad, gscale, stream=Fal
         lse = fm + ls
     # sum_c w_c (lse - y_c) = wsum (lse - pivot) - wy, where lse - y_t is nll; a target
     # of weight 0 carries no mass: exactly 0, even where its logit is -inf
-    loss = ce_index_loss(nll, nll if pivot == y_t else lse, wy, wsum, m == -np.inf, w_t,
+    loss = ce_index_loss(nll, nll if pivot == y_t else lse, wy, wsum, lse == -np.inf, w_t,
                          eps, C, z, lse)
     if want_grad:
         k = cast_like(ce_grad_scale(ce_index_mass(w_t, wsum, eps, C), z, lse, s, gscale), gr)
