@@ -19,9 +19,13 @@ BETAS = [0.0, 0.1, 0.5, 1.0]
 ROWS = 12 if SIM else 64
 
 
-def _sim_trim(batch, dtype):
-    if SIM and len(batch) > 1 and dtype.name in ("float64", "float16"):
-        pytest.skip("the simulator runs the widest shape in float32 and bfloat16 only")
+def _trim(batch, dtype, backend):
+    """Keep the suite's time: the simulator runs float32 only; the threaded backend
+    (the same row kernels as "cpu", behind a prange) float32 and float64."""
+    if SIM and dtype.name != "float32":
+        pytest.skip("the simulator runs float32 only (the dtypes are the CPU's)")
+    if backend == "parallel" and dtype.name not in ("float32", "float64"):
+        pytest.skip("half precision on threads: the same row kernel as on 'cpu'")
 
 
 def _logits(rng, shape, dtype, scale=4.0):
@@ -32,7 +36,7 @@ def _logits(rng, shape, dtype, scale=4.0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("batch,c", SHAPES, ids=IDS)
 def test_jsd_against_reference(rng, batch, c, dtype, backend):
-    _sim_trim(batch, dtype)
+    _trim(batch, dtype, backend)
     x = _logits(rng, batch + (c,), dtype)
     xt = _logits(rng, batch + (c,), dtype)
     targets = rng.integers(0, 3, batch) - 1  # some rows at -1: ignored below
@@ -89,7 +93,7 @@ def _liger_jsd(torch, x, xt, beta, T):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("beta", [0.0, 0.25, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("beta", [0.0, 0.25, 1.0] if SIM else [0.0, 0.25, 0.5, 0.9, 1.0])
 def test_jsd_equals_liger_formula_in_float64(rng, backend, beta):
     torch = pytest.importorskip("torch")
     x, xt = _logits(rng, (ROWS, 300), np.float64), _logits(rng, (ROWS, 300), np.float64)
@@ -223,7 +227,7 @@ SPARSE_SHAPES = [((5,), 1, 1), ((13,), 37, 5), ((3,), 32000, 64), ((0,), 37, 4),
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("batch,c,k", SPARSE_SHAPES, ids=lambda v: str(v))
 def test_sparse_against_reference(rng, batch, c, k, dtype, backend):
-    _sim_trim(batch, dtype)
+    _trim(batch, dtype, backend)
     x = _logits(rng, batch + (c,), dtype)
     _, idx, lp = _topk_teacher(rng, batch + (c,), k)
     cases = [("kl", {}), ("kl", {"missing": "residual", "reduction": "sum"}),
