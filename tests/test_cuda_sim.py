@@ -22,7 +22,7 @@ import pytest
 HERE = Path(__file__).parent
 # the files whose backend-parametrised tests run for CUDA too
 _CUDA_FILES = ("test_against_reference.py", "test_edge_cases.py", "test_trust.py",
-               "test_distillation.py", "cuda")
+               "test_distillation.py", "test_peer_losses.py", "cuda")
 _run = None
 
 

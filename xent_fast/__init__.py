@@ -9,8 +9,8 @@ on-disk cache) on first use.  Call :func:`warmup` to pay that cost up front.
 """
 
 from ._api import (binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy,
-                   entropy, kl_divergence, linear_cross_entropy, linear_token_stats,
-                   log_softmax, logsumexp,
+                   entropy, kl_div, kl_divergence, linear_cross_entropy, linear_token_stats,
+                   log_softmax, logsumexp, nll_loss, sigmoid_focal_loss,
                    softmax, softmax_cross_entropy, softmax_cross_entropy_sparse,
                    softmax_js_divergence, softmax_kl_divergence,
                    softmax_kl_divergence_sparse)
@@ -41,11 +41,14 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "cross_entropy",
     "entropy",
+    "kl_div",
     "kl_divergence",
     "linear_cross_entropy",
     "linear_token_stats",
     "log_softmax",
     "logsumexp",
+    "nll_loss",
+    "sigmoid_focal_loss",
     "softmax",
     "softmax_cross_entropy",
     "softmax_cross_entropy_sparse",

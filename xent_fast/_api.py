@@ -376,6 +376,83 @@ def binary_cross_entropy_with_logits(logits, targets, *, weight=None, pos_weight
         want_grad=want_grad, grad_out=grad_out, threads=threads)
 
 
+
+# ---------------------------------------------------------------------------- PyTorch's others
+def nll_loss(log_probs, targets, *, weight=None, ignore_index=-100, axis=-1, reduction="mean",
+             return_grad=False, grad_out=None, backend="auto"):
+    """Negative log-likelihood of given log-probabilities, as PyTorch's ``nll_loss``:
+    ``-w_t x_t`` per row, ``"mean"`` over the summed weight of the non-ignored targets
+    (NaN when there is none), ``"none"`` 0 at ignored rows.  Only the targets' entries
+    are read.  The class axis is ``axis`` (-1, as everywhere in xent_fast; PyTorch's is
+    1: ``xent_fast.torch.nll_loss`` uses 1).  Gradient ``-w_t/den`` at the targets, 0
+    elsewhere.
+    """
+    reduction = _inputs.reduction(reduction)
+    want_grad = bool(return_grad) or grad_out is not None
+    be, x, threads = _prepare(backend, log_probs, "log_probs", targets)
+    ax = _inputs.class_axis(x.shape, axis, "log_probs")
+    tshape, tdtype = be.describe(targets)
+    _inputs.check_index_targets(tdtype, tshape, _inputs.batch_shape(x.shape, ax))
+    ignore = _inputs.ignore_index_option(ignore_index)
+    w = _inputs.class_weight(be.to_host(weight), x.shape[ax])
+    _check_grad_out(be, grad_out, x)
+    return be.nll_loss(x, targets, axis=ax, weight=w, ignore_index=ignore, reduction=reduction,
+                       want_grad=want_grad, grad_out=grad_out, threads=threads)
+
+
+def _pointwise_inputs(backend, x, y, xname, yname):
+    be, fx, threads = _prepare(backend, x, xname, y)
+    fy = fx.companion(y, yname)
+    _inputs.same_shape(fx.shape, fy.shape, f"{yname} must have the shape of {xname},")
+    return be, fx, fy, threads
+
+
+def kl_div(input, target, *, reduction="mean", log_target=False, return_grad=False,
+           grad_out=None, backend="auto"):
+    """PyTorch's pointwise ``kl_div``: ``input`` log-probabilities, ``target``
+    probabilities (log-probabilities with ``log_target``), elementwise::
+
+        target (log target - input)      (0 where target is 0)
+        exp(target) (target - input)     (log_target)
+
+    Reductions as PyTorch: ``"mean"`` (default, over every element), ``"batchmean"``
+    (over ``input.shape[0]``), ``"sum"``, ``"none"`` (elementwise).  Gradient w.r.t.
+    ``input``: ``-target`` (``-exp(target)``), scaled.  For the KL between two logit
+    arrays use ``softmax_kl_divergence``, which forms neither distribution.
+    """
+    reduction = _inputs.reduction(reduction, _inputs.KL_REDUCTIONS)
+    want_grad = bool(return_grad) or grad_out is not None
+    be, fx, fy, threads = _pointwise_inputs(backend, input, target, "input", "target")
+    size = _size(fx.shape)
+    den = {"mean": size, "batchmean": fx.shape[0] if fx.shape else 1}.get(reduction, 1)
+    _check_grad_out(be, grad_out, fx)
+    return be.pointwise(fx, fy, mode=2 if log_target else 1, alpha=0.0, gamma=0.0,
+                        reduction=reduction, den=den, want_grad=want_grad,
+                        grad_out=grad_out, threads=threads)
+
+
+def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="none",
+                       return_grad=False, grad_out=None, backend="auto"):
+    """torchvision's ``sigmoid_focal_loss`` (Lin et al., RetinaNet), elementwise::
+
+        a_t (1 - p_t)**gamma BCE(logits, targets),   p = sigmoid(logits),
+        p_t = p y + (1 - p)(1 - y),   a_t = alpha y + (1 - alpha)(1 - y)
+
+    (no ``a_t`` when ``alpha < 0``, as torchvision), with ``1 - p_t`` formed from
+    ``sigmoid(x)`` and ``sigmoid(-x)`` (no cancellation) and the stable BCE.  Reductions
+    ``"none"`` (default, as torchvision), ``"mean"``, ``"sum"``; the gradient w.r.t. the
+    logits in the same pass.
+    """
+    reduction = _inputs.reduction(reduction)
+    a = _inputs.real_option(alpha, "alpha")
+    gm = _inputs.real_option(gamma, "gamma", 0.0)
+    want_grad = bool(return_grad) or grad_out is not None
+    be, fx, fy, threads = _pointwise_inputs(backend, logits, targets, "logits", "targets")
+    _check_grad_out(be, grad_out, fx)
+    return be.pointwise(fx, fy, mode=0, alpha=a, gamma=gm, reduction=reduction,
+                        den=_size(fx.shape), want_grad=want_grad, grad_out=grad_out,
+                        threads=threads)
+
 # ---------------------------------------------------------------------------- fused linear CE
 def linear_cross_entropy(hidden, weight, targets, *, bias=None, axis=-1, ignore_index=-100,
                          label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",

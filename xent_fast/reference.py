@@ -388,6 +388,86 @@ def binary_cross_entropy_with_logits(logits, targets, *, weight=None, pos_weight
     return loss, g
 
 
+def nll_loss(log_probs, targets, *, weight=None, ignore_index=-100, axis=-1,
+             reduction="mean", return_grad=False):
+    """PyTorch's ``nll_loss``: -w_t x_t per row (x the given log-probabilities, class
+    axis ``axis``; PyTorch's is 1); "mean" divides by the summed
+    weight of the non-ignored targets."""
+    x = _f64(log_probs)
+    if x.ndim == 1:
+        axis = 0
+    xl = np.moveaxis(x, axis, -1)
+    t = np.asarray(targets).astype(np.int64)
+    c = xl.shape[-1]
+    keep = t != ignore_index
+    ts = np.where(keep, t, 0)
+    w = np.ones(c) if weight is None else _f64(weight)
+    wt = np.where(keep, w[ts], 0.0)
+    xt = np.take_along_axis(xl, ts[..., None], -1)[..., 0]
+    rows = np.where(keep, -wt * xt, 0.0)
+    den = np.sum(wt)
+    loss = _reduce(rows, reduction, den)
+    if not return_grad:
+        return loss
+    scale = (1.0 / den if den else np.nan) if reduction == "mean" else 1.0
+    g = np.zeros(xl.shape)
+    np.put_along_axis(g, ts[..., None], (-wt * scale)[..., None], -1)
+    return loss, np.moveaxis(g, -1, axis)
+
+
+def kl_div(input, target, *, reduction="mean", log_target=False, return_grad=False):
+    """PyTorch's pointwise ``kl_div``: target (log target - input) elementwise (0 log 0
+    = 0 for the target's own term), "batchmean" = sum / input.shape[0]."""
+    x, t = _f64(input), _f64(target)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if log_target:
+            pt = np.exp(t)
+            out = pt * (t - x)
+        else:
+            pt = t
+            out = np.where(t == 0, 0.0, t * np.log(np.where(t == 0, 1.0, t))) - t * x
+    n = out.size
+    den = {"mean": n, "batchmean": x.shape[0] if x.ndim else 1, "sum": 1, "none": 1}[reduction]
+    if reduction == "none":
+        loss = out
+    elif reduction == "sum":
+        loss = np.sum(out)
+    else:
+        loss = _reduce(out, "mean", den)
+    if not return_grad:
+        return loss
+    scale = 1.0 / den if den else np.nan
+    return loss, -pt * scale
+
+
+def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="none",
+                       return_grad=False):
+    """torchvision's ``sigmoid_focal_loss``: alpha_t (1 - p_t)**gamma BCE(x, y), p_t = p y
+    + (1 - p)(1 - y), alpha_t = alpha y + (1 - alpha)(1 - y) (no alpha when < 0)."""
+    x, y = _f64(logits), _f64(targets)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        p = 1.0 / (1.0 + np.exp(-x))
+        q = 1.0 / (1.0 + np.exp(x))  # 1 - p, without the cancellation
+        ce = np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))
+        one_m_pt = p * (1 - y) + q * y
+        mod = one_m_pt ** gamma
+        at = alpha * y + (1 - alpha) * (1 - y) if alpha >= 0 else np.ones_like(x)
+        out = at * ce * mod
+        dmod = gamma * one_m_pt ** (gamma - 1) if gamma != 0 else np.zeros_like(x)
+        g = at * ((p - y) * mod + ce * dmod * p * q * (1 - 2 * y))
+    n = out.size
+    if reduction == "none":
+        loss = out
+    elif reduction == "sum":
+        loss = np.sum(out)
+    else:
+        loss = _reduce(out, "mean", n)
+    if not return_grad:
+        return loss
+    scale = (1.0 / n if n else np.nan) if reduction == "mean" else 1.0
+    return loss, g * scale
+
+
 def evaluate(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n_bins=15):
     """Evaluation metrics by their formulas: a dict of aggregates and per-row arrays.
 

@@ -47,7 +47,7 @@ _DRIVERS = {
 # The drivers that can write a gradient, as two variants each: NAME and NAME_grad.
 for _name, _outs in (("ce_index", {"g", "loss"}), ("ce_prob", {"g", "loss"}),
                      ("kl_logits", {"g", "out"}), ("jsd", {"g", "out"}),
-                     ("sparse_kd", {"g", "out"}),
+                     ("sparse_kd", {"g", "out"}), ("pointwise", {"g", "out", "partial"}),
                      ("bce_logits", {"g", "out", "partial"})):
     for _grad in (False, True):
         _DRIVERS[_name + ("_grad" if _grad else "")] = (
@@ -539,6 +539,56 @@ def binary_cross_entropy_with_logits(x, y, *, weight, pos_weight, reduction, wan
     res = out.reshape(shape) if keep else reduce_rows(partial, (), reduction, size, x.out_dtype)
     return (res, grad) if want_grad else res
 
+
+
+def pointwise(x, y, *, mode, alpha, gamma, reduction, den, want_grad, grad_out, threads):
+    """An elementwise loss of rows.pointwise_row (``mode``), reduced: "none" keeps it,
+    "sum" sums, any mean divides the sum by ``den``."""
+    shape = x.shape
+    x2, y2 = elementwise_rows([x.arr, y.arr], shape)
+    gscale = 1.0 if reduction in ("none", "sum") else (1.0 / den if den else math.nan)
+    grad, g2, finish = grad_target(want_grad, grad_out, x, None, x2.shape, (y.source,))
+    keep = reduction == "none"
+    out, partial, _ = _elementwise_buffers(x2.shape, keep, x.out_dtype)
+    run(_grad_variant("pointwise", want_grad), threads, x2, x.hk, y2, y.hk, mode,
+        float(alpha), float(gamma), gscale, g2, x.hk, keep, _ELEMENTWISE_BLOCK, out, partial,
+        _nblocks(partial.size, threads))
+    if finish is not None:
+        finish()
+    if keep:
+        res = out.reshape(shape)
+    else:
+        res = reduce_rows(partial, (), "sum" if reduction == "sum" else "mean", den,
+                          x.out_dtype)
+    return (res, grad) if want_grad else res
+
+
+def nll_loss(x, targets, *, axis, weight, ignore_index, reduction, want_grad, grad_out,
+             threads):
+    """-w_t x_t per row: a gather (the rows' other entries are not read), and a gradient
+    that is zero but at the targets."""
+    src = host(x.source)
+    c = src.shape[axis]
+    batch = _inputs.batch_shape(src.shape, axis)
+    tf = check_targets(host(targets), c, ignore_index)
+    keep = tf != ignore_index
+    ts = np.where(keep, tf, 0)
+    w = np.ones(c) if weight is None else np.asarray(weight, np.float64)
+    wt = np.where(keep, w[ts], 0.0)
+    idx = np.expand_dims(ts.reshape(batch), axis)
+    picked = np.take_along_axis(src, idx, axis).astype(np.float64).reshape(-1)
+    loss_rows = np.where(keep, -wt * picked, 0.0)
+    den = float(wt.sum())
+    res = reduce_rows(loss_rows, batch, reduction, den, x.out_dtype)
+    if not want_grad:
+        return res
+    scale = (1.0 / den if den else math.nan) if reduction == "mean" else 1.0
+    grad = np.zeros(src.shape, x.dtype) if grad_out is None else grad_out
+    g = host(grad)
+    g[...] = 0
+    vals = np.expand_dims((-wt * scale).reshape(batch), axis).astype(g.dtype)
+    np.put_along_axis(g, idx, vals, axis)
+    return res, grad
 
 def row_stats(rows, hk, tf, *, lo=0, whole=True, k=0, threads=False):
     """Evaluation statistics of (n, c) kernel rows whose first class is ``lo``: (n, 6)

@@ -21,7 +21,7 @@ from .reduce import row_logsumexp
 from .row_access import (block_bounds, grad_row, half_work_row, load_row, row_at,
                          store_grad_row, task_bounds, work_row)
 from .rows import (bce_logits_row, bce_row, ce_index_row, ce_prob_row, dist_row, first_bad_prob,
-                   jsd_row, kl_logits_row, row_softmax, sparse_kd_row, row_sum, softcap_grad_row, softcap_row)
+                   jsd_row, kl_logits_row, pointwise_row, row_softmax, sparse_kd_row, row_sum, softcap_grad_row, softcap_row)
 
 
 # ---------------------------------------------------------------------------- drivers
@@ -309,6 +309,34 @@ def make_bce_logits(want_grad):
             partial[task] = row_sum(orow)
     return _variant(bce_logits, want_grad)
 
+
+
+def make_pointwise(want_grad):
+    """The driver of rows.pointwise_row (focal loss, kl_div) with ``want_grad`` a
+    compile-time constant: tasks of ``colblock`` columns, as the bce_logits driver."""
+
+    def pointwise(x, hk, y, yhk, mode, alpha, gamma, gscale, g, ghk, keep, colblock, out,
+                  partial, nblocks, b):
+        n, c = x.shape
+        ncb = max(1, (c + colblock - 1) // colblock)
+        t_lo, t_hi = block_bounds(b, nblocks, n * ncb)
+        for task in range(t_lo, t_hi):
+            i, lo, hi = task_bounds(task, ncb, colblock, c)
+            xw = half_work_row(x, hi - lo)
+            yw = half_work_row(y, hi - lo)
+            ow = work_row(x, hi - lo if not keep else 0)
+            xr = load_row(x[i, lo:hi], xw, hk)
+            yr = load_row(y[i, lo:hi], yw, yhk)
+            orow = out[i, lo:hi] if keep else ow
+            if want_grad:
+                gw = half_work_row(g, hi - lo)
+                gr = grad_row(g[i, lo:hi], gw)
+                pointwise_row(xr, yr, mode, alpha, gamma, orow, gr, True, gscale)
+                store_grad_row(g[i, lo:hi], gr, ghk)
+            else:
+                pointwise_row(xr, yr, mode, alpha, gamma, orow, ow, False, gscale)
+            partial[task] = row_sum(orow)
+    return _variant(pointwise, want_grad)
 
 def targets(t, c, ignore, w, has_w):
     """(index of the first target that is neither a class nor ``ignore``, or -1;

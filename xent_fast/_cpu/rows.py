@@ -895,6 +895,56 @@ def _bce_logits_fast_ov(x, y, out, gr, want_grad, gscale):
 
 
 @njit(**JIT)
+def pointwise_row(x, y, mode, alpha, gamma, out, gr, want_grad, gscale):
+    """Elementwise losses of ``x`` against ``y`` into ``out`` (and ``gscale`` times their
+    gradient w.r.t. ``x`` into ``gr``):
+
+    mode 0, torchvision's sigmoid focal loss of logits x and targets y:
+        a_t (1 - p_t)**gamma ce,  ce = max(x, 0) - x y + log1p(exp(-|x|)),
+        1 - p_t = p (1 - y) + (1 - p) y with p = sigmoid(x) and 1 - p = sigmoid(-x)
+        (both without cancellation), a_t = alpha y + (1 - alpha)(1 - y) (1 if alpha < 0);
+        gradient a_t ((p - y) m + ce gamma (1 - p_t)**(gamma - 1) p (1 - p) (1 - 2 y));
+    mode 1, PyTorch's kl_div of log-probabilities x and probabilities y:
+        xlogy(y, y) - y x (so 0 log 0 = 0, and y < 0 gives NaN), gradient -y;
+    mode 2, the same with log-probability targets: exp(y) (y - x), gradient -exp(y).
+    """
+    n = x.shape[0]
+    one = cast_like(1.0, x)
+    zero = cast_like(0.0, x)
+    g = cast_like(gscale, x)
+    if mode == 0:
+        a = cast_like(alpha, x)
+        gm = cast_like(gamma, x)
+        for j in range(n):
+            v = x[j]
+            t = y[j]
+            e = fexp(-abs(v))
+            s = one / (one + e)
+            p = s if v >= zero else e * s
+            q = e * s if v >= zero else s
+            ce = fmax(v, zero) - v * t + flog1p(e)
+            omp = p * (one - t) + q * t
+            m = omp ** gm if gamma != 0 else one
+            at = a * t + (one - a) * (one - t) if alpha >= 0 else one
+            out[j] = at * ce * m
+            if want_grad:
+                dm = gm * omp ** (gm - one) if gamma != 0 else zero
+                gr[j] = g * (at * ((p - t) * m + ce * dm * p * q * (one - t - t)))
+    elif mode == 1:
+        for j in range(n):
+            t = y[j]
+            out[j] = (t * math.log(t) if t != zero else zero) - t * x[j]
+            if want_grad:
+                gr[j] = -g * t
+    else:
+        for j in range(n):
+            pt = math.exp(y[j])
+            out[j] = pt * (y[j] - x[j])
+            if want_grad:
+                gr[j] = -g * pt
+
+
+@njit(**JIT)
 def bce_logits_row(x, y, w, has_w, pw, has_pw, out, gr, want_grad, gscale):
     """(1-y) x + l (log1p(exp(-|x|)) + max(-x, 0)), l = 1 + (pw-1) y, times w.
 

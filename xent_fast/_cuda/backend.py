@@ -328,6 +328,79 @@ def binary_cross_entropy(p, y, *, weight, reduction, threads=False):
     return scalar_out(p, acc, None, False, float(size), reduction == "mean", p.out_dtype)
 
 
+def _flat_result(x, keep, shape):
+    """An elementwise result (``keep``: reduction "none") and its flat 2-D view."""
+    res, view = x.empty(shape, x.out_dtype) if keep else (None, None)
+    return res, (flat_out(view, res, shape, x.out_dtype) if keep else dummy(x.out_dtype, 2))
+
+
+def _flat_grad(x, want_grad, grad_out, shape):
+    """(gradient result, flat 2-D view the kernel writes, finisher or None) of an
+    elementwise loss."""
+    if not want_grad:
+        return None, dummy(x.dtype, 2), None
+    if grad_out is None:
+        grad, gview = x.empty(shape, x.dtype)
+        return grad, flat_out(gview, grad, shape, x.dtype), None
+    if x.host is not None and isinstance(grad_out, np.ndarray):
+        buf, gview = x.empty(shape, x.dtype)
+
+        def copy_back():
+            h = gview.copy_to_host()
+            grad_out[...] = h.view(grad_out.dtype) if x.bf16 else h
+
+        return grad_out, flat_out(gview, buf, shape, x.dtype), copy_back
+    return grad_out, flat2(Dev(grad_out, "grad_out"), copy_ok=False), None
+
+
+def pointwise(x, y, *, mode, alpha, gamma, reduction, den, want_grad, grad_out,
+              threads=False):
+    shape = x.shape
+    size = math.prod(shape)
+    x2, y2 = flat2(x), flat2(y)
+    gscale = 1.0 if reduction in ("none", "sum") else (1.0 / den if den else math.nan)
+    keep = reduction == "none"
+    res, o2 = _flat_result(x, keep, shape)
+    grad, g2, gfin = _flat_grad(x, want_grad, grad_out, shape)
+    acc = zeros(1, np.float64)
+    if size:
+        K.pointwise_kernel[_flat_blocks(size)](x2, y2, mode, float(alpha), float(gamma), gscale,
+                                               want_grad, g2, keep, o2, acc)
+    out = x.finish(res) if keep else scalar_out(x, acc, None, False, float(den),
+                                                reduction != "sum", x.out_dtype)
+    return _with_grad(out, want_grad, grad, gfin, x)
+
+
+def nll_loss(x, targets, *, axis, weight, ignore_index, reduction, want_grad, grad_out,
+             threads=False):
+    x3 = x.rows3(axis)
+    c = x3.shape[1]
+    n = x3.shape[0] * x3.shape[2]
+    batch = _inputs.batch_shape(x.shape, axis)
+    w, has_w, _ = device_weights(weight, c, x.out_dtype)
+    tdev, dt, th = _index_targets(targets, n, c, ignore_index)
+    den = zeros(2, np.float64)
+    bad = bad_flag()
+    if n:
+        K.targets_kernel[min(1024, max(1, -(-n // K.FLAT_THREADS))), K.FLAT_THREADS](
+            tdev, c, ignore_index, w, has_w, den, bad)
+    keep = reduction == "none"
+    acc = zeros(1, np.float64)
+    res, flat = (per_row_out(x, batch, x.out_dtype) if keep else (None, dummy(x.out_dtype, 1)))
+    grad, g3, gfin = _grad_out(want_grad, grad_out, x, axis)
+    mean = reduction == "mean"
+    if n:
+        K.nll_kernel[max(1, -(-n // K.FLAT_THREADS)), K.FLAT_THREADS](
+            x3, tdev, w, has_w, ignore_index, den, mean, want_grad, g3, keep, flat, acc)
+    b = int(bad.copy_to_host()[0])
+    if b != NO_BAD:
+        val = int(th.reshape(-1)[b]) if dt is None else element(
+            dt, np.unravel_index(b, dt.shape))
+        raise _inputs.bad_target(batch, b, val, c, ignore_index)
+    out = x.finish(res) if keep else scalar_out(x, acc, den, mean, 0.0, mean, x.out_dtype)
+    return _with_grad(out, want_grad, grad, gfin, x)
+
+
 def binary_cross_entropy_with_logits(x, y, *, weight, pos_weight, reduction, want_grad,
                                      grad_out, threads=False):
     shape = x.shape
@@ -337,27 +410,8 @@ def binary_cross_entropy_with_logits(x, y, *, weight, pos_weight, reduction, wan
     pw2, has_pw = weight2(pos_weight, shape, x.out_dtype, "pos_weight")
     gscale = (1.0 / size if size else math.nan) if reduction == "mean" else 1.0
     keep = reduction == "none"
-    res, view = x.empty(shape, x.out_dtype) if keep else (None, None)
-    o2 = flat_out(view, res, shape, x.out_dtype) if keep else dummy(x.out_dtype, 2)
-    gfin = None
-    if not want_grad:
-        grad, g2 = None, dummy(x.dtype, 2)
-    elif grad_out is None:
-        grad, gview = x.empty(shape, x.dtype)
-        g2 = flat_out(gview, grad, shape, x.dtype)
-    elif x.host is not None and isinstance(grad_out, np.ndarray):
-        grad = grad_out
-        buf, gview = x.empty(shape, x.dtype)
-        g2 = flat_out(gview, buf, shape, x.dtype)
-
-        def copy_back():
-            h = gview.copy_to_host()
-            grad_out[...] = h.view(grad_out.dtype) if x.bf16 else h
-
-        gfin = copy_back
-    else:
-        grad = grad_out
-        g2 = flat2(Dev(grad_out, "grad_out"), copy_ok=False)
+    res, o2 = _flat_result(x, keep, shape)
+    grad, g2, gfin = _flat_grad(x, want_grad, grad_out, shape)
     acc = zeros(1, np.float64)
     if size:
         K.bce_logits_kernel[_flat_blocks(size)](x2, y2, w2, has_w, pw2, has_pw, gscale,

@@ -907,6 +907,36 @@ def targets_kernel(t, C, ignore, w, has_w, den, bad):
 
 
 @cuda.jit(**KERNEL)
+def nll_kernel(x, t, w, has_w, ignore, den, mean, want_grad, g, keep, out, acc):
+    """One thread a row: -w_t x_t (den[0] the summed weight, from targets_kernel), and
+    with ``want_grad`` the row's gradient, zero but at the target."""
+    sm = cuda.shared.array(SHARED, np.float64)
+    inner = x.shape[2]
+    C = x.shape[1]
+    n = x.shape[0] * inner
+    r = cuda.grid(1)
+    v = 0.0
+    if r < n:
+        o, ii = r // inner, r % inner
+        ti = np.int64(t[r])
+        ok = ti != ignore and ti >= 0 and ti < C
+        wt = (np.float64(w[ti]) if has_w else 1.0) if ok else 0.0
+        if ok:
+            v = -wt * np.float64(decode(x[o, ti, ii]))
+        if keep:
+            out[r] = v
+        if want_grad:
+            gs = (1.0 / den[0] if den[0] != 0.0 else math.nan) if mean else 1.0
+            grow = g[o, :, ii]
+            for c in range(C):
+                grow[c] = encode(cast_like(0.0, decode(x[o, 0, ii])), g)
+            if ok:
+                grow[ti] = encode(cast_like(-wt * gs, decode(x[o, 0, ii])), g)
+    if not keep:
+        _grid_add(v, acc, sm, 0)
+
+
+@cuda.jit(**KERNEL)
 def kept_rows_kernel(t, ignore, per_row, den):
     """den[0] += per_row times the number of targets other than ``ignore``."""
     sm = cuda.shared.array(SHARED, np.float64)
@@ -965,6 +995,58 @@ def bce_kernel(p, y, w, has_w, keep, out, acc, bad):
                 out[i, j] = rv
             else:
                 part += rv
+    if not keep:
+        _grid_add(part, acc, sm, 0)
+
+
+@cuda.jit(**KERNEL)
+def pointwise_kernel(x, y, mode, alpha, gamma, gscale, want_grad, g, keep, out, acc):
+    """The elementwise losses of _cpu/rows.py's pointwise_row (0 focal, 1 kl_div,
+    2 kl_div with log targets)."""
+    sm = cuda.shared.array(SHARED, np.float64)
+    n, L = x.shape
+    total = n * L
+    start, step, trips = _grid_loop(total)
+    part = 0.0
+    for k in range(trips):
+        e = start + k * step
+        if e < total:
+            i = e // L
+            j = e % L
+            v = decode(x[i, j])
+            t = decode(y[i, j])
+            one = cast_like(1.0, v)
+            zero = cast_like(0.0, v)
+            gv = zero
+            if mode == 0:
+                ex = math.exp(-abs(v))
+                s = one / (one + ex)
+                p = s if v >= zero else ex * s
+                q = ex * s if v >= zero else s
+                ce = (v if v > zero else zero) - v * t + math.log1p(ex)
+                omp = p * (one - t) + q * t
+                gm = cast_like(gamma, v)
+                m = omp ** gm if gamma != 0 else one
+                a = cast_like(alpha, v)
+                at = a * t + (one - a) * (one - t) if alpha >= 0 else one
+                rv = at * ce * m
+                if want_grad:
+                    dm = gm * omp ** (gm - one) if gamma != 0 else zero
+                    gv = at * ((p - t) * m + ce * dm * p * q * (one - t - t))
+            elif mode == 1:
+                rv = (t * math.log(t) if t > zero else (zero if t == zero else
+                                                        cast_like(math.nan, v))) - t * v
+                gv = -t
+            else:
+                pt = math.exp(t)
+                rv = pt * (t - v)
+                gv = -pt
+            if keep:
+                out[i, j] = rv
+            else:
+                part += rv
+            if want_grad:
+                g[i, j] = encode(cast_like(gscale, v) * gv, g)
     if not keep:
         _grid_add(part, acc, sm, 0)
 
