@@ -149,3 +149,37 @@ def test_focal_loss_at_extreme_logits(backend):
 def test_errors_name_the_argument(call, err, msg):
     with pytest.raises(err, match=msg):
         call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.dtype(np.float64), np.dtype(np.float32)], ids=str)
+def test_return_z_loss(rng, dtype, backend):
+    """The z-loss term alone, as Liger-Kernel's return_z_loss: reduced as it enters the
+    loss (over the kept rows under "mean"), included in the loss."""
+    _trim(dtype, backend)
+    x = (rng.standard_normal((11, 40)) * 4).astype(dtype)
+    t = rng.integers(0, 40, 11)
+    t[3] = -100
+    w = rng.random(40) + 0.5
+    p = R.softmax(rng.standard_normal((11, 40))).astype(dtype)
+    for tg, opts in [(t, {}), (t, {"weight": w, "reduction": "sum"}),
+                     (t, {"reduction": "none", "label_smoothing": 0.1}),
+                     (t, {"softcap": 5.0}), (p, {"reduction": "mean"})]:
+        kw = dict(z_loss=1e-3, **opts)
+        loss, zt, g = xf.softmax_cross_entropy(x, tg, return_z_loss=True, return_grad=True,
+                                               backend=backend, **kw)
+        rl, rz, rg = R.softmax_cross_entropy(x, tg, return_z_loss=True, return_grad=True, **kw)
+        assert_close(loss, rl, tol(dtype) * 10, what=str(opts))
+        assert_close(zt, rz, tol(dtype) * 10, atol=1e-300, what=str(opts))
+        assert_grad_close(g, rg, dtype, what=str(opts))
+        no_z = xf.softmax_cross_entropy(x, tg, backend=backend, **dict(kw, z_loss=0.0))
+        if "weight" not in opts:
+            assert_close(np.asarray(loss) - np.asarray(zt), no_z, tol(dtype) * 10)
+    # without a gradient: (loss, z_term); in place, the term comes from the logits as given
+    y = x.copy()
+    loss, zt, g = xf.softmax_cross_entropy(y, t, z_loss=1e-2, return_z_loss=True, grad_out=y,
+                                           backend=backend)
+    assert g is y
+    assert_close(zt, R.softmax_cross_entropy(x, t, z_loss=1e-2, return_z_loss=True)[1],
+                 tol(dtype) * 10)
+    assert len(xf.softmax_cross_entropy(x, t, return_z_loss=True, backend=backend)) == 2

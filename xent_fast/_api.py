@@ -128,7 +128,8 @@ def kl_divergence(p, q, axis=-1, base=None, *, backend="auto"):
 # ---------------------------------------------------------------------------- softmax CE
 def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index=-100,
                           label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
-                          return_grad=False, grad_out=None, backend="auto"):
+                          return_grad=False, grad_out=None, return_z_loss=False,
+                          backend="auto"):
     """Softmax cross-entropy from logits, as ``torch.nn.functional.cross_entropy``.
 
     Per row, with ``lse = logsumexp(y)``, ``y`` the (optionally soft-capped) logits and
@@ -156,6 +157,14 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     ``logits``, in the logits' dtype, computed in the same pass.  ``grad_out=logits``
     computes it in place, overwriting the logits.
 
+    ``return_z_loss=True`` (as Liger-Kernel's) also returns the z-loss term alone,
+    ``z_loss * lse**2`` reduced as it enters the loss (under ``"mean"`` averaged over the
+    non-ignored rows, not class-weighted; 0 at ignored rows for ``"none"``), which the
+    returned loss includes: ``(loss, z_term)`` or, with a gradient, ``(loss, z_term,
+    grad)``.  It costs one more read of the logits (their log-sum-exp, taken before a
+    ``grad_out=logits`` overwrites them); with ``softcap`` on a GPU the logits go
+    through the host.
+
     Examples
     --------
     >>> import numpy as np
@@ -173,10 +182,42 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     ignore = _inputs.ignore_index_option(ignore_index) if kind == "index" else None
     w = _inputs.class_weight(be.to_host(weight), c)
     _check_grad_out(be, grad_out, x)
-    return be.softmax_cross_entropy(
+    if return_z_loss:  # before a grad_out=logits overwrites them
+        zt = _z_term(be, logits, x, targets, kind, ignore, ax, o, threads)
+    res = be.softmax_cross_entropy(
         x, targets, axis=ax, kind=kind, weight=w, ignore_index=ignore,
         label_smoothing=o.eps, z_loss=o.z, softcap=o.cap, reduction=o.reduction,
         want_grad=o.want_grad, grad_out=grad_out, threads=threads)
+    if not return_z_loss:
+        return res
+    return (res[0], zt, res[1]) if o.want_grad else (res, zt)
+
+
+def _z_term(be, logits, x, targets, kind, ignore, ax, o, threads):
+    """z_loss * lse**2 of the (soft-capped) rows, reduced as the loss reduces it (NumPy:
+    the rows' log-sum-exps are a small host array)."""
+    if o.cap:
+        from ._dispatch import cpu
+
+        h = np.asarray(be.to_host(logits)).astype(x.out_dtype)
+        h = o.cap * np.tanh(h / o.cap)
+        lse = cpu().logsumexp(cpu().operand(h, "logits"), axis=ax, keepdims=False,
+                              threads=threads)
+    else:
+        lse = be.logsumexp(x, axis=ax, keepdims=False, threads=threads)
+    lse = np.asarray(be.to_host(lse), np.float64).reshape(-1)
+    kept = np.ones(lse.shape, bool)
+    if kind == "index":
+        kept = np.asarray(be.to_host(targets)).reshape(-1) != ignore
+    with np.errstate(over="ignore", invalid="ignore"):
+        rows = np.where(kept, o.z * lse * lse if o.z else 0.0, 0.0)
+    out = x.out_dtype
+    if o.reduction == "none":
+        return rows.reshape(_inputs.batch_shape(x.shape, ax)).astype(out)
+    total = float(rows.sum())
+    if o.reduction == "sum":
+        return out.type(total)
+    return out.type(_inputs.mean_of(total, int(kept.sum())))
 
 
 def softmax_kl_divergence(logits, target_logits, *, axis=-1, temperature=1.0,

@@ -126,7 +126,7 @@ def _reduce(rows, reduction, denominator):
 
 def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index=-100,
                           label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
-                          return_grad=False):
+                          return_grad=False, return_z_loss=False):
     """Loss (and gradient with ``return_grad``) by the formulas of SEMANTICS.md.
 
     Per row: ``sum_c a_c (lse - y_c) + z_loss lse^2`` with target weights ``a_c``.
@@ -171,11 +171,13 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     zrows = np.where(kept, zrows, 0.0)
     nkept = np.count_nonzero(kept)
     if reduction == "mean":
-        loss = _reduce(rows, "mean", den) + (_reduce(zrows, "mean", nkept) if z_loss else 0.0)
+        zterm = _reduce(zrows, "mean", nkept) if z_loss else 0.0
+        loss = _reduce(rows, "mean", den) + zterm
     else:
         loss = _reduce(rows + zrows, reduction, den)
+        zterm = _reduce(zrows, reduction, 1)
     if not return_grad:
-        return loss
+        return (loss, zterm) if return_z_loss else loss
     scale = zscale = 1.0
     if reduction == "mean":
         scale = 1.0 / den if den != 0 else np.nan
@@ -191,6 +193,8 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
         if softcap is not None:
             g = g * (1 - (y / softcap) ** 2)
     g = np.where(kept[..., None], g, 0.0)
+    if return_z_loss:
+        return loss, zterm, np.moveaxis(g, -1, axis)
     return loss, np.moveaxis(g, -1, axis)
 
 
