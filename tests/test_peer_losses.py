@@ -183,3 +183,21 @@ def test_return_z_loss(rng, dtype, backend):
     assert_close(zt, R.softmax_cross_entropy(x, t, z_loss=1e-2, return_z_loss=True)[1],
                  tol(dtype) * 10)
     assert len(xf.softmax_cross_entropy(x, t, return_z_loss=True, backend=backend)) == 2
+
+
+def test_torch_sigmoid_focal_loss():
+    torch = pytest.importorskip("torch")
+    xt = pytest.importorskip("xent_fast.torch")
+    from xent_fast.torch import _focal_dense
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    for alpha, gamma, red in ((0.25, 2.0, "none"), (-1.0, 1.5, "mean"), (0.4, 3.0, "sum")):
+        def f(a, b):
+            return xt.sigmoid_focal_loss(a, b, alpha, gamma, red)
+        assert torch.autograd.gradcheck(f, (x, y))
+        torch.testing.assert_close(f(x, y), _focal_dense(x, y, alpha, gamma, red),
+                                   rtol=1e-12, atol=1e-15)
+    loss = xt.sigmoid_focal_loss(x.float(), (y > 0.5).float(), reduction="mean")
+    assert loss.dtype == torch.float32

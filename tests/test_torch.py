@@ -392,6 +392,7 @@ def test_opcheck_every_operator():
     ti = torch.argsort(y.detach(), dim=1, descending=True)[:, :4].contiguous()
     tv = torch.log_softmax(y.detach(), 1).gather(1, ti)
     opcheck(ops.softmax_kl_divergence_sparse.default, (x, ti, tv, 2.0, "residual", "sum", True))
+    opcheck(ops.sigmoid_focal_loss.default, (x, y.detach().sigmoid(), 0.25, 2.0, "mean", True))
     opcheck(ops.binary_cross_entropy_with_logits.default, (x, y, None, w, "none", True))
     opcheck(ops.binary_cross_entropy.default, (torch.sigmoid(x.detach()).requires_grad_(), y, w,
                                                "mean"))
@@ -403,6 +404,7 @@ LOSSES = {
     "ce_module": lambda z, t, y: xt.CrossEntropyLoss(z_loss=1e-3)(z, t),
     "kl": lambda z, t, y: xt.softmax_kl_divergence(z, y, temperature=2.0),
     "jsd": lambda z, t, y: xt.JSDLoss(beta=0.3, temperature=2.0)(z, y, t),
+    "focal": lambda z, t, y: xt.sigmoid_focal_loss(z, torch.sigmoid(y), reduction="mean"),
     "bce_logits": lambda z, t, y: xt.binary_cross_entropy_with_logits(z, torch.sigmoid(y)),
     "bce": lambda z, t, y: xt.binary_cross_entropy(torch.sigmoid(z), torch.sigmoid(y)),
 }

@@ -59,7 +59,7 @@ from ._cpu.arrays import host
 __all__ = [
     "cross_entropy", "binary_cross_entropy", "binary_cross_entropy_with_logits",
     "softmax_kl_divergence", "softmax_js_divergence", "softmax_kl_divergence_sparse",
-    "linear_cross_entropy",
+    "sigmoid_focal_loss", "linear_cross_entropy",
     "linear_token_stats", "CrossEntropyLoss", "BCELoss", "BCEWithLogitsLoss",
     "SoftmaxKLDivergenceLoss", "JSDLoss", "LinearCrossEntropyLoss",
 ]
@@ -718,6 +718,82 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
                          f"({tuple(input.shape)})")
     loss, _ = torch.ops.xent_fast.binary_cross_entropy_with_logits(
         input, target, weight, pos_weight, reduction, _wants_grad(input))
+    return loss
+
+
+@torch.library.custom_op(f"{_NS}::sigmoid_focal_loss", mutates_args=())
+def _focal_op(input: Tensor, target: Tensor, alpha: float, gamma: float, reduction: str,
+              want_grad: bool) -> Tuple[Tensor, Tensor]:
+    """(torchvision's sigmoid focal loss, its gradient w.r.t. input or an empty tensor)."""
+    kw = dict(alpha=alpha, gamma=gamma, reduction=reduction)
+    x, t = _array(input, "inputs"), _array(target, "targets")
+    if not want_grad:
+        return _tensor(_api.sigmoid_focal_loss(x, t, **kw), input), _no_grad_buffer(input)
+    grad = _grad_buffer(input)
+    loss, _ = _api.sigmoid_focal_loss(x, t, grad_out=_array(grad, "grad"), **kw)
+    return _tensor(loss, input), grad
+
+
+@_focal_op.register_fake
+def _(input, target, alpha, gamma, reduction, want_grad):
+    return (input.new_empty(input.shape if reduction == "none" else ()),
+            _grad_buffer(input) if want_grad else _no_grad_buffer(input))
+
+
+def _focal_setup(ctx, inputs, output):
+    input, target, alpha, gamma, reduction, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.reduction, ctx.numel = reduction, input.numel()
+    ctx.opts = (alpha, gamma, reduction)
+    soft = target.requires_grad
+    ctx.save_for_backward(output[1], *((input, target) if soft else (None, None)))
+
+
+def _focal_dense(input, target, alpha, gamma, reduction):
+    """torchvision's formula in PyTorch ops (the targets' gradient, rarely wanted, comes
+    from autograd through it)."""
+    p = torch.sigmoid(input)
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(input, target, reduction="none")
+    loss = ce * ((1 - (p * target + (1 - p) * (1 - target))) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
+
+
+def _focal_backward(ctx, g, _g_grad):
+    _no_double_backward("sigmoid_focal_loss")
+    if g is None:
+        return (None,) * 6
+    grad, input, target = ctx.saved_tensors
+    gi = gt = None
+    if ctx.needs_input_grad[0]:
+        gi = _input_grad(ctx, grad, g, "sigmoid_focal_loss", None)
+    if ctx.needs_input_grad[1]:
+        with torch.enable_grad():
+            dt = _compute_dtype(input)
+            y = target.detach().to(dt).requires_grad_(True)
+            loss = _focal_dense(input.detach().to(dt), y, *ctx.opts)
+            gt, = torch.autograd.grad(loss, y, g.to(dt))
+        gt = gt.to(target.dtype)
+    return gi, gt, None, None, None, None
+
+
+_focal_op.register_autograd(_focal_backward, setup_context=_focal_setup)
+
+
+def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
+    """``torchvision.ops.sigmoid_focal_loss`` (same arguments and defaults) in one pass,
+    with the gradient computed in the forward: ``a_t (1 - p_t)**gamma`` times the
+    binary cross-entropy of the logits ``inputs``."""
+    _check_input(inputs, "inputs", classes=False)
+    _check_on(inputs, targets=targets)
+    if targets.shape != inputs.shape:
+        raise ValueError(f"targets size ({tuple(targets.shape)}) must be the same as inputs "
+                         f"size ({tuple(inputs.shape)})")
+    loss, _ = torch.ops.xent_fast.sigmoid_focal_loss(inputs, targets, float(alpha),
+                                                     float(gamma), reduction,
+                                                     _wants_grad(inputs))
     return loss
 
 
