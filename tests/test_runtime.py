@@ -178,6 +178,12 @@ def test_after_warmup_the_first_calls_compile_nothing():
         xf.binary_cross_entropy(p, y, backend="cpu")
         xf.binary_cross_entropy_with_logits(x, y, return_grad=True, backend="cpu")
         xf.evaluate(x, t, backend="cpu")
+        xf.softmax_js_divergence(x, x2, return_grad=True, backend="cpu")
+        ti = np.tile(np.arange(8), (64, 1))
+        xf.softmax_kl_divergence_sparse(x, ti, x2[:, :8], return_grad=True, backend="cpu")
+        xf.nll_loss(x, t, return_grad=True, backend="cpu")
+        xf.kl_div(x, p, reduction="batchmean", return_grad=True, backend="cpu")
+        xf.sigmoid_focal_loss(x, y, reduction="mean", return_grad=True, backend="cpu")
         print(made, ready, backend.kernels_ready(), xf.warmup(dtypes=("float32",),
                                                                       backends=("cpu",)))
     """)  # kernels loaded from the suite's cache count as made ready too

@@ -135,6 +135,14 @@ def _binary_logits(rng, x, shape, dtype):
     return {"x": x.reshape(-1), "y": rng.random(x.size, dtype=np.float32).astype(dtype)}
 
 
+def _log_probs(rng, x, shape, dtype):
+    """Log-probabilities as inputs (a row of x log-softmaxed is not needed: any log of a
+    probability will do), probabilities as targets, and class indices."""
+    lp = np.log(rng.random(shape, dtype=np.float32) + np.float32(0.01)).astype(dtype)
+    return {"x": lp, "p": _probabilities(rng, shape).astype(dtype),
+            "t": rng.integers(0, shape[1], shape[0])}
+
+
 def _binary_probs(rng, x, shape, dtype):
     return {"p": rng.random(x.size, dtype=np.float32).astype(dtype),
             "y": rng.random(x.size, dtype=np.float32).astype(dtype)}
@@ -298,6 +306,16 @@ def _torch_kl_sparse(torch, F, ti, tv):
     return lambda z: (p * (lp - F.log_softmax(z, dim=-1).gather(-1, ti))).sum() / z.shape[0]
 
 
+def _torch_focal(torch, F, y):
+    """torchvision.ops.sigmoid_focal_loss's formula (alpha 0.25, gamma 2, mean)."""
+    def loss(z):
+        p = torch.sigmoid(z)
+        ce = F.binary_cross_entropy_with_logits(z, y, reduction="none")
+        p_t = p * y + (1 - p) * (1 - y)
+        return ((0.25 * y + 0.75 * (1 - y)) * ce * (1 - p_t) ** 2).mean()
+    return loss
+
+
 # ---------------------------------------------------------------------------- the table
 OPS = [
     Op("logsumexp", "logsumexp", inputs=_logits,
@@ -373,6 +391,20 @@ OPS = [
                                    F.binary_cross_entropy_with_logits(z, y)),
               "jax": _jax_loss("y", _jax_bce_logits)},
        check={"return_grad": True}),
+    Op("nll_loss", "nll", inputs=_log_probs, grad=True, reads=0, row_bytes=16,
+       call=lambda m, d, **kw: m.nll_loss(d["x"], d["t"], **kw),
+       peers={"torch": _torch_loss(("t",), lambda torch, F, t: lambda z: F.nll_loss(z, t))},
+       check={"return_grad": True}, bench_shape=(4096, 32000)),
+    Op("kl_div", "kl_div", inputs=_log_probs, grad=True, reads=2,
+       call=lambda m, d, **kw: m.kl_div(d["x"], d["p"], reduction="batchmean", **kw),
+       peers={"torch": _torch_loss(("p",), lambda torch, F, p: lambda z: F.kl_div(
+           z, p, reduction="batchmean"))},
+       check={"return_grad": True}, bench_shape=(4096, 32000)),
+    Op("sigmoid_focal_loss", "focal", inputs=_binary_logits, grad=True, reads=2,
+       elementwise=True,
+       call=lambda m, d, **kw: m.sigmoid_focal_loss(d["x"], d["y"], reduction="mean", **kw),
+       peers={"torch": _torch_loss(("y",), _torch_focal)},
+       check={"return_grad": True}, bench_shape=(1, 10_000_000)),
     Op("evaluate", "evaluate", inputs=_index_targets, row_bytes=8,
        call=lambda m, d, **kw: m.evaluate(d["x"], d["t"], **kw)),
 ]
