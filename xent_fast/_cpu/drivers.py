@@ -200,7 +200,8 @@ def make_jsd(want_grad):
         work = half_work_row(x, c)
         twork = half_work_row(xt, c)
         gwork = half_work_row(g, c if want_grad else 0)
-        w = work_row(x, c if want_grad else 0)
+        e = work_row(x, c)
+        f = work_row(x, c)
         for i in range(lo, hi):
             if masked and keep[i] == 0:
                 out[i] = 0.0
@@ -213,10 +214,10 @@ def make_jsd(want_grad):
             yt = load_row(row_at(xt, i), twork, thk)
             if want_grad:
                 gr = grad_row(row_at(g, i), gwork)
-                out[i] = jsd_row(y, yt, inv_t, beta, mode, w, gr, True, gscale)
+                out[i] = jsd_row(y, yt, inv_t, beta, mode, e, f, gr, True, gscale)
                 store_grad_row(row_at(g, i), gr, ghk)
             else:
-                out[i] = jsd_row(y, yt, inv_t, beta, mode, w, gwork, False, gscale)
+                out[i] = jsd_row(y, yt, inv_t, beta, mode, e, f, gwork, False, gscale)
     return _variant(jsd, want_grad)
 
 

@@ -570,8 +570,9 @@ def _kl_infinite(gr, want_grad):
 
 
 @njit(**JIT)
-def _jsd_sums(x, mx, xt, mxt, it):
-    """(sum exp((x - max x)/T), the same of xt), in float64 across chunks."""
+def _jsd_exps(x, mx, xt, mxt, it, e, f):
+    """(sum e, sum f), storing e = exp((x - max x)/T) and f, the same of xt, in the work
+    rows (float64 sums across chunks)."""
     C = x.shape[0]
     ss = 0.0
     st = 0.0
@@ -579,98 +580,110 @@ def _jsd_sums(x, mx, xt, mxt, it):
         hi = min(lo + CHUNK, C)
         sx = x[lo:hi]
         sxt = xt[lo:hi]
+        se = e[lo:hi]
+        sf = f[lo:hi]
         a = cast_like(0.0, x)
         b = cast_like(0.0, x)
         for j in range(sx.shape[0]):
-            a += fexp(shift_scale(sx[j], mx, it))
-            b += fexp(shift_scale(sxt[j], mxt, it))
+            ev = fexp(shift_scale(sx[j], mx, it))
+            fv = fexp(shift_scale(sxt[j], mxt, it))
+            se[j] = ev
+            sf[j] = fv
+            a += ev
+            b += fv
         ss += a
         st += b
     return ss, st
 
 
 @njit(**JIT)
-def _jsd_terms(x, mx, lq0, xt, mxt, lp0, it, lb, l1b, mode, w, want_grad):
-    """(sum of the teacher's terms, sum of the student's terms) of one row, and with
-    ``want_grad`` what the gradient needs of each element in ``w`` (see _jsd_grad).
+def _jsd_terms(x, mx, lq0, iq, xt, mxt, lp0, ip, it, bc, lb, l1b, mode, e, f, want_grad):
+    """(sum of the teacher's terms, sum of the student's terms) of one row from the
+    stored exps (q = e/S_s, p = f/S_t), leaving in ``f`` what the gradient reads.
 
-    With log-probabilities lq (student), lp (teacher): mode 2 (0 < beta < 1) sums
-    beta p (lp - lm) and (1-beta) q (lq - lm), lm = log M computed in logs as
-    max(a, b) + log1p(exp(-|a - b|)), a = log beta + lp, b = log(1-beta) + lq (no
-    underflow of M where one of the two is tiny); mode 0 sums p (lp - lq), mode 1
-    q (lq - lp).  A term whose probability is 0 adds exactly 0 (a -inf logit)."""
+    Log-probabilities come from the logits (lq = (x - max)/T - log S_s, exact at -inf);
+    mode 2 (0 < beta < 1) sums bp (lp - lm) and bq (lq - lm), bp = beta p,
+    bq = (1-beta) q, lm = log(bp + bq), or exactly log(1-beta) + lq where bp is 0 and
+    log beta + lp where bq is 0 (a one-hot row's terms cancel to exactly 0);
+    mode 0 sums p (lp - lq), mode 1 q (lq - lp).  A term whose probability is 0 adds
+    exactly 0 (a -inf logit).  One log an element: the exps are the stored ones."""
     C = x.shape[0]
     zero = cast_like(0.0, x)
+    one = cast_like(1.0, x)
     ta = 0.0
     tb = 0.0
     for lo in range(0, C, CHUNK):
         hi = min(lo + CHUNK, C)
         sx = x[lo:hi]
         sxt = xt[lo:hi]
-        sg = w[lo:hi]
+        se = e[lo:hi]
+        sf = f[lo:hi]
         a_ = zero
         b_ = zero
         if mode == 2:
             for j in range(sx.shape[0]):
                 lq = shift_scale(sx[j], mx, it) - lq0
                 lp = shift_scale(sxt[j], mxt, it) - lp0
-                a = lb + lp
-                b = l1b + lq
-                lm = fmax(a, b) + flog1p(fexp(-abs(a - b)))
-                ea = fexp(a)
-                eb = fexp(b)
-                a_ += ea * (lp - lm) if ea != zero else zero
-                b_ += eb * (lq - lm) if eb != zero else zero
+                bp = bc * (sf[j] * ip)
+                bq = (one - bc) * (se[j] * iq)
+                m = bp + bq
+                lm = lq + l1b if bp == zero else (lp + lb if bq == zero else flog(m))
+                a_ += bp * (lp - lm) if bp != zero else zero
+                b_ += bq * (lq - lm) if bq != zero else zero
                 if want_grad:
-                    sg[j] = lq - lm
+                    sf[j] = lq - lm
         elif mode == 0:
             for j in range(sx.shape[0]):
                 lq = shift_scale(sx[j], mx, it) - lq0
                 lp = shift_scale(sxt[j], mxt, it) - lp0
-                p = fexp(lp)
+                p = sf[j] * ip
                 a_ += p * (lp - lq) if p != zero else zero
                 if want_grad:
-                    sg[j] = p
+                    sf[j] = p
         else:
             for j in range(sx.shape[0]):
                 lq = shift_scale(sx[j], mx, it) - lq0
                 lp = shift_scale(sxt[j], mxt, it) - lp0
-                q = fexp(lq)
+                q = se[j] * iq
                 b_ += q * (lq - lp) if q != zero else zero
                 if want_grad:
-                    sg[j] = lq - lp
+                    sf[j] = lq - lp
         ta += a_
         tb += b_
     return ta, tb
 
 
 @njit(**JIT)
-def _jsd_grad(x, mx, lq0, it, mode, k, scale, w, gr):
-    """The gradient into ``gr`` (which may be ``x``: each x[j] is read before gr[j] is
-    written) from what _jsd_terms left in ``w``: mode 0 scale (q - p), ``w`` holding p;
-    else scale q (r - k), r = ``w`` the log-ratio, k its q-weighted mean (0 where q is)."""
+def _jsd_grad(e, iq, mode, k, scale, f, gr):
+    """The gradient into ``gr`` (which may be the logits: they are not read here) from
+    the stored exps and what _jsd_terms left in ``f``: mode 0 scale (q - p), ``f``
+    holding p; else scale q (r - k), r = ``f`` the log-ratio, k its q-weighted mean (0
+    where q is)."""
     zero = cast_like(0.0, gr)
     s = cast_like(scale, gr)
     kk = cast_like(k, gr)
-    for j in range(x.shape[0]):
-        q = fexp(shift_scale(x[j], mx, it) - lq0)
+    qs = cast_like(iq, gr)
+    for j in range(gr.shape[0]):
+        q = e[j] * qs
         if mode == 0:
-            gr[j] = s * (q - w[j])
+            gr[j] = s * (q - f[j])
         else:
-            gr[j] = s * (q * (w[j] - kk)) if q != zero else zero
+            gr[j] = s * (q * (f[j] - kk)) if q != zero else zero
 
 
 @njit(**JIT)
-def jsd_row(x, xt, inv_t, beta, mode, w, gr, want_grad, gscale):
+def jsd_row(x, xt, inv_t, beta, mode, e, f, gr, want_grad, gscale):
     """Generalised Jensen-Shannon divergence of P = softmax(xt/T) and Q = softmax(x/T),
     beta KL(P||M) + (1-beta) KL(Q||M) with M = beta P + (1-beta) Q (``mode`` 2), or
-    KL(P||Q) (mode 0, beta = 0) or KL(Q||P) (mode 1, beta = 1), in three reads of the
-    rows and no distribution stored.
+    KL(P||Q) (mode 0, beta = 0) or KL(Q||P) (mode 1, beta = 1).
 
-    With ``want_grad`` writes into ``gr`` (which may be ``x``) ``gscale`` times the
-    gradient with respect to ``x``, (1-beta)/T q (log q - log m - KL(Q||M)) (mode 0:
-    (q - p)/T; mode 1: q (log q - log p - KL(Q||P))/T), through the work row ``w``.
-    A row with a +inf, a NaN or all -inf (either input) gives NaN, as the KL."""
+    A max read of each row, then one pass that stores both rows' exps in the work rows
+    ``e``, ``f`` (C values each) while summing them, then the terms from the stored
+    exps: two exps and one log an element.  With ``want_grad`` writes into ``gr``
+    (which may be ``x``) ``gscale`` times the gradient with respect to ``x``,
+    (1-beta)/T q (log q - log m - KL(Q||M)) (mode 0: (q - p)/T; mode 1: q (log q -
+    log p - KL(Q||P))/T).  A row with a +inf, a NaN or all -inf (either input) gives
+    NaN, as the KL."""
     C = x.shape[0]
     if C == 0:
         return 0.0
@@ -679,21 +692,24 @@ def jsd_row(x, xt, inv_t, beta, mode, w, gr, want_grad, gscale):
     mxt = row_max(xt)
     if not (abs(mx) < np.inf and abs(mxt) < np.inf):
         return _kl_infinite(gr, want_grad)
-    ss, st = _jsd_sums(x, mx, xt, mxt, it)
+    ss, st = _jsd_exps(x, mx, xt, mxt, it, e, f)
     lq0 = cast_like(math.log(ss), x)
     lp0 = cast_like(math.log(st), x)
-    lb = cast_like(math.log(beta) if beta > 0 else 0.0, x)
+    iq = cast_like(1.0 / ss, x)
+    ip = cast_like(1.0 / st, x)
+    bc = cast_like(beta, x)
     l1b = cast_like(math.log1p(-beta) if beta < 1 else 0.0, x)
-    ta, tb = _jsd_terms(x, mx, lq0, xt, mxt, lp0, it, lb, l1b, mode, w, want_grad)
+    lb = cast_like(math.log(beta) if beta > 0 else 0.0, x)
+    ta, tb = _jsd_terms(x, mx, lq0, iq, xt, mxt, lp0, ip, it, bc, lb, l1b, mode, e, f,
+                        want_grad)
     loss = ta + tb
     if want_grad:
         if mode == 2:
-            _jsd_grad(x, mx, lq0, it, mode, tb / (1.0 - beta), gscale * inv_t * (1.0 - beta), w,
+            _jsd_grad(e, 1.0 / ss, mode, tb / (1.0 - beta), gscale * inv_t * (1.0 - beta), f,
                       gr)
         else:
-            _jsd_grad(x, mx, lq0, it, mode, tb, gscale * inv_t, w, gr)
+            _jsd_grad(e, 1.0 / ss, mode, tb, gscale * inv_t, f, gr)
     return loss
-
 
 
 @njit(**JIT)
