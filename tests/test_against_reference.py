@@ -76,6 +76,11 @@ def test_softmax_cross_entropy_index_targets(rng, batch, c, dtype, backend, opts
         # compile slowest: they are checked on 5000 rows with every option instead
         pytest.skip("few classes on threads: test_fast_paths.py::test_few_classes_against_"
                     "the_reference[10-float32]")
+    if backend != "cuda" and c <= 2 and dtype.name in ("float32", "bfloat16") and opts:
+        # one or two classes: a kernel a class count, dtype and option flags; float64
+        # and float16 (the float32 arithmetic behind a half loader) carry the options
+        # here, float32 at 2, 10 and 16 classes in test_fast_paths (the suite's time)
+        pytest.skip("few classes: the options in float64 and float16")
     x = _logits(rng, batch + (c,), dtype)
     t = rng.integers(0, c, batch)
     if t.size > 2:

@@ -285,6 +285,36 @@ def build_parser():
                         "results is refused unless --force is given")
     b.add_argument("--force", action="store_true",
                    help="write into --out even if it holds results (they are overwritten)")
+    b.add_argument("--op", nargs="+", metavar="OP",
+                   help="time your own case instead of the built-in ones: an operation "
+                        "(ce, ce_grad, ce_probs, kl, kl_grad, jsd, kl_sparse, bce_logits, "
+                        "logsumexp, softmax, evaluate, nll, kl_div, focal, ...; KIND_grad "
+                        "times the gradient too) at each --shape and --dtype")
+    b.add_argument("--shape", nargs="+", metavar="SHAPE",
+                   help="with --op: ROWSxCLASSES (e.g. 8192x50257), or BATCHxSEQxCLASSES "
+                        "(the batch axes become rows); default the operation's own")
+    b.add_argument("--dtype", nargs="+", metavar="DTYPE",
+                   choices=["float32", "float64", "float16", "bfloat16"],
+                   help="input dtype(s): float32 (default), float64, float16, bfloat16")
+    b.add_argument("--backend", choices=["auto", "cpu", "parallel", "cuda"], default=None,
+                   help="time xent_fast on this backend only (default: auto and the "
+                        "serial cpu)")
+    b.add_argument("--options", metavar="K=V,...",
+                   help="keywords of xent_fast's call (and the reference's), e.g. "
+                        "label_smoothing=0.1,z_loss=1e-4; the peers run without them")
+    b.add_argument("--save", metavar="NAME",
+                   help="also write the run's JSON to NAME(.json), for a later --compare")
+    b.add_argument("--compare", metavar="OLD.json",
+                   help="set this run against a saved one, case by case: the ratio "
+                        "now/then with its range, cases slower beyond the noise flagged "
+                        "(exit status 2)")
+    b.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="seconds of timed rounds a case may take once every "
+                        "implementation has run three times (default 0.2 with --quick, "
+                        "1 with --op, else 0.5); rounds stop sooner when every "
+                        "interquartile range is within 5%% of its median")
+    b.add_argument("--format", choices=["table", "csv"], default="table",
+                   help="print the markdown table (default) or CSV (the files hold both)")
     e = sub.add_parser(
         "eval", formatter_class=_HelpFormatter,
         help="evaluation metrics (cross-entropy, perplexity, top-k accuracy, entropy, "
@@ -338,7 +368,12 @@ def main(argv=None):
 
         try:
             args.out = _bench.output_dir(args.out, force=args.force)
-        except FileExistsError as err:
+            if args.op:
+                _bench.custom_cases(args.op, args.shape, args.dtype)  # checked up front
+            _bench.parse_options(args.options)
+            if args.compare:
+                _bench.load_results(args.compare)
+        except (FileExistsError, ValueError, OSError, KeyError) as err:
             print(f"xent-fast bench: error: {err}", file=sys.stderr)
             return 1
         return _bench.main(args)

@@ -33,8 +33,26 @@ from typing import Callable, Optional
 
 import numpy as np
 
-# Peers, in report order, and the module each needs.
-PEERS = {"numpy-ref": "numpy", "scipy": "scipy", "torch": "torch", "jax": "jax"}
+# Peers, in report order, and the module each needs.  "torch.compile" is the "torch"
+# peer's own code under torch.compile (its first call, the compile, is timed apart).
+PEERS = {"numpy-ref": "numpy", "scipy": "scipy", "torch": "torch",
+         "torch.compile": "torch", "jax": "jax"}
+
+
+def dtype_of(name):
+    """The NumPy dtype of a dtype name; "bfloat16" is ml_dtypes' (imported here)."""
+    if str(name) == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _as_tensor(torch, a):
+    """A NumPy array as a CPU tensor sharing its memory (bfloat16 through its bits)."""
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +78,13 @@ class Op:
         """The inputs at (rows, cols) of ``dtype``, the same for the same seed."""
         rng = np.random.default_rng(seed)
         shape = (rows, cols)
+        dtype = dtype_of(dtype)
         x = (rng.standard_normal(shape, dtype=np.float32) * 3).astype(dtype)
         return self.inputs(rng, x, shape, dtype)
 
     def nbytes(self, rows, cols, dtype="float32", grad=False):
         """(bytes read, bytes written) that any implementation must move."""
-        n = rows * cols * np.dtype(dtype).itemsize
+        n = rows * cols * dtype_of(dtype).itemsize
         return self.reads * n + self.row_bytes * rows, (self.writes + bool(grad)) * n
 
     def peer(self, name, d, grad=False):
@@ -75,6 +94,9 @@ class Op:
 
             kw = {"return_grad": grad} if self.grad else {}
             return self.call(bound(R), d, **kw)
+        if name == "torch.compile":
+            build = self.peers.get("torch")
+            return None if build is None else build(d, grad, compiled=True)
         build = self.peers.get(name)
         return None if build is None else build(d, grad)
 
@@ -177,13 +199,14 @@ def _scipy(make):
 def _torch(keys, make):
     """A PyTorch peer, forward only: ``make(torch, F, *tensors)`` -> the call, the
     tensors being ``d``'s arrays under ``keys`` (wrapped once, outside the timing)."""
-    def build(d, grad):
+    def build(d, grad, compiled=False):
         import torch
         import torch.nn.functional as F
 
         if grad:
             return None
-        return make(torch, F, *(torch.from_numpy(d[k]) for k in keys))
+        fn = make(torch, F, *(_as_tensor(torch, d[k]) for k in keys))
+        return torch.compile(fn) if compiled else fn
     return build
 
 
@@ -191,12 +214,14 @@ def _torch_loss(keys, make):
     """A PyTorch peer of a loss of the logits: ``make(torch, F, *tensors)`` ->
     ``loss(z)``, the tensors as for ``_torch``; forward under no_grad, or forward and
     backward with ``grad``."""
-    def build(d, grad):
+    def build(d, grad, compiled=False):
         import torch
         import torch.nn.functional as F
 
-        x = torch.from_numpy(d["x"])
-        loss = make(torch, F, *(torch.from_numpy(d[k]) for k in keys))
+        x = _as_tensor(torch, d["x"])
+        loss = make(torch, F, *(_as_tensor(torch, d[k]) for k in keys))
+        if compiled:
+            loss = torch.compile(loss)
         if not grad:
             def fwd():
                 with torch.no_grad():
