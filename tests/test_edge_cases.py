@@ -26,29 +26,43 @@ def test_logsumexp_and_softmax_conventions(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_masked_logits_give_exact_zero_gradient(backend, dtype):
-    x = np.array([[NINF, 1.0, 2.0, NINF], [0.5, NINF, 3.0, 1.0]], dtype)
-    t = np.array([2, 0])
+@pytest.mark.parametrize("pad", [0, 16])
+def test_masked_logits_give_exact_zero_gradient(backend, dtype, pad):
+    # 2 classes (the few-classes kernels) and 4 padded with -inf columns to 20 (the
+    # general kernels): class counts other tests build too (each count is a kernel)
+    if pad:
+        x = np.array([[NINF, 1.0, 2.0, NINF], [0.5, NINF, 3.0, 1.0]], dtype)
+        x = np.concatenate([x, np.full((2, pad), NINF, dtype)], axis=1)
+        t, masked, bad_t = np.array([2, 0]), [(0, 0), (0, 3), (1, 1)], np.array([0, 2])
+        p = np.zeros(x.shape, dtype)
+        p[0, 1:3] = 0.5
+        p[1, [0, 2, 3]] = [0.2, 0.4, 0.4]
+    else:
+        x = np.array([[NINF, 2.0], [0.5, NINF]], dtype)
+        t, masked, bad_t = np.array([1, 0]), [(0, 0), (1, 1)], np.array([0, 0])
+        p = np.array([[0.0, 1.0], [1.0, 0.0]], dtype)
     loss, g = xf.softmax_cross_entropy(x, t, return_grad=True, backend=backend)
     assert np.isfinite(loss)
-    assert g[0, 0] == 0.0 and g[0, 3] == 0.0 and g[1, 1] == 0.0
+    assert all(g[i, j] == 0.0 for i, j in masked)
     assert not np.isnan(g).any()
     rl, rg = R.softmax_cross_entropy(x, t, return_grad=True)
     assert_close(loss, rl, 1e-6)
     assert_close(g, rg, 1e-6)
     # a target whose logit is -inf gives +inf
-    assert xf.softmax_cross_entropy(x, np.array([0, 2]), reduction="none",
-                                    backend=backend)[0] == INF
+    assert xf.softmax_cross_entropy(x, bad_t, reduction="none", backend=backend)[0] == INF
     # probability targets with zero mass on -inf logits: finite, no NaN
-    p = np.array([[0.0, 0.5, 0.5, 0.0], [0.2, 0.0, 0.4, 0.4]], dtype)
     loss, g = xf.softmax_cross_entropy(x, p, return_grad=True, backend=backend)
     assert np.isfinite(loss) and not np.isnan(g).any()
-    assert g[0, 0] == 0.0 and g[1, 1] == 0.0
+    assert all(g[i, j] == 0.0 for i, j in masked)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_huge_logits_stay_finite(backend):
-    x = np.array([[1e30, -1e30, 0.0], [3e38, 3e38, -3e38]], np.float32)
+@pytest.mark.parametrize("c", [2, 20])
+def test_huge_logits_stay_finite(backend, c):
+    # 2 classes (few-classes kernels) and 20 (general), with the huge values in front
+    x = np.full((2, c), -3e38, np.float32)
+    x[0, :2] = [1e30, -1e30]
+    x[1, :2] = [3e38, 3e38]
     t = np.array([0, 1])
     loss, g = xf.softmax_cross_entropy(x, t, reduction="none", return_grad=True,
                                        backend=backend)
