@@ -8,17 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from xent_fast import __main__ as cli
 from xent_fast import _bench
 
-
-def run(capsys, *argv):
-    try:
-        rc = cli.main(list(argv))
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+from test_cli import run
 
 
 @pytest.fixture

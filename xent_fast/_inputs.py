@@ -351,3 +351,11 @@ def mean_of(total, denominator):
 
 def kl_denominator(reduction_, n, c):
     return {"batchmean": n, "mean": n * c, "sum": 1, "none": 1}[reduction_]
+
+
+def sparse_denominator(mode, reduction_, n, c):
+    """The mean's denominator of a sparse-target loss: the KL's (modes 0, 1), or the
+    number of rows for the cross-entropy form (mode 2, reductions of ``REDUCTIONS``)."""
+    if mode != 2:
+        return kl_denominator(reduction_, n, c)
+    return n if reduction_ == "mean" else 1

@@ -410,6 +410,13 @@ def softmax_cross_entropy(x, targets, *, axis, kind, weight, ignore_index, label
     return (res, grad) if want_grad else res
 
 
+def _reduce_kl(out, batch, reduction, den, out_dtype):
+    """Per-row values reduced as the KL family reduces: any mean ("mean", "batchmean")
+    divides the sum by ``den``."""
+    return reduce_rows(out, batch, "mean" if reduction in ("mean", "batchmean") else reduction,
+                       den, out_dtype)
+
+
 def softmax_kl_divergence(x, t, *, axis, temperature, reduction, want_grad, grad_out,
                           threads):
     rows, batch = class_rows(x.arr, axis)
@@ -423,10 +430,7 @@ def softmax_kl_divergence(x, t, *, axis, temperature, reduction, want_grad, grad
         1.0 / temperature, gscale, g2, x.hk, out, _nblocks(n, threads))
     if finish is not None:
         finish()
-    if reduction in ("batchmean", "mean"):
-        res = reduce_rows(out, batch, "mean", den, x.out_dtype)
-    else:
-        res = reduce_rows(out, batch, reduction, 1, x.out_dtype)
+    res = _reduce_kl(out, batch, reduction, den, x.out_dtype)
     return (res, grad) if want_grad else res
 
 
@@ -450,10 +454,7 @@ def softmax_js_divergence(x, t, *, axis, beta, temperature, targets, ignore_inde
         1.0 / temperature, float(beta), mode, gscale, g2, x.hk, out, _nblocks(n, threads))
     if finish is not None:
         finish()
-    if reduction in ("batchmean", "mean"):
-        res = reduce_rows(out, batch, "mean", den, x.out_dtype)
-    else:
-        res = reduce_rows(out, batch, reduction, 1, x.out_dtype)
+    res = _reduce_kl(out, batch, reduction, den, x.out_dtype)
     return (res, grad) if want_grad else res
 
 
@@ -470,9 +471,7 @@ def sparse_targets(x, indices, values, *, axis, temperature, mode, reduction, wa
     _inputs.check_sparse_indices(idx, c, batch, axis, "target_indices" if mode == 2
                                  else "teacher_indices")
     v = np.ascontiguousarray(np.moveaxis(host(values), axis, -1).reshape(n, k), np.float64)
-    den = n if mode == 2 else _inputs.kl_denominator(reduction, n, c)
-    if reduction in ("none", "sum"):
-        den = 1
+    den = _inputs.sparse_denominator(mode, reduction, n, c)
     gscale = 1.0 / den if den else math.nan
     grad, g2, finish = grad_target(want_grad, grad_out, x, axis, rows.shape, (idx, v))
     out = np.empty(n, np.float64)
@@ -480,8 +479,7 @@ def sparse_targets(x, indices, values, *, axis, temperature, mode, reduction, wa
         mode, gscale, g2, x.hk, out, _nblocks(n, threads))
     if finish is not None:
         finish()
-    res = reduce_rows(out, batch, reduction if reduction in ("none", "sum") else "mean", den,
-                      x.out_dtype)
+    res = _reduce_kl(out, batch, reduction, den, x.out_dtype)
     return (res, grad) if want_grad else res
 
 def _elementwise_buffers(shape2, keep, dtype):
@@ -558,8 +556,7 @@ def pointwise(x, y, *, mode, alpha, gamma, reduction, den, want_grad, grad_out, 
     if keep:
         res = out.reshape(shape)
     else:
-        res = reduce_rows(partial, (), "sum" if reduction == "sum" else "mean", den,
-                          x.out_dtype)
+        res = _reduce_kl(partial, (), reduction, den, x.out_dtype)
     return (res, grad) if want_grad else res
 
 

@@ -270,9 +270,7 @@ def sparse_targets(x, indices, values, *, axis, temperature, mode, reduction, wa
     n = x3.shape[0] * x3.shape[2]
     c, k = x3.shape[1], i3.shape[1]
     batch = _inputs.batch_shape(x.shape, axis)
-    den = n if mode == 2 else _inputs.kl_denominator(reduction, n, c)
-    if reduction in ("none", "sum"):
-        den = 1
+    den = _inputs.sparse_denominator(mode, reduction, n, c)
     gscale = 1.0 / den if den else math.nan
     keep = reduction == "none"
     acc = zeros(1, np.float64)
