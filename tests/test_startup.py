@@ -17,8 +17,8 @@ from xent_fast import _ops, _warmup
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(code):
-    env = dict(os.environ)
+def _run(code, extra_env=None):
+    env = dict(os.environ, **(extra_env or {}))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, env=env, timeout=300)
@@ -45,16 +45,30 @@ def test_the_package_attributes_load_on_first_use():
     assert out[3] == "module 'xent_fast' has no attribute 'no_such_function'"
 
 
-def test_a_first_call_imports_no_scipy_linalg():
+_CACHE_PROBE = """
+    import sys, numpy as np, xent_fast as xf
+    from xent_fast import reference
+    p = np.random.default_rng(0).dirichlet(np.ones(300), size=4).astype(np.float32)
+    ok = [np.allclose(xf.entropy(p, backend=b), reference.entropy(p), rtol=1e-5)
+          for b in ("cpu", "parallel")]
+    print("numba.np.arraymath" in sys.modules, "scipy.linalg" in sys.modules, all(ok))
+    q = p.astype(np.float64)  # a kernel not in the cache: compiled after the loads
+    print(np.allclose(xf.entropy(q, backend="cpu"), reference.entropy(q), rtol=1e-12))
+    import numba.np.arraymath as am
+    print(am._HAVE_BLAS)
+"""
+
+
+def test_cached_kernels_load_without_readying_the_compiler(tmp_path):
+    """A process whose kernels are all in the cache loads them without Numba's compiler
+    registries (most of a warm start); one that compiles keeps SciPy out of it."""
     pytest.importorskip("scipy")
-    out = _run("""
-        import sys, numpy as np, xent_fast as xf
-        xf.logsumexp(np.zeros((2, 3), np.float32))
-        import numba.np.arraymath as am
-        print("scipy.linalg" in sys.modules, am._HAVE_BLAS)
-    """)
-    # SciPy is installed, so Numba's BLAS flag still says so, without importing it
-    assert out == ["False True"]
+    env = {"NUMBA_CACHE_DIR": str(tmp_path)}
+    cold = _run(_CACHE_PROBE, env)  # compiles: the registries load, SciPy does not
+    assert cold == ["True False True", "True", "True"]
+    warm = _run(_CACHE_PROBE, env)  # loads the float32 kernels; compiles nothing for them
+    # SciPy is installed, so Numba's BLAS flag says so, without SciPy imported before
+    assert warm == ["False False True", "True", "True"]
 
 
 def test_a_forward_call_compiles_no_gradient_and_threads_reuse_the_row_code():

@@ -31,7 +31,6 @@ from .jit import KERNEL, load_numba_math
 
 # Before anything can start Numba's thread pool: every path to a kernel imports this module.
 _threads.configure()
-load_numba_math()
 
 
 # Which positional arguments each driver writes (typed mutable); all others that are
@@ -126,13 +125,48 @@ def _jit(func, parallel):
     opts = dict(KERNEL)
     opts.update(parallel=parallel, cache=True)
     try:
-        return njit(**opts)(func)
+        return _light_cache_load(njit(**opts)(func))
     except RuntimeError as e:  # no writable cache location: compile every process
         if "cannot cache" not in str(e):
             raise
         _warn_no_cache(e)
+        load_numba_math()
         opts.update(cache=False)
         return njit(**opts)(func)
+
+
+def _light_cache_load(disp):
+    """Load ``disp``'s cached machine code without readying Numba's compiler.
+
+    Numba readies its whole compiler before it looks in its cache: it imports and
+    registers the implementation of every Python and NumPy feature it can compile
+    (0.2-0.5 s, most of a first call from a warm cache, the same for one kernel or
+    fifty).  Running cached machine code needs none of that, only Numba's
+    reference-counting runtime, which the code links against.  So a lookup here starts
+    the runtime and reads the cache; only when it misses is the compiler readied, by
+    the compile that follows (Numba's own, which readies it first).  Falls back to
+    Numba's lookup where its cache class lacks the methods used.
+    """
+    cache = getattr(disp, "_cache", None)
+    guard = getattr(cache, "_guard_against_spurious_io_errors", None)
+    load = getattr(cache, "_load_overload", None)
+    if guard is None or load is None:
+        load_numba_math()
+        return disp
+
+    def load_overload(sig, target_context):
+        from numba.core.runtime import rtsys
+
+        rtsys.initialize(target_context)
+        found = None
+        with guard():  # as Numba's own lookup (it swallows some I/O errors on Windows)
+            found = load(sig, target_context)
+        if found is None:
+            load_numba_math()  # a compile follows: keep SciPy out of it
+        return found
+
+    cache.load_overload = load_overload
+    return disp
 
 
 _warned_no_cache = False
