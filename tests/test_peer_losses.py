@@ -70,6 +70,38 @@ def test_nll_loss_against_reference(rng, dtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_untouched_and_grad_out_in_place(rng, backend):
+    """Strided read-only inputs give what their contiguous copies give and are not
+    written; ``grad_out`` the input itself receives the gradient after the loss has
+    read it (the loss is the same as without)."""
+    dtype = np.dtype(np.float32)
+    x = (rng.standard_normal((9, 74)) * 3).astype(dtype)[:, ::2]
+    y = rng.random((9, 74)).astype(dtype)[:, 1::2]
+    lp = np.log(rng.random((9, 74)) + 0.01).astype(dtype)[:, ::2]
+    t = rng.integers(0, 37, 9)
+    t[4] = -100
+    cases = [("nll_loss", lp, t, {"reduction": "sum"}),
+             ("kl_div", lp, y, {"reduction": "batchmean"}),
+             ("sigmoid_focal_loss", x, y, {"reduction": "mean"})]
+    for name, a, b, opts in cases:
+        fn = getattr(xf, name)
+        for arr in (a, b):
+            arr.flags.writeable = False
+        before = (a.copy(), b.copy())
+        loss, grad = fn(a, b, return_grad=True, backend=backend, **opts)
+        assert (a == before[0]).all() and (b == before[1]).all(), name
+        closs, cgrad = fn(np.ascontiguousarray(a), np.ascontiguousarray(b),
+                          return_grad=True, backend=backend, **opts)
+        assert_close(loss, closs, 1e-6, what=name)
+        assert_close(grad, cgrad, 1e-6, atol=1e-7, what=name)
+        own = a.copy()
+        iloss, igrad = fn(own, b, grad_out=own, backend=backend, **opts)
+        assert igrad is own, name
+        assert_close(iloss, closs, 1e-6, what=name)
+        assert_close(own, cgrad, 1e-6, atol=1e-7, what=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_equal_to_pytorch_and_torchvision_in_float64(rng, backend):
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
