@@ -124,3 +124,27 @@ def test_warmup_shares_cover_every_operation_once_per_dtype(count, dtypes):
             partner = _warmup._SHARES_DRIVER.get(k)
             if partner is not None:
                 assert partner in kinds
+
+
+def test_warmup_of_named_functions_covers_their_kernels_only():
+    assert _warmup._kinds(["softmax_cross_entropy"]) == ["ce", "ce_probs"]
+    assert _warmup._kinds("evaluate") == ["evaluate"]
+    assert _warmup._kinds(None) == [op.kind for op in _ops.OPS]
+    with pytest.raises(ValueError, match="functions: .*'softmax_crossentropy'"):
+        _warmup._kinds(["softmax_crossentropy"])
+    kinds = _warmup._kinds(["softmax_cross_entropy", "evaluate"])
+    for count in (1, 2, 3):
+        shares = _warmup._shares(["float32"], count, kinds)
+        assert sorted(k for ks, _ in shares for k in ks) == sorted(kinds)
+    out = _run("""
+        import numpy as np, xent_fast as xf
+        from xent_fast._cpu import backend
+        made = xf.warmup(["float32"], ["cpu"], 1, functions=["binary_cross_entropy"],
+                         grad=False)
+        names = sorted({k[0] for k in backend._entry_points})
+        p = np.full((3, 70), 0.5, np.float32)
+        xf.binary_cross_entropy(p, p, backend="cpu")
+        again = xf.warmup(["float32"], ["cpu"], 1, functions=["binary_cross_entropy"])
+        print(made, names, backend.kernels_ready() == made, again)
+    """)
+    assert out == ["1 ['bce'] True 0"]

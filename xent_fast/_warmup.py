@@ -33,45 +33,73 @@ _COST = {"ce": 7.0, "ce_probs": 5.0, "kl": 5.0, "bce_logits": 3.5, "logsumexp": 
          "entropy": 1.5, "softmax": 1.5, "evaluate": 2.0}
 
 
-def warmup(dtypes=("float32", "float64"), backends=("cpu", "parallel"), processes=None):
-    """Compile every kernel for ``dtypes`` on ``backends`` now, instead of on first use.
+def warmup(dtypes=("float32", "float64"), backends=("cpu", "parallel"), processes=None, *,
+           functions=None, grad=True):
+    """Compile the kernels of ``functions`` for ``dtypes`` on ``backends`` now, instead
+    of on first use.
 
-    Covers what the first call of each public function runs on C-contiguous inputs of
-    those dtypes, with and without a gradient (a loss and its gradient are two kernels:
-    each compiles only the code it runs), except the few-classes cross-entropy kernels,
-    which are built per class count (2 to 16) on first use.  The first call in a fresh
-    environment compiles (seconds per kernel) in up to ``processes`` worker processes
-    at once (default: one a CPU; 1 compiles here only); later processes load the
-    machine code from Numba's cache (``NUMBA_CACHE_DIR`` or the package's
-    ``__pycache__``) in milliseconds.  Returns the number of kernels made ready in this
-    process by this call (0 when all were ready already).
+    ``functions``: names of public functions (``"softmax_cross_entropy"``, ...), or
+    ``None`` for all of them.  Covers what the first call of each runs on C-contiguous
+    inputs of those dtypes, with a gradient too where ``grad`` (a loss and its gradient
+    are two kernels: each compiles only the code it runs), except the few-classes
+    cross-entropy kernels, which are built per class count (2 to 16) on first use.
+    The first call in a fresh environment compiles (seconds per kernel; all of them
+    take a minute or more on 2 cores) in up to ``processes`` worker processes at once
+    (default: one a CPU; 1 compiles here only); later processes load the machine code
+    from Numba's cache (``NUMBA_CACHE_DIR`` or the package's ``__pycache__``) in
+    milliseconds.  Name only what you call to compile less: a training loop's
+    ``warmup(["float32"], functions=["softmax_cross_entropy"])``.  Returns the number of
+    kernels made ready in this process by this call (0 when all were ready already).
     """
     from ._dispatch import cpu
 
+    kinds = _kinds(functions)
     dtypes = [np.dtype(_DTYPES.get(name, name)).name for name in dtypes]
     backends = list(backends)
+    grad = bool(grad)
     if processes is None:
         processes = os.cpu_count() or 1
     be = cpu()
     before = be.kernels_ready()
-    todo = [(d, b) for d in dtypes for b in backends if (d, b) not in _done]
-    shares = _shares(dtypes, int(processes)) if todo and be.caches_to_disk() else []
-    workers = [_start_worker(kinds, dts, backends) for kinds, dts in shares[1:]]
-    if shares:  # this process's share first, while the workers compile theirs
-        _warm(*shares[0], backends)
-    for w in workers:
-        w.wait()
-    _warm([op.kind for op in _ops.OPS], dtypes, backends)  # from the cache, or compiled
-    _done.update(todo)
+    todo = [(k, d, b, g) for k in kinds for d in dtypes for b in backends
+            for g in (False, True)[:1 + grad] if (k, d, b, g) not in _done]
+    if todo:
+        todo_kinds = list(dict.fromkeys(k for k, _, _, _ in todo))
+        shares = _shares(dtypes, int(processes), todo_kinds) if be.caches_to_disk() else []
+        workers = [_start_worker(ks, dts, backends, grad) for ks, dts in shares[1:]]
+        if shares:  # this process's share first, while the workers compile theirs
+            _warm(*shares[0], backends, grad)
+        for w in workers:
+            w.wait()
+        _warm(todo_kinds, dtypes, backends, grad)  # from the cache, or compiled
+        _done.update(todo)
     return be.kernels_ready() - before
 
 
-_done = set()  # (dtype, backend) pairs a warmup() of this process has covered
+def _kinds(functions):
+    """The operations (``_ops`` kinds) that the named public functions run."""
+    if functions is None:
+        return [op.kind for op in _ops.OPS]
+    if isinstance(functions, str):
+        functions = [functions]
+    by_name = {}
+    for op in _ops.OPS:
+        by_name.setdefault(op.name.split(" ")[0], []).append(op.kind)
+    kinds = []
+    for name in functions:
+        if name not in by_name:
+            raise ValueError(f"functions: no kernels to warm for {name!r}; one of "
+                             f"{', '.join(sorted(by_name))}")
+        kinds += by_name[name]
+    return list(dict.fromkeys(kinds))
 
 
-def _warm(kinds, dtypes, backends):
-    """Every operation of ``kinds`` once per dtype and backend, with and without a
-    gradient, on inputs of its own."""
+_done = set()  # (kind, dtype, backend, grad) a warmup() of this process has covered
+
+
+def _warm(kinds, dtypes, backends, grad=True):
+    """Every operation of ``kinds`` once per dtype and backend, without a gradient and
+    (where ``grad``) with one, on inputs of its own."""
     import xent_fast as xf
 
     ops = [op for op in _ops.OPS if op.kind in kinds]
@@ -81,39 +109,42 @@ def _warm(kinds, dtypes, backends):
         for be in backends:
             for op, d in inputs:
                 op.call(xf, d, backend=be)
-                if op.grad:
+                if op.grad and grad:
                     op.call(xf, d, backend=be, return_grad=True)
 
 
-def _groups():
-    """The operations' kinds, those that share a driver together, costliest first."""
+def _groups(kinds=None):
+    """The operations' kinds (of ``kinds``), those that share a driver together,
+    costliest first."""
     groups = {}
     for op in _ops.OPS:
-        groups.setdefault(_SHARES_DRIVER.get(op.kind, op.kind), []).append(op.kind)
+        if kinds is None or op.kind in kinds:
+            groups.setdefault(_SHARES_DRIVER.get(op.kind, op.kind), []).append(op.kind)
     return sorted(groups.values(), key=lambda ks: -sum(_COST.get(k, 1) for k in ks))
 
 
-def _shares(dtypes, count):
-    """At most ``count`` shares of the work, (kinds, dtypes) each, of about equal compile
-    time: whole dtypes while there are fewer processes than dtypes, else each dtype's
-    operations spread over its processes."""
+def _shares(dtypes, count, kinds=None):
+    """At most ``count`` shares of the work on ``kinds`` (all operations by default),
+    (kinds, dtypes) each, of about equal compile time: whole dtypes while there are
+    fewer processes than dtypes, else each dtype's operations spread over its
+    processes."""
     count = max(1, count)
+    every = [op.kind for op in _ops.OPS if kinds is None or op.kind in kinds]
     if count <= len(dtypes):
-        every = [op.kind for op in _ops.OPS]
         return [(every, dtypes[i::count]) for i in range(count)]
     shares = []
     for i, dt in enumerate(dtypes):
         n = count // len(dtypes) + (i < count % len(dtypes))
         parts, load = [[] for _ in range(n)], [0.0] * n
-        for kinds in _groups():
+        for group in _groups(every):
             j = load.index(min(load))
-            parts[j] += kinds
-            load[j] += sum(_COST.get(k, 1) for k in kinds)
+            parts[j] += group
+            load[j] += sum(_COST.get(k, 1) for k in group)
         shares += [(part, [dt]) for part in parts if part]
     return shares
 
 
-def _start_worker(kinds, dtypes, backends):
+def _start_worker(kinds, dtypes, backends, grad):
     """A process that compiles ``kinds`` for ``dtypes`` on ``backends`` into the cache
     (its output is dropped: whatever it fails to leave is compiled by the caller)."""
     import xent_fast
@@ -124,5 +155,6 @@ def _start_worker(kinds, dtypes, backends):
         [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     code = ("import sys, json; from xent_fast._warmup import _warm; "
             "_warm(*json.loads(sys.argv[1]))")
-    return subprocess.Popen([sys.executable, "-c", code, json.dumps([kinds, dtypes, backends])],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = json.dumps([kinds, dtypes, backends, grad])
+    return subprocess.Popen([sys.executable, "-c", code, args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
