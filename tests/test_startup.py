@@ -148,3 +148,32 @@ def test_warmup_of_named_functions_covers_their_kernels_only():
         print(made, names, backend.kernels_ready() == made, again)
     """)
     assert out == ["1 ['bce'] True 0"]
+
+
+def test_an_entry_that_fails_the_light_load_goes_to_numbas_own_lookup():
+    """A failure of the runtime-only load (say a Numba release that needs more to link
+    cached code) is retried by Numba's lookup, which readies the compiler first."""
+    from types import SimpleNamespace
+    import contextlib
+
+    from numba.core.registry import cpu_target
+
+    from xent_fast._cpu import backend
+
+    calls = []
+
+    class Cache:
+        def _guard_against_spurious_io_errors(self):
+            return contextlib.nullcontext()
+
+        def _load_overload(self, sig, ctx):
+            calls.append("light")
+            raise RuntimeError("symbol not found")
+
+        def load_overload(self, sig, ctx):
+            calls.append("numba")
+            return "loaded"
+
+    disp = backend._light_cache_load(SimpleNamespace(_cache=Cache()))
+    assert disp._cache.load_overload((), cpu_target.target_context) == "loaded"
+    assert calls == ["light", "numba"]

@@ -144,8 +144,11 @@ def _light_cache_load(disp):
     fifty).  Running cached machine code needs none of that, only Numba's
     reference-counting runtime, which the code links against.  So a lookup here starts
     the runtime and reads the cache; only when it misses is the compiler readied, by
-    the compile that follows (Numba's own, which readies it first).  Falls back to
-    Numba's lookup where its cache class lacks the methods used.
+    the compile that follows (Numba's own, which readies it first).  Numba's own
+    lookup is used where its cache class lacks the methods used, and for an entry that
+    fails to load this way (so that a Numba release that needs more than its runtime
+    to load machine code costs time, never the cache: an entry that fails there too is
+    corrupt, and the caller rebuilds it).
     """
     cache = getattr(disp, "_cache", None)
     guard = getattr(cache, "_guard_against_spurious_io_errors", None)
@@ -153,14 +156,19 @@ def _light_cache_load(disp):
     if guard is None or load is None:
         load_numba_math()
         return disp
+    numba_load = cache.load_overload
 
     def load_overload(sig, target_context):
         from numba.core.runtime import rtsys
 
         rtsys.initialize(target_context)
         found = None
-        with guard():  # as Numba's own lookup (it swallows some I/O errors on Windows)
-            found = load(sig, target_context)
+        try:
+            with guard():  # as Numba's own lookup (it swallows some I/O errors on Windows)
+                found = load(sig, target_context)
+        except Exception:  # noqa: BLE001 - retried, with the compiler readied
+            load_numba_math()
+            return numba_load(sig, target_context)
         if found is None:
             load_numba_math()  # a compile follows: keep SciPy out of it
         return found
