@@ -71,7 +71,7 @@ def test_version_of_the_installed_command():
 
 # ---------------------------------------------------------------------------- --help
 def test_the_parser_has_the_documented_subcommands():
-    assert {"demo", "bench", "eval"} <= set(COMMANDS)
+    assert {"demo", "bench", "eval", "warmup"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("command", [None] + COMMANDS)
@@ -234,3 +234,19 @@ def test_demo_worked_examples_name_their_units():
     assert "1.500 nats (2.163 bits)" in text
     assert "0.861 nats (1.242 bits)" in text
     assert "1.000 bits" in text and "0.469 bits" in text
+
+
+# ---------------------------------------------------------------------------- warmup
+def test_warmup_compiles_the_named_kernels_and_refuses_bad_arguments(capsys):
+    args = ["warmup", "--functions", "binary_cross_entropy", "--dtypes", "float32",
+            "--backends", "cpu", "--no-grad", "--processes", "1"]
+    rc, out, err = run(capsys, *args)
+    assert rc == 0, err
+    assert out.startswith(("0 kernels ready", "1 kernels ready")), out  # 0: ready already
+    rc, out, err = run(capsys, *args)
+    assert rc == 0 and out.startswith("0 kernels ready"), (out, err)
+    rc, out, err = run(capsys, "warmup", "--functions", "softmax_crossentropy")
+    assert rc == 1 and out == ""
+    assert err.startswith("xent-fast warmup: error: functions: ") and "softmax_cross_entropy" in err
+    rc, out, err = run(capsys, "warmup", "--processes", "0")
+    assert rc == 1 and "--processes" in err

@@ -239,13 +239,14 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 DESCRIPTION = ("Fast, checked cross-entropy kernels: run the worked examples and check "
-               "every kernel (demo), time them against their peers (bench), or evaluate "
-               "stored logits (eval).  Also: python -m xent_fast.")
+               "every kernel (demo), time them against their peers (bench), evaluate "
+               "stored logits (eval), or compile the kernels ahead of use (warmup).  "
+               "Also: python -m xent_fast.")
 
 
 def build_parser():
-    """The argument parser of ``xent-fast`` (its subcommands are ``demo``, ``bench``
-    and ``eval``)."""
+    """The argument parser of ``xent-fast`` (its subcommands are ``demo``, ``bench``,
+    ``eval`` and ``warmup``)."""
     parser = argparse.ArgumentParser(prog="xent-fast", description=DESCRIPTION,
                                      formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"xent-fast {_version()}",
@@ -353,7 +354,52 @@ def build_parser():
                    help="run on a Dask distributed cluster (e.g. tcp://host:8786; "
                         'pip install "xent_fast[dask]"); the workers must see the files '
                         "at the same paths")
+    w = sub.add_parser(
+        "warmup", formatter_class=_HelpFormatter,
+        help="compile kernels now into the on-disk cache (say, in a container build)",
+        description="Compile the kernels of the named functions (default: every one) "
+                    "for the dtypes and backends given into Numba's on-disk cache "
+                    "(NUMBA_CACHE_DIR, else the package's __pycache__), sharing the work "
+                    "over one process a core, so that later processes load them instead "
+                    "of compiling.  The same as xent_fast.warmup().")
+    w.add_argument("--functions", nargs="+", metavar="NAME",
+                   help="public functions whose kernels to compile, e.g. "
+                        "softmax_cross_entropy (default: every function)")
+    w.add_argument("--dtypes", nargs="+", metavar="DTYPE", default=["float32", "float64"],
+                   choices=["float32", "float64"],
+                   help="input dtypes: float32, float64 (default both)")
+    w.add_argument("--backends", nargs="+", metavar="BACKEND", default=["cpu", "parallel"],
+                   choices=["cpu", "parallel"],
+                   help="CPU backends: cpu (one thread), parallel (threads); default both")
+    w.add_argument("--no-grad", action="store_true",
+                   help="leave out the gradient kernels")
+    w.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="processes compiling at once (default: one a CPU)")
     return parser
+
+
+def _warmup(args):
+    import time
+
+    from . import _warmup
+    from ._dispatch import cpu
+
+    if not cpu().caches_to_disk():
+        print("xent-fast warmup: error: no writable cache folder, so compiled kernels "
+              "cannot be kept; set NUMBA_CACHE_DIR to one", file=sys.stderr)
+        return 1
+    if args.processes is not None and args.processes < 1:
+        print("xent-fast warmup: error: --processes must be at least 1", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    try:
+        made = _warmup.warmup(args.dtypes, args.backends, args.processes,
+                              functions=args.functions, grad=not args.no_grad)
+    except ValueError as err:
+        print(f"xent-fast warmup: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{made} kernels ready in {time.perf_counter() - start:.1f} s")
+    return 0
 
 
 def main(argv=None):
@@ -363,6 +409,8 @@ def main(argv=None):
         return _demo(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "warmup":
+        return _warmup(args)
     if args.command == "bench":
         from . import _bench
 
