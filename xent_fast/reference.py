@@ -124,6 +124,14 @@ def _reduce(rows, reduction, denominator):
         return np.float64(total) / np.float64(denominator)
 
 
+def _reduce_scaled(rows, reduction, den):
+    """(rows reduced, the gradient's scale): "none" and "sum" as they are (scale 1),
+    "mean" and "batchmean" over ``den`` (scale 1/den, NaN for none)."""
+    if reduction in ("none", "sum"):
+        return _reduce(rows, reduction, 1), 1.0
+    return _reduce(rows, "mean", den), (1.0 / den if den else np.nan)
+
+
 def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index=-100,
                           label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
                           return_grad=False, return_z_loss=False):
@@ -208,16 +216,10 @@ def softmax_kl_divergence(logits, target_logits, *, axis=-1, temperature=1.0,
         pt = np.exp(lpt)
         rows = np.sum(np.where(pt == 0, 0.0, pt * (lpt - lps)), axis=-1)
     n = int(np.prod(s.shape[:-1]))
-    den = {"batchmean": n, "mean": n * s.shape[-1], "sum": 1, "none": 1}[reduction]
-    if reduction == "none":
-        loss = rows
-    elif reduction == "sum":
-        loss = np.sum(rows)
-    else:
-        loss = _reduce(rows, "mean", den)
+    loss, scale = _reduce_scaled(rows, reduction, {"batchmean": n, "mean": n * s.shape[-1]}
+                                 .get(reduction, 1))
     if not return_grad:
         return loss
-    scale = 1.0 / den if den else np.nan
     g = (np.exp(lps) - pt) / temperature * scale
     return loss, np.moveaxis(g, -1, axis)
 
@@ -234,10 +236,7 @@ def _kl_reduce(rows, keep, c, reduction):
     rows and mean over their elements; and the gradient's scale, 1/denominator."""
     rows = np.where(keep, rows, 0.0)
     n = int(np.sum(keep))
-    den = {"batchmean": n, "mean": n * c, "sum": 1, "none": 1}[reduction]
-    if reduction in ("none", "sum"):
-        return _reduce(rows, reduction, 1), 1.0
-    return _reduce(rows, "mean", den), (1.0 / den if den else np.nan)
+    return _reduce_scaled(rows, reduction, {"batchmean": n, "mean": n * c}.get(reduction, 1))
 
 
 def softmax_js_divergence(logits, target_logits, *, beta=0.5, temperature=1.0, axis=-1,
@@ -430,17 +429,10 @@ def kl_div(input, target, *, reduction="mean", log_target=False, return_grad=Fal
         else:
             pt = t
             out = np.where(t == 0, 0.0, t * np.log(np.where(t == 0, 1.0, t))) - t * x
-    n = out.size
-    den = {"mean": n, "batchmean": x.shape[0] if x.ndim else 1, "sum": 1, "none": 1}[reduction]
-    if reduction == "none":
-        loss = out
-    elif reduction == "sum":
-        loss = np.sum(out)
-    else:
-        loss = _reduce(out, "mean", den)
+    den = {"mean": out.size, "batchmean": x.shape[0] if x.ndim else 1}.get(reduction, 1)
+    loss, scale = _reduce_scaled(out, reduction, den)
     if not return_grad:
         return loss
-    scale = 1.0 / den if den else np.nan
     return loss, -pt * scale
 
 
@@ -459,16 +451,9 @@ def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="non
         out = at * ce * mod
         dmod = gamma * one_m_pt ** (gamma - 1) if gamma != 0 else np.zeros_like(x)
         g = at * ((p - y) * mod + ce * dmod * p * q * (1 - 2 * y))
-    n = out.size
-    if reduction == "none":
-        loss = out
-    elif reduction == "sum":
-        loss = np.sum(out)
-    else:
-        loss = _reduce(out, "mean", n)
+    loss, scale = _reduce_scaled(out, reduction, out.size)
     if not return_grad:
         return loss
-    scale = (1.0 / n if n else np.nan) if reduction == "mean" else 1.0
     return loss, g * scale
 
 
