@@ -378,7 +378,7 @@ def build_parser():
     return parser
 
 
-def _warmup(args):
+def _warmup_command(args):
     import time
 
     from . import _warmup
@@ -410,7 +410,7 @@ def main(argv=None):
     if args.command == "eval":
         return _eval(args)
     if args.command == "warmup":
-        return _warmup(args)
+        return _warmup_command(args)
     if args.command == "bench":
         from . import _bench
 
