@@ -5,6 +5,7 @@ CUDA cases run where a GPU is present)."""
 import itertools
 import multiprocessing
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -257,6 +258,61 @@ def test_binary_cross_entropy_equals_pytorch(reduction, weighted):
     close(xt.BCELoss(weight=w, reduction=reduction)(p, y), want)
 
 
+# ---------------------------------------------------------------------------- NLL, pointwise KL
+@pytest.mark.parametrize("shape", [(7, C), (3, C, 2, 3), (C,), (0, C)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_nll_loss_equals_pytorch(shape, weighted):
+    cdim = 1 if len(shape) > 1 else 0
+    x = torch.log_softmax(logits(shape), cdim).requires_grad_()
+    t = index_targets(shape[:cdim] + shape[cdim + 1:], C, ignore=-100)
+    w = torch.rand(C, generator=gen(4), dtype=torch.float64) + 0.2 if weighted else None
+    for reduction in ("mean", "sum", "none"):
+        got, want = xt.nll_loss(x, t, w, reduction=reduction), F.nll_loss(x, t, w, reduction=reduction)
+        close(got, want)
+        if x.numel():
+            close(grads(got, x)[0], grads(want, x)[0])
+    t3 = t.clamp(min=0)  # class 3 ignored instead of -100
+    close(xt.NLLLoss(w, ignore_index=3)(x, t3), torch.nn.NLLLoss(w, ignore_index=3)(x, t3))
+
+
+@pytest.mark.parametrize("shapes", [((4, C), (4, C)), ((2, 3, C), (2, 3, C)), ((), ()),
+                                    ((4, C), (C,)), ((C,), (3, C)), ((1, C), (3, C))])
+@pytest.mark.parametrize("log_target", [False, True])
+def test_kl_div_equals_pytorch(shapes, log_target):
+    """Every reduction, both gradients (target included), zero targets, and PyTorch's
+    broadcasting ("batchmean" divides by the input's own first size)."""
+    x = torch.log_softmax(logits(shapes[0]), -1) if shapes[0] else logits(())
+    x = x.detach().requires_grad_()
+    y = torch.rand(shapes[1], generator=gen(5), dtype=torch.float64)
+    if y.dim():
+        y[..., 0] = 0.0
+    y = (y.log() if log_target else y).requires_grad_()
+    for reduction in ("mean", "batchmean", "sum", "none"):
+        got = xt.kl_div(x, y, reduction=reduction, log_target=log_target)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PyTorch's note on what "mean" divides by
+            want = F.kl_div(x, y, reduction=reduction, log_target=log_target)
+        close(got, want)
+        for a, b in zip(grads(got, (x, y)), grads(want, (x, y))):
+            close(a, b)
+    close(xt.KLDivLoss(reduction="batchmean", log_target=log_target)(x, y),
+          torch.nn.KLDivLoss(reduction="batchmean", log_target=log_target)(x, y))
+
+
+def test_nll_loss_and_kl_div_errors_name_the_argument():
+    x = logits((3, C))
+    with pytest.raises(IndexError, match="targets"):
+        xt.nll_loss(x, torch.tensor([0, C, 1]))
+    with pytest.raises(TypeError, match="target"):
+        xt.nll_loss(x, torch.rand(3))
+    with pytest.raises(ValueError, match="weight"):
+        xt.nll_loss(x, torch.tensor([0, 1, 2]), torch.rand(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="reduction"):
+        xt.kl_div(x, x, reduction="avg")
+    with pytest.raises(TypeError, match="target"):
+        xt.kl_div(x, torch.ones(3, C, dtype=torch.long))
+
+
 # ---------------------------------------------------------------------------- autograd
 def test_gradcheck_every_function():
     x = logits((3, C)).requires_grad_()
@@ -278,6 +334,12 @@ def test_gradcheck_every_function():
     for red in ("batchmean", "none"):
         assert gradcheck(lambda x, z: xt.softmax_kl_divergence(x, z, temperature=1.7,
                                                                reduction=red), (x, z))
+    lp = torch.log_softmax(x.detach(), 1).requires_grad_()
+    for red in ("mean", "none"):
+        assert gradcheck(lambda lp: xt.nll_loss(lp, t, w, reduction=red), (lp,))
+    for red in ("batchmean", "none"):
+        assert gradcheck(lambda lp, y: xt.kl_div(lp, y, reduction=red), (lp, y))
+        assert gradcheck(lambda lp, z: xt.kl_div(lp, z, reduction=red, log_target=True), (lp, z))
 
 
 def test_retain_graph_gives_the_same_gradient_twice():
@@ -394,6 +456,11 @@ def test_opcheck_every_operator():
     opcheck(ops.softmax_kl_divergence_sparse.default, (x, ti, tv, 2.0, "residual", "sum", True))
     opcheck(ops.sigmoid_focal_loss.default, (x, y.detach().sigmoid(), 0.25, 2.0, "mean", True))
     opcheck(ops.binary_cross_entropy_with_logits.default, (x, y, None, w, "none", True))
+    lp = torch.log_softmax(x.detach(), 1).requires_grad_()
+    opcheck(ops.nll_loss.default, (lp, t, w, -100, "mean", True))
+    opcheck(ops.nll_loss.default, (lp.detach(), t, None, -100, "none", False))
+    opcheck(ops.kl_div.default, (lp, y, "batchmean", False, True))
+    opcheck(ops.kl_div.default, (lp, y.detach(), "none", True, True))
     opcheck(ops.binary_cross_entropy.default, (torch.sigmoid(x.detach()).requires_grad_(), y, w,
                                                "mean"))
 
@@ -407,6 +474,9 @@ LOSSES = {
     "focal": lambda z, t, y: xt.sigmoid_focal_loss(z, torch.sigmoid(y), reduction="mean"),
     "bce_logits": lambda z, t, y: xt.binary_cross_entropy_with_logits(z, torch.sigmoid(y)),
     "bce": lambda z, t, y: xt.binary_cross_entropy(torch.sigmoid(z), torch.sigmoid(y)),
+    "nll": lambda z, t, y: xt.nll_loss(torch.log_softmax(z, 1), t),
+    "kl_div": lambda z, t, y: xt.kl_div(torch.log_softmax(z, 1), torch.softmax(y, 1),
+                                        reduction="batchmean"),
 }
 
 

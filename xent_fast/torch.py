@@ -10,7 +10,9 @@ The functions take PyTorch's names, argument order and defaults, with the class
 dimension 1 as in ``torch.nn.functional`` (0 for an unbatched ``(C,)`` input), and the
 modules subclass PyTorch's own, so they take the same constructor arguments and hold
 the same buffers.  Extras are keyword-only: ``z_loss`` and ``softcap`` for
-cross-entropy, and ``inplace_backward`` (see below).  From hidden states, without the
+cross-entropy, and ``inplace_backward`` (see below).  Besides the cross-entropies:
+``nll_loss``, pointwise ``kl_div`` (``NLLLoss``, ``KLDivLoss``), the binary losses,
+torchvision's ``sigmoid_focal_loss`` and the distillation divergences.  From hidden states, without the
 logits: ``linear_cross_entropy`` (``F.linear`` then ``F.cross_entropy``, with the
 ``LinearCrossEntropyLoss`` module) and ``linear_token_stats`` (per-token log-probability
 and entropy, for policy-gradient losses).
@@ -34,11 +36,12 @@ all.  The hazard: after the loss the logits tensor holds the gradient, so it mus
 be used again (nor saved by another operation for its backward, which PyTorch then
 reports as modified by an in-place operation).
 
-Gradients with respect to probability targets, ``target_logits`` and the binary losses'
-targets are computed (in the backward pass, with PyTorch operations); ``weight`` and
-``pos_weight`` are not differentiable, as in PyTorch.  Double backward
-(``create_graph=True``) is refused with an error.  ``backward(retain_graph=True)`` works
-(the gradient is then scaled out of place, so that a second backward sees it unchanged).
+Gradients with respect to probability targets, ``target_logits``, ``kl_div``'s target
+and the binary losses' targets are computed (in the backward pass, with PyTorch
+operations); ``weight`` and ``pos_weight`` are not differentiable, as in PyTorch.
+Double backward (``create_graph=True``) is refused with an error.
+``backward(retain_graph=True)`` works (the gradient is then scaled out of place, so
+that a second backward sees it unchanged).
 
 Needs PyTorch; bfloat16 CPU tensors also need ``ml_dtypes`` (both in the ``torch``
 extra: ``pip install "xent_fast[torch]"``; for a CPU-only PyTorch, see the README).
@@ -46,6 +49,7 @@ extra: ``pip install "xent_fast[torch]"``; for a CPU-only PyTorch, see the READM
 
 import importlib.util
 import math
+import warnings
 from typing import Optional, Tuple
 
 import numpy as np
@@ -60,8 +64,9 @@ __all__ = [
     "cross_entropy", "binary_cross_entropy", "binary_cross_entropy_with_logits",
     "softmax_kl_divergence", "softmax_js_divergence", "softmax_kl_divergence_sparse",
     "sigmoid_focal_loss", "linear_cross_entropy",
-    "linear_token_stats", "CrossEntropyLoss", "BCELoss", "BCEWithLogitsLoss",
-    "SoftmaxKLDivergenceLoss", "JSDLoss", "LinearCrossEntropyLoss",
+    "linear_token_stats", "nll_loss", "kl_div", "CrossEntropyLoss", "BCELoss",
+    "BCEWithLogitsLoss", "NLLLoss", "KLDivLoss", "SoftmaxKLDivergenceLoss", "JSDLoss",
+    "LinearCrossEntropyLoss",
 ]
 
 _NS = "xent_fast"
@@ -858,6 +863,147 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
     return torch.ops.xent_fast.binary_cross_entropy(input, target, weight, reduction)
 
 
+# ---------------------------------------------------------------------------- NLL and pointwise KL
+def _pair_fake(input, loss_shape, want_grad):
+    """The fake (meta) result of an operator returning (loss, gradient or empty)."""
+    return (input.new_empty(loss_shape),
+            _grad_buffer(input) if want_grad else _no_grad_buffer(input))
+
+
+@torch.library.custom_op(f"{_NS}::nll_loss", mutates_args=())
+def _nll_op(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+            reduction: str, want_grad: bool) -> Tuple[Tensor, Tensor]:
+    """(PyTorch's nll_loss, its gradient w.r.t. input or an empty tensor)."""
+    kw = dict(axis=_class_dim(input), weight=_array(weight, "weight"),
+              ignore_index=ignore_index, reduction=reduction)
+    x, t = _array(input, "input"), _array(target, "target")
+    if not want_grad:
+        return _tensor(_api.nll_loss(x, t, **kw), input), _no_grad_buffer(input)
+    grad = _grad_buffer(input)
+    loss, _ = _api.nll_loss(x, t, grad_out=_array(grad, "grad"), **kw)
+    return _tensor(loss, input), grad
+
+
+@_nll_op.register_fake
+def _(input, target, weight, ignore_index, reduction, want_grad):
+    return _pair_fake(input, _batch_shape(input) if reduction == "none" else (), want_grad)
+
+
+def _nll_setup(ctx, inputs, output):
+    input, _, _, _, reduction, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.reduction, ctx.cdim, ctx.numel = reduction, _class_dim(input), input.numel()
+    ctx.save_for_backward(output[1])
+
+
+def _nll_backward(ctx, g, _g_grad):
+    _no_double_backward("nll_loss")
+    if g is None:
+        return (None,) * 6
+    grad, = ctx.saved_tensors
+    _not_differentiable(ctx, {2: "weight"})
+    gi = _input_grad(ctx, grad, g, "nll_loss", ctx.cdim) if ctx.needs_input_grad[0] else None
+    return gi, None, None, None, None, None
+
+
+_nll_op.register_autograd(_nll_backward, setup_context=_nll_setup)
+
+
+def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+             reduction="mean"):
+    """``torch.nn.functional.nll_loss``, computed by xent_fast (class dimension 1; 0 for
+    a ``(C,)`` input): ``-weight[t] * input[t]`` per element of the batch, ``"mean"``
+    over the summed weight of the targets that are not ``ignore_index`` (NaN when none
+    is), the gradient with respect to ``input`` in the forward pass.  Integer targets of
+    any integer dtype are taken; one out of range is a ``ValueError``."""
+    reduction = _reduction_arg(size_average, reduce, reduction)
+    _check_input(input)
+    _check_on(input, target=target, weight=weight)
+    loss, _ = torch.ops.xent_fast.nll_loss(input, target, weight, int(ignore_index),
+                                           reduction, _wants_grad(input))
+    return loss
+
+
+@torch.library.custom_op(f"{_NS}::kl_div", mutates_args=())
+def _kl_div_op(input: Tensor, target: Tensor, reduction: str, log_target: bool,
+               want_grad: bool) -> Tuple[Tensor, Tensor]:
+    """(PyTorch's pointwise kl_div, its gradient w.r.t. input or an empty tensor)."""
+    kw = dict(reduction=reduction, log_target=log_target)
+    x, t = _array(input, "input"), _array(target, "target")
+    if not want_grad:
+        return _tensor(_api.kl_div(x, t, **kw), input), _no_grad_buffer(input)
+    grad = _grad_buffer(input)
+    loss, _ = _api.kl_div(x, t, grad_out=_array(grad, "grad"), **kw)
+    return _tensor(loss, input), grad
+
+
+@_kl_div_op.register_fake
+def _(input, target, reduction, log_target, want_grad):
+    return _pair_fake(input, input.shape if reduction == "none" else (), want_grad)
+
+
+def _kl_div_setup(ctx, inputs, output):
+    input, target, reduction, log_target, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.reduction, ctx.numel, ctx.log_target = reduction, input.numel(), log_target
+    soft = target.requires_grad
+    ctx.save_for_backward(output[1], *((input, target) if soft else (None, None)))
+
+
+def _kl_div_backward(ctx, g, _g_grad):
+    _no_double_backward("kl_div")
+    if g is None:
+        return (None,) * 5
+    grad, input, target = ctx.saved_tensors
+    gi = gt = None
+    if ctx.needs_input_grad[0]:
+        gi = _input_grad(ctx, grad, g, "kl_div", None)
+    if ctx.needs_input_grad[1]:  # PyTorch's own formula, and its derivative at target 0
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PyTorch's note on what "mean" divides by
+            dt = _compute_dtype(input)
+            y = target.detach().to(dt).requires_grad_(True)
+            loss = torch.nn.functional.kl_div(input.detach().to(dt), y,
+                                              reduction=ctx.reduction,
+                                              log_target=ctx.log_target)
+            gt, = torch.autograd.grad(loss, y, g.to(dt))
+        gt = gt.to(target.dtype)
+    return gi, gt, None, None, None
+
+
+_kl_div_op.register_autograd(_kl_div_backward, setup_context=_kl_div_setup)
+
+
+def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_target=False):
+    """``torch.nn.functional.kl_div`` (pointwise), computed by xent_fast with the gradient
+    with respect to ``input`` in the forward pass: ``input`` log-probabilities, ``target``
+    probabilities (log-probabilities with ``log_target``), elementwise
+    ``target * (log target - input)`` (0 where ``target`` is 0).  ``"mean"`` divides by
+    the number of elements, ``"batchmean"`` by ``input.shape[0]``, as PyTorch.  Input and
+    target broadcast against each other, as in PyTorch.  For the KL between two logit
+    tensors, :func:`softmax_kl_divergence` forms neither distribution."""
+    reduction = _reduction_arg(size_average, reduce, reduction)
+    _check_input(input, classes=False)
+    _check_on(input, target=target)
+    if not target.is_floating_point():
+        raise TypeError(f"target must be a floating-point tensor, got {target.dtype}")
+    if reduction not in ("none", "batchmean", "sum", "mean"):
+        raise ValueError(f"reduction must be 'none', 'batchmean', 'sum' or 'mean', got "
+                         f"{reduction!r}")
+    rows = input.shape[0] if input.dim() else 1  # "batchmean": the input's own first size
+    if target.shape != input.shape:
+        input, target = torch.broadcast_tensors(input, target)  # autograd sums them back
+        if reduction == "batchmean":
+            loss, _ = torch.ops.xent_fast.kl_div(input, target, "sum", bool(log_target),
+                                                 _wants_grad(input))
+            return _promoted(loss / rows, input, target)
+    loss, _ = torch.ops.xent_fast.kl_div(input, target, reduction, bool(log_target),
+                                         _wants_grad(input))
+    return _promoted(loss, input, target)
+
+
 # ---------------------------------------------------------------------------- fused linear CE
 def _linear_call(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
                  softcap, chunk_rows, want_grad, row_scale=None, weight_grad=True):
@@ -1084,6 +1230,21 @@ class BCELoss(torch.nn.BCELoss):
 
     def forward(self, input, target):
         return binary_cross_entropy(input, target, self.weight, reduction=self.reduction)
+
+
+class NLLLoss(torch.nn.NLLLoss):
+    """``torch.nn.NLLLoss`` computed by xent_fast; same arguments."""
+
+    def forward(self, input, target):
+        return nll_loss(input, target, self.weight, ignore_index=self.ignore_index,
+                        reduction=self.reduction)
+
+
+class KLDivLoss(torch.nn.KLDivLoss):
+    """``torch.nn.KLDivLoss`` (pointwise) computed by xent_fast; same arguments."""
+
+    def forward(self, input, target):
+        return kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
