@@ -5,7 +5,7 @@ import numpy as np
 from numba import njit
 
 from . import avx512 as _simd
-from .jit import INLINE
+from .jit import INLINE, KERNEL
 from .mathfns import cast_like, fexp, flog1p, float_key, fmax
 from .reduce import AHEAD, less_one, nll_from
 from .row_access import block_bounds
@@ -15,11 +15,13 @@ from .rows import ce_index_row
 # Up to this many classes, index-target cross-entropy runs a kernel built for the exact
 # class count: with C a compile-time constant the per-class loops unroll and the loop over
 # rows vectorises (16 rows to an AVX-512 vector, log included), instead of paying the
-# per-row overhead of the general kernel (130 ns a row at 10 classes).  On AVX-512 hosts
-# a vector's worth of rows (16 float32, 8 float64) is read as C whole vectors and
-# transposed in registers (_simd.vcols_in), and its max, sum of exps and target logit
-# come from one intrinsic (_simd.vsmall_stats): at 1M x 10 that took the kernel from
-# 10.0 to 4.6 ns a row on one core, the strided gather having cost 5.7 of them.
+# per-row overhead of the general kernel (130 ns a row at 10 classes).  (A kernel taking
+# the class count at run time, built once instead of once a class count, measured 10-50%
+# slower on one core at 2, 3 and 16 classes.)  On AVX-512 hosts a vector's worth of rows
+# (16 float32, 8 float64) is read as C whole vectors and transposed in registers
+# (_simd.vcols_in), and its max, sum of exps and target logit come from one intrinsic
+# (_simd.vsmall_stats): at 1M x 10 that took the kernel from 10.0 to 4.6 ns a row on one
+# core, the strided gather having cost 5.7 of them.
 SMALL_CLASSES = 16
 
 # Rows a vector group in the few-classes kernels (T holds C x _SB logits, 8 KB at most):
@@ -46,6 +48,26 @@ def _scatter_columns(T, out, C, nrows):
         Tc = T[c * _SB:(c + 1) * _SB]
         for r in range(nrows):
             col[r * C] = Tc[r]
+
+
+@njit(**INLINE)
+def _copy(dst, src, n):
+    """dst[:n] = src[:n], as a loop: Numba's slice assignment brings its shape-mismatch
+    error, whose message formatting took 5 s to compile."""
+    for j in range(n):
+        dst[j] = src[j]
+
+
+@njit(**INLINE)
+def _fill(dst, v):
+    for j in range(dst.shape[0]):
+        dst[j] = v
+
+
+# The general row kernel, for the rare rows whose loss comes out inf or NaN here:
+# called, not inlined, so that it compiles once a process and dtype for every class
+# count and option set instead of into each few-classes kernel (half of its compile).
+_ce_index_row_apart = njit(**KERNEL)(ce_index_row.py_func)
 
 
 @njit(**INLINE)
@@ -115,8 +137,8 @@ def make_ce_small(C, general, want_grad):
         skv = np.empty(_SB, xf.dtype)
         wrow = np.empty(C, xf.dtype)
         pad = np.zeros(L * C, xf.dtype)
-        wtv[:] = one
-        wyv[:] = zero
+        _fill(wtv, one)
+        _fill(wyv, zero)
         badv = np.empty(_SB, np.int64)
         gbad = np.empty((_SB, C if want_grad else 0), xf.dtype)
         for r0 in range(0, hi - lo, _SB):
@@ -136,8 +158,8 @@ def make_ce_small(C, general, want_grad):
                     _simd.vcols_in(xs, q * C, C, T, q, _SB)
                     _simd.vsmall_stats(T, q, _SB, C, tv, mv, sv, xtv)
                 if full < nv:
-                    pad[:] = zero
-                    pad[:(nv - full) * C] = xs[full * C:]
+                    _fill(pad, zero)
+                    _copy(pad, xs[full * C:], (nv - full) * C)
                     _simd.vcols_in(pad, 0, C, T, full, _SB)
                     _simd.vsmall_stats(T, full, _SB, C, tv, mv, sv, xtv)
             else:
@@ -216,12 +238,15 @@ def make_ce_small(C, general, want_grad):
             # gradient rows are put in place after the scatter below.
             nbad = 0
             if chk >= inf_key:
+                # the flags as run-time values: one build of the row kernel for all
+                fb_w = w.shape[0] > 0 if has_w else w.shape[0] < 0
+                fb_grad = gbad.shape[1] > 0
                 for r in range(nv):
                     if not (abs(lg[r]) < np.inf) and tb[r0 + r] != ignore:
-                        wrow[:] = xs[r * C:(r + 1) * C]
+                        _copy(wrow, xs[r * C:], C)
                         badv[nbad] = r
-                        lg[r] = ce_index_row(wrow, tb[r0 + r], w, has_w, wsum, eps, z,
-                                             gbad[nbad], want_grad, gscale)
+                        lg[r] = _ce_index_row_apart(wrow, tb[r0 + r], w, fb_w, wsum, eps,
+                                                    z, gbad[nbad], fb_grad, gscale)
                         nbad += 1
             if want_grad:
                 # The gradient in the gathered layout, then scattered back to rows.
@@ -243,14 +268,14 @@ def make_ce_small(C, general, want_grad):
                         _simd.vcols_out(T, q, _SB, C, gs_, q * C)
                     if full < nv:
                         _simd.vcols_out(T, full, _SB, C, pad, 0)
-                        gs_[full * C:] = pad[:(nv - full) * C]
+                        _copy(gs_[full * C:], pad, (nv - full) * C)
                 elif nv == _SB:
                     _scatter_columns(T, gs_, C, _SB)
                 else:
                     _scatter_columns(T, gs_, C, nv)
                 for q in range(nbad):
                     r = badv[q]
-                    gs_[r * C:(r + 1) * C] = gbad[q]
+                    _copy(gs_[r * C:], gbad[q], C)
             if not per_row:
                 for r in range(nv):
                     total += lg[r]
