@@ -122,8 +122,15 @@ def _elements(params):
 
 def _simulated(params):
     """Whether a CUDA case runs under the simulator: small shapes only (a real GPU runs
-    them all)."""
-    return (_elements(params) or 0) <= SIM_MAX_ELEMENTS
+    them all); and at a block a row (1000 classes and more), every option set in float32
+    but only the plain and the all-options ones in the other dtypes: the dtype changes
+    the loads and stores, the same in every option set (3-4 s a case here)."""
+    if (_elements(params) or 0) > SIM_MAX_ELEMENTS:
+        return False
+    opts = params.get("opts")
+    if params.get("c", 0) >= 1000 and isinstance(opts, dict) and 0 < len(opts) < 4:
+        return np.dtype(params.get("dtype", np.float32)) == np.float32
+    return True
 
 
 def pytest_collection_modifyitems(session, config, items):
