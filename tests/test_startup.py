@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from xent_fast import _ops, _warmup
@@ -148,6 +149,37 @@ def test_warmup_of_named_functions_covers_their_kernels_only():
         print(made, names, backend.kernels_ready() == made, again)
     """)
     assert out == ["1 ['bce'] True 0"]
+
+
+def test_warmup_builds_the_few_classes_kernels_of_the_counts_named():
+    assert _warmup._small_kinds([10, 3, 10]) == ["ce_small:10", "ce_small:3"]
+    assert _warmup._small_kinds(np.int64(16)) == ["ce_small:16"]
+    for bad in (1, 17, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="classes: class counts from 2 to 16"):
+            _warmup._small_kinds([bad])
+    with pytest.raises(TypeError, match="dtypes: 'float33'"):
+        _warmup.warmup(["float33"])
+    kinds = _warmup._kinds(["softmax_cross_entropy"]) + ["ce_small:10", "ce_small:3"]
+    for count in (1, 2, 3):
+        shares = _warmup._shares(["float32"], count, kinds)
+        assert sorted(k for ks, _ in shares for k in ks) == sorted(kinds)
+    out = _run("""
+        import numpy as np, xent_fast as xf
+        from xent_fast._cpu import backend
+        xf.warmup(["float64"], ["cpu"], 1, functions=["evaluate"], grad=False, classes=[5])
+        print(sorted({k[0] for k in backend._entry_points}))
+        made = xf.warmup(["float64"], ["cpu"], 1, functions=["softmax_cross_entropy"],
+                         grad=False, classes=[5])
+        names = sorted({k[0] for k in backend._entry_points})
+        ready = backend.kernels_ready()
+        x = np.zeros((3, 5))
+        xf.softmax_cross_entropy(x, np.arange(3), backend="cpu")
+        xf.softmax_cross_entropy(x, np.arange(3), weight=np.ones(5), backend="cpu")
+        print(names, backend.kernels_ready() == ready)
+    """)
+    assert out[0] == "['eval_stats', 'targets']"  # classes= is for softmax_cross_entropy only
+    assert out[1] == ("['ce_index', 'ce_prob', 'ce_small5_00', 'ce_small5_10', 'eval_stats', "
+                      "'targets'] True")
 
 
 def test_an_entry_that_fails_the_light_load_goes_to_numbas_own_lookup():

@@ -373,6 +373,9 @@ def build_parser():
                    help="CPU backends: cpu (one thread), parallel (threads); default both")
     w.add_argument("--no-grad", action="store_true",
                    help="leave out the gradient kernels")
+    w.add_argument("--classes", nargs="+", type=int, default=[], metavar="C",
+                   help="class counts from 2 to 16 whose cross-entropy kernels to compile "
+                        "too (they are built per count, e.g. --classes 10 for ten classes)")
     w.add_argument("--processes", type=int, default=None, metavar="N",
                    help="processes compiling at once (default: one a CPU)")
     return parser
@@ -394,7 +397,8 @@ def _warmup_command(args):
     start = time.perf_counter()
     try:
         made = _warmup.warmup(args.dtypes, args.backends, args.processes,
-                              functions=args.functions, grad=not args.no_grad)
+                              functions=args.functions, grad=not args.no_grad,
+                              classes=args.classes)
     except ValueError as err:
         print(f"xent-fast warmup: error: {err}", file=sys.stderr)
         return 1

@@ -34,7 +34,7 @@ _COST = {"ce": 7.0, "ce_probs": 5.0, "kl": 5.0, "bce_logits": 3.5, "logsumexp": 
 
 
 def warmup(dtypes=("float32", "float64"), backends=("cpu", "parallel"), processes=None, *,
-           functions=None, grad=True):
+           functions=None, grad=True, classes=()):
     """Compile the kernels of ``functions`` for ``dtypes`` on ``backends`` now, instead
     of on first use.
 
@@ -42,7 +42,9 @@ def warmup(dtypes=("float32", "float64"), backends=("cpu", "parallel"), processe
     ``None`` for all of them.  Covers what the first call of each runs on C-contiguous
     inputs of those dtypes, with a gradient too where ``grad`` (a loss and its gradient
     are two kernels: each compiles only the code it runs), except the few-classes
-    cross-entropy kernels, which are built per class count (2 to 16) on first use.
+    cross-entropy kernels, which are built per class count (2 to 16): name the counts
+    you use in ``classes`` (``classes=[10]`` for ten classes) to build theirs too (with
+    and without class weights or label smoothing, which are two kernels there).
     The first call in a fresh environment compiles (seconds per kernel; all of them
     take a minute or more on 2 cores) in up to ``processes`` worker processes at once
     (default: one a CPU; 1 compiles here only); later processes load the machine code
@@ -54,7 +56,8 @@ def warmup(dtypes=("float32", "float64"), backends=("cpu", "parallel"), processe
     from ._dispatch import cpu
 
     kinds = _kinds(functions)
-    dtypes = [np.dtype(_DTYPES.get(name, name)).name for name in dtypes]
+    kinds += _small_kinds(classes) if "ce" in kinds else []
+    dtypes = _dtype_names(dtypes)
     backends = list(backends)
     grad = bool(grad)
     if processes is None:
@@ -94,6 +97,39 @@ def _kinds(functions):
     return list(dict.fromkeys(kinds))
 
 
+def _small_kinds(classes):
+    """Pseudo-kinds ``"ce_small:C"`` for the few-classes kernels of ``classes``."""
+    from ._cpu.few_classes import SMALL_CLASSES
+
+    if isinstance(classes, (int, np.integer)):
+        classes = [classes]
+    kinds = []
+    for c in classes:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) \
+                or not 2 <= c <= SMALL_CLASSES:
+            raise ValueError(f"classes: class counts from 2 to {SMALL_CLASSES} (more "
+                             f"classes run the general kernels, warmed anyway); got {c!r}")
+        kinds.append(f"ce_small:{int(c)}")
+    return list(dict.fromkeys(kinds))
+
+
+def _dtype_names(dtypes):
+    if isinstance(dtypes, str):
+        dtypes = [dtypes]
+    names = []
+    for d in dtypes:
+        try:
+            names.append(np.dtype(_DTYPES.get(d, d)).name)
+        except TypeError:
+            raise TypeError(f"dtypes: {d!r} is not a dtype (float32 or float64, say)") \
+                from None
+    return names
+
+
+def _cost(kind):
+    return 4.0 if kind.startswith("ce_small:") else _COST.get(kind, 1)
+
+
 _done = set()  # (kind, dtype, backend, grad) a warmup() of this process has covered
 
 
@@ -103,6 +139,7 @@ def _warm(kinds, dtypes, backends, grad=True):
     import xent_fast as xf
 
     ops = [op for op in _ops.OPS if op.kind in kinds]
+    small = [int(k.split(":")[1]) for k in kinds if k.startswith("ce_small:")]
     for name in dtypes:
         dt = np.dtype(name)
         inputs = [(op, op.make_inputs(_WARM_ROWS, _WARM_CLASSES, dt)) for op in ops]
@@ -111,16 +148,21 @@ def _warm(kinds, dtypes, backends, grad=True):
                 op.call(xf, d, backend=be)
                 if op.grad and grad:
                     op.call(xf, d, backend=be, return_grad=True)
+            for c in small:  # plain, and weighted or smoothed: two kernels a count
+                x = np.zeros((_WARM_ROWS, c), dt)
+                t = np.arange(_WARM_ROWS) % c
+                for kw in ({}, {"label_smoothing": 0.1}):
+                    for want in (False, True)[:1 + grad]:
+                        xf.softmax_cross_entropy(x, t, backend=be, return_grad=want, **kw)
 
 
 def _groups(kinds=None):
     """The operations' kinds (of ``kinds``), those that share a driver together,
     costliest first."""
     groups = {}
-    for op in _ops.OPS:
-        if kinds is None or op.kind in kinds:
-            groups.setdefault(_SHARES_DRIVER.get(op.kind, op.kind), []).append(op.kind)
-    return sorted(groups.values(), key=lambda ks: -sum(_COST.get(k, 1) for k in ks))
+    for kind in [op.kind for op in _ops.OPS] if kinds is None else kinds:
+        groups.setdefault(_SHARES_DRIVER.get(kind, kind), []).append(kind)
+    return sorted(groups.values(), key=lambda ks: -sum(_cost(k) for k in ks))
 
 
 def _shares(dtypes, count, kinds=None):
@@ -129,7 +171,7 @@ def _shares(dtypes, count, kinds=None):
     fewer processes than dtypes, else each dtype's operations spread over its
     processes."""
     count = max(1, count)
-    every = [op.kind for op in _ops.OPS if kinds is None or op.kind in kinds]
+    every = [op.kind for op in _ops.OPS] if kinds is None else list(kinds)
     if count <= len(dtypes):
         return [(every, dtypes[i::count]) for i in range(count)]
     shares = []
@@ -139,7 +181,7 @@ def _shares(dtypes, count, kinds=None):
         for group in _groups(every):
             j = load.index(min(load))
             parts[j] += group
-            load[j] += sum(_COST.get(k, 1) for k in group)
+            load[j] += sum(_cost(k) for k in group)
         shares += [(part, [dt]) for part in parts if part]
     return shares
 
