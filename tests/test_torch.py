@@ -258,6 +258,31 @@ def test_binary_cross_entropy_equals_pytorch(reduction, weighted):
     close(xt.BCELoss(weight=w, reduction=reduction)(p, y), want)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_return_z_loss_gives_the_term_alone_as_liger(reduction):
+    """(loss, z_term): the z term as it enters the loss (mean over the kept rows, 0 at
+    ignored rows), the loss unchanged, in place too; the term is not differentiable."""
+    x = logits((6, C)).requires_grad_()
+    t = index_targets((6,), C, ignore=-100)
+    w = torch.rand(C, generator=gen(4), dtype=torch.float64) + 0.2
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2)
+    loss, zt = xt.cross_entropy(x, t, w, softcap=6.0, return_z_loss=True, **kw)
+    lse = torch.logsumexp(6.0 * torch.tanh(x.detach() / 6.0), 1)
+    kept = t != -100
+    rows = torch.where(kept, 1e-2 * lse ** 2, torch.zeros_like(lse))
+    want = {"none": rows, "sum": rows.sum(), "mean": rows.sum() / kept.sum()}[reduction]
+    close(zt, want)
+    assert not zt.requires_grad and zt.dtype == x.dtype
+    close(loss, xt.cross_entropy(x, t, w, softcap=6.0, **kw))
+    g, = grads(loss, x)
+    y = x.detach().clone().requires_grad_()
+    y2 = y * 1.0  # a non-leaf, so that the in-place gradient may overwrite it
+    loss2, zt2 = xt.CrossEntropyLoss(w, softcap=6.0, inplace_backward=True,
+                                     return_z_loss=True, **kw)(y2, t)
+    close(zt2, want)
+    close(grads(loss2, y)[0], g)
+
+
 # ---------------------------------------------------------------------------- NLL, pointwise KL
 @pytest.mark.parametrize("shape", [(7, C), (3, C, 2, 3), (C,), (0, C)])
 @pytest.mark.parametrize("weighted", [False, True])
@@ -448,6 +473,7 @@ def test_opcheck_every_operator():
                  (x.detach(), t, None, -100, "sum", 0.0, 0.0, 0.0, False)]:
         opcheck(ops.cross_entropy.default, args)
     opcheck(ops.cross_entropy_inplace_.default, (x.detach().clone(), t, w, -100, "sum", 0.0, 0.0, 0.0))
+    opcheck(ops.cross_entropy_z_term.default, (x.detach(), t, w, -100, "none", 0.1, 1e-3, 4.0))
     opcheck(ops.softmax_kl_divergence.default, (x, y, 2.0, "batchmean", True))
     opcheck(ops.softmax_js_divergence.default, (x, y, t, 0.3, 2.0, -100, "batchmean", True))
     opcheck(ops.softmax_js_divergence.default, (x.detach(), y, None, 0.0, 1.0, -100, "none", False))
@@ -469,6 +495,7 @@ LOSSES = {
     "ce": lambda z, t, y: xt.cross_entropy(z, t, label_smoothing=0.05),
     "ce_inplace": lambda z, t, y: xt.cross_entropy(z, t, inplace_backward=True),
     "ce_module": lambda z, t, y: xt.CrossEntropyLoss(z_loss=1e-3)(z, t),
+    "ce_z_term": lambda z, t, y: sum(xt.cross_entropy(z, t, z_loss=1e-3, return_z_loss=True)),
     "kl": lambda z, t, y: xt.softmax_kl_divergence(z, y, temperature=2.0),
     "jsd": lambda z, t, y: xt.JSDLoss(beta=0.3, temperature=2.0)(z, y, t),
     "focal": lambda z, t, y: xt.sigmoid_focal_loss(z, torch.sigmoid(y), reduction="mean"),

@@ -326,6 +326,24 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
     return _ce_fake_loss(input, reduction)
 
 
+@torch.library.custom_op(f"{_NS}::cross_entropy_z_term", mutates_args=())
+def _z_term_op(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+               reduction: str, label_smoothing: float, z_loss: float,
+               softcap: float) -> Tensor:
+    """The z-loss term of cross_entropy alone, reduced as it enters the loss."""
+    kw = dict(axis=_class_dim(input), weight=_array(weight, "weight"),
+              ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+              softcap=softcap if softcap > 0 else None, reduction=reduction)
+    _, z = _api.softmax_cross_entropy(_array(input, "input"), _array(target, "target"),
+                                      return_z_loss=True, **kw)
+    return _tensor(z, input)
+
+
+@_z_term_op.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    return _ce_fake_loss(input, reduction)
+
+
 class _CrossEntropyInplace(torch.autograd.Function):
     """Cross-entropy whose gradient is written over the logits (``inplace_backward``)."""
 
@@ -349,7 +367,7 @@ class _CrossEntropyInplace(torch.autograd.Function):
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
                   reduce=None, reduction="mean", label_smoothing=0.0, *, z_loss=0.0,
-                  softcap=None, inplace_backward=False):
+                  softcap=None, inplace_backward=False, return_z_loss=False):
     """``torch.nn.functional.cross_entropy``, computed by xent_fast (class dimension 1).
 
     ``input`` (N, C), (N, C, d1, ...) or (C,) logits; ``target`` class indices of the
@@ -358,7 +376,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     ``reduction``).  Extras: ``z_loss`` adds ``z_loss * logsumexp**2`` per non-ignored row;
     ``softcap`` replaces the logits by ``softcap * tanh(logits / softcap)`` first;
     ``inplace_backward=True`` writes the gradient over ``input`` (which must not be used
-    after the call: see the module's docstring).
+    after the call: see the module's docstring).  ``return_z_loss=True`` returns
+    ``(loss, z_term)`` as Liger-Kernel's does: the z-loss term alone, reduced as it
+    enters the loss, for logging (not differentiable; one more read of the logits).
 
     Differences from PyTorch: a row whose target carries zero weight gives 0 where PyTorch
     gives NaN for a ``-inf`` target logit; integer targets of any integer dtype are taken.
@@ -370,17 +390,20 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     need = _wants_grad(input)
+    opts = (int(ignore_index), reduction, float(label_smoothing), float(z_loss), float(cap))
+    # the z term first: an in-place gradient overwrites the logits
+    z_term = None if not return_z_loss else _promoted(torch.ops.xent_fast.cross_entropy_z_term(
+        input.detach(), target.detach(), weight, *opts), input, target)
     if inplace_backward and need:
         if _wants_grad(target):
             raise ValueError("inplace_backward=True overwrites the logits, which the targets' "
                              "gradient needs: use inplace_backward=False")
-        return _promoted(_CrossEntropyInplace.apply(
-            input, target, weight, int(ignore_index), reduction, float(label_smoothing),
-            float(z_loss), float(cap)), input, target)
-    loss, _ = torch.ops.xent_fast.cross_entropy(input, target, weight, int(ignore_index),
-                                                reduction, float(label_smoothing),
-                                                float(z_loss), float(cap), need)
-    return _promoted(loss, input, target)
+        loss = _promoted(_CrossEntropyInplace.apply(input, target, weight, *opts), input,
+                         target)
+    else:
+        loss, _ = torch.ops.xent_fast.cross_entropy(input, target, weight, *opts, need)
+        loss = _promoted(loss, input, target)
+    return (loss, z_term) if return_z_loss else loss
 
 
 def _promoted(loss, input, target):
@@ -1201,19 +1224,22 @@ def linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, re
 # ---------------------------------------------------------------------------- modules
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss`` computed by xent_fast; same arguments, plus the
-    keyword-only ``z_loss``, ``softcap`` and ``inplace_backward`` of :func:`cross_entropy`."""
+    keyword-only ``z_loss``, ``softcap``, ``inplace_backward`` and ``return_z_loss`` of
+    :func:`cross_entropy`."""
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
                  reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None,
-                 inplace_backward=False):
+                 inplace_backward=False, return_z_loss=False):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss, self.softcap, self.inplace_backward = z_loss, softcap, inplace_backward
+        self.return_z_loss = return_z_loss
 
     def forward(self, input, target):
         return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing,
                              z_loss=self.z_loss, softcap=self.softcap,
-                             inplace_backward=self.inplace_backward)
+                             inplace_backward=self.inplace_backward,
+                             return_z_loss=self.return_z_loss)
 
 
 class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
