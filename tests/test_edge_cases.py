@@ -6,7 +6,7 @@ import pytest
 import xent_fast as xf
 from xent_fast import reference as R
 
-from conftest import BACKENDS, BF16, assert_close
+from conftest import BACKENDS, assert_close
 
 NINF, INF, NAN = -np.inf, np.inf, np.nan
 
@@ -103,7 +103,8 @@ def test_smoothing_and_soft_targets_at_large_logits(dtype, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_ignored_batch(backend):
-    x = np.random.default_rng(0).standard_normal((4, 3))
+    # 20 classes: the general kernel (the few-classes ones: tests/test_trust.py)
+    x = np.random.default_rng(0).standard_normal((4, 20))
     t = np.full(4, -100)
     assert np.isnan(xf.softmax_cross_entropy(x, t, backend=backend))
     assert xf.softmax_cross_entropy(x, t, reduction="sum", backend=backend) == 0.0
@@ -238,12 +239,13 @@ def test_any_layout_gives_the_same_answer(backend, tmp_path):
         assert_close(xf.logsumexp(arr, backend=backend), R.logsumexp(x), 1e-6)
 
 
-@pytest.mark.parametrize("dtype", [d for d in (np.float32, np.float64, np.float16, BF16)
-                                   if d is not None], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=lambda d: np.dtype(d).name)
 def test_rows_at_any_row_stride_are_read_in_place(dtype):
     """Unit-stride rows at other row strides (a column slice, every other row, reversed
     rows, one row broadcast) go to the kernels without a copy, and give the answers of
-    the same values in C order, for every row function and gradient."""
+    the same values in C order, for every row function and gradient.  (The row access
+    is one code for every dtype: float32 for rows read as they are, float16 for rows
+    widened on the way in; each dtype compiles every kernel again, ~22 s.)"""
     rng = np.random.default_rng(11)
     big = (rng.standard_normal((24, 1040)) * 3).astype(dtype)
     views = {"column-slice": big[:8, :1000], "every-other-row": big[::3, :1000],
