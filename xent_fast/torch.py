@@ -235,6 +235,23 @@ def _missing_grad(name):
                         "in xent_fast.torch rather than the operator")
 
 
+def _loss_and_grad(fn, input, args, want_grad, **kw):
+    """An operator's body: ``fn(*args, **kw)`` of the front end as a tensor like
+    ``input``, and its gradient w.r.t. ``input`` written into a new buffer by the same
+    pass (``want_grad``), else an empty tensor."""
+    if not want_grad:
+        return _tensor(fn(*args, **kw), input), _no_grad_buffer(input)
+    grad = _grad_buffer(input)
+    loss, _ = fn(*args, grad_out=_array(grad, "grad"), **kw)
+    return _tensor(loss, input), grad
+
+
+def _pair_fake(input, loss_shape, want_grad):
+    """The fake (meta) result of an operator returning (loss, gradient or empty)."""
+    return (input.new_empty(loss_shape),
+            _grad_buffer(input) if want_grad else _no_grad_buffer(input))
+
+
 # ---------------------------------------------------------------------------- cross-entropy
 def _ce_call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
              softcap, grad):
@@ -421,18 +438,13 @@ def _kl_op(input: Tensor, target_logits: Tensor, temperature: float, reduction: 
     """(KL(softmax(target_logits/T) || softmax(input/T)), its gradient w.r.t. input)."""
     kw = dict(axis=_class_dim(input), temperature=temperature, reduction=reduction)
     x, t = _array(input, "input"), _array(target_logits, "target_logits")
-    if not want_grad:
-        return _tensor(_api.softmax_kl_divergence(x, t, **kw), input), _no_grad_buffer(input)
-    grad = _grad_buffer(input)
-    loss, _ = _api.softmax_kl_divergence(x, t, grad_out=_array(grad, "grad"), **kw)
-    return _tensor(loss, input), grad
+    return _loss_and_grad(_api.softmax_kl_divergence, input, (x, t), want_grad, **kw)
 
 
 @_kl_op.register_fake
 def _(input, target_logits, temperature, reduction, want_grad):
     shape = _batch_shape(input) if reduction == "none" else ()
-    return (input.new_empty(shape),
-            _grad_buffer(input) if want_grad else _no_grad_buffer(input))
+    return _pair_fake(input, shape, want_grad)
 
 
 def _kl_setup(ctx, inputs, output):
@@ -510,18 +522,13 @@ def _jsd_op(input: Tensor, target_logits: Tensor, target: Optional[Tensor], beta
               reduction=reduction, ignore_index=ignore_index,
               targets=None if target is None else _array(target, "target"))
     x, t = _array(input, "input"), _array(target_logits, "target_logits")
-    if not want_grad:
-        return _tensor(_api.softmax_js_divergence(x, t, **kw), input), _no_grad_buffer(input)
-    grad = _grad_buffer(input)
-    loss, _ = _api.softmax_js_divergence(x, t, grad_out=_array(grad, "grad"), **kw)
-    return _tensor(loss, input), grad
+    return _loss_and_grad(_api.softmax_js_divergence, input, (x, t), want_grad, **kw)
 
 
 @_jsd_op.register_fake
 def _(input, target_logits, target, beta, temperature, ignore_index, reduction, want_grad):
     shape = _batch_shape(input) if reduction == "none" else ()
-    return (input.new_empty(shape),
-            _grad_buffer(input) if want_grad else _no_grad_buffer(input))
+    return _pair_fake(input, shape, want_grad)
 
 
 def _jsd_setup(ctx, inputs, output):
@@ -616,19 +623,13 @@ def _skd_op(input: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor,
     x = _array(input, "input")
     i, v = _array(teacher_indices, "teacher_indices"), _array(teacher_logprobs,
                                                              "teacher_logprobs")
-    if not want_grad:
-        return (_tensor(_api.softmax_kl_divergence_sparse(x, i, v, **kw), input),
-                _no_grad_buffer(input))
-    grad = _grad_buffer(input)
-    loss, _ = _api.softmax_kl_divergence_sparse(x, i, v, grad_out=_array(grad, "grad"), **kw)
-    return _tensor(loss, input), grad
+    return _loss_and_grad(_api.softmax_kl_divergence_sparse, input, (x, i, v), want_grad, **kw)
 
 
 @_skd_op.register_fake
 def _(input, teacher_indices, teacher_logprobs, temperature, missing, reduction, want_grad):
     shape = _batch_shape(input) if reduction == "none" else ()
-    return (input.new_empty(shape),
-            _grad_buffer(input) if want_grad else _no_grad_buffer(input))
+    return _pair_fake(input, shape, want_grad)
 
 
 def _skd_setup(ctx, inputs, output):
@@ -680,18 +681,13 @@ def _bcel_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
     kw = dict(weight=_array(weight, "weight"), pos_weight=_array(pos_weight, "pos_weight"),
               reduction=reduction)
     x, t = _array(input, "input"), _array(target, "target")
-    if not want_grad:
-        return (_tensor(_api.binary_cross_entropy_with_logits(x, t, **kw), input),
-                _no_grad_buffer(input))
-    grad = _grad_buffer(input)
-    loss, _ = _api.binary_cross_entropy_with_logits(x, t, grad_out=_array(grad, "grad"), **kw)
-    return _tensor(loss, input), grad
+    return _loss_and_grad(_api.binary_cross_entropy_with_logits, input, (x, t), want_grad,
+                          **kw)
 
 
 @_bcel_op.register_fake
 def _(input, target, weight, pos_weight, reduction, want_grad):
-    return (input.new_empty(input.shape if reduction == "none" else ()),
-            _grad_buffer(input) if want_grad else _no_grad_buffer(input))
+    return _pair_fake(input, input.shape if reduction == "none" else (), want_grad)
 
 
 def _bcel_setup(ctx, inputs, output):
@@ -755,17 +751,12 @@ def _focal_op(input: Tensor, target: Tensor, alpha: float, gamma: float, reducti
     """(torchvision's sigmoid focal loss, its gradient w.r.t. input or an empty tensor)."""
     kw = dict(alpha=alpha, gamma=gamma, reduction=reduction)
     x, t = _array(input, "inputs"), _array(target, "targets")
-    if not want_grad:
-        return _tensor(_api.sigmoid_focal_loss(x, t, **kw), input), _no_grad_buffer(input)
-    grad = _grad_buffer(input)
-    loss, _ = _api.sigmoid_focal_loss(x, t, grad_out=_array(grad, "grad"), **kw)
-    return _tensor(loss, input), grad
+    return _loss_and_grad(_api.sigmoid_focal_loss, input, (x, t), want_grad, **kw)
 
 
 @_focal_op.register_fake
 def _(input, target, alpha, gamma, reduction, want_grad):
-    return (input.new_empty(input.shape if reduction == "none" else ()),
-            _grad_buffer(input) if want_grad else _no_grad_buffer(input))
+    return _pair_fake(input, input.shape if reduction == "none" else (), want_grad)
 
 
 def _focal_setup(ctx, inputs, output):
@@ -887,12 +878,6 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
 
 
 # ---------------------------------------------------------------------------- NLL and pointwise KL
-def _pair_fake(input, loss_shape, want_grad):
-    """The fake (meta) result of an operator returning (loss, gradient or empty)."""
-    return (input.new_empty(loss_shape),
-            _grad_buffer(input) if want_grad else _no_grad_buffer(input))
-
-
 @torch.library.custom_op(f"{_NS}::nll_loss", mutates_args=())
 def _nll_op(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
             reduction: str, want_grad: bool) -> Tuple[Tensor, Tensor]:
@@ -900,11 +885,7 @@ def _nll_op(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_inde
     kw = dict(axis=_class_dim(input), weight=_array(weight, "weight"),
               ignore_index=ignore_index, reduction=reduction)
     x, t = _array(input, "input"), _array(target, "target")
-    if not want_grad:
-        return _tensor(_api.nll_loss(x, t, **kw), input), _no_grad_buffer(input)
-    grad = _grad_buffer(input)
-    loss, _ = _api.nll_loss(x, t, grad_out=_array(grad, "grad"), **kw)
-    return _tensor(loss, input), grad
+    return _loss_and_grad(_api.nll_loss, input, (x, t), want_grad, **kw)
 
 
 @_nll_op.register_fake
@@ -954,11 +935,7 @@ def _kl_div_op(input: Tensor, target: Tensor, reduction: str, log_target: bool,
     """(PyTorch's pointwise kl_div, its gradient w.r.t. input or an empty tensor)."""
     kw = dict(reduction=reduction, log_target=log_target)
     x, t = _array(input, "input"), _array(target, "target")
-    if not want_grad:
-        return _tensor(_api.kl_div(x, t, **kw), input), _no_grad_buffer(input)
-    grad = _grad_buffer(input)
-    loss, _ = _api.kl_div(x, t, grad_out=_array(grad, "grad"), **kw)
-    return _tensor(loss, input), grad
+    return _loss_and_grad(_api.kl_div, input, (x, t), want_grad, **kw)
 
 
 @_kl_div_op.register_fake
