@@ -632,12 +632,17 @@ def _(input, teacher_indices, teacher_logprobs, temperature, missing, reduction,
     return _pair_fake(input, shape, want_grad)
 
 
-def _skd_setup(ctx, inputs, output):
-    input, _, _, _, _, reduction, _ = inputs
-    ctx.mark_non_differentiable(output[1])
+def _save_row_grad(ctx, input, reduction, grad):
+    """setup_context of a row loss whose backward needs only the gradient of its input
+    from the forward pass (the other inputs are not differentiable)."""
+    ctx.mark_non_differentiable(grad)
     ctx.set_materialize_grads(False)
     ctx.reduction, ctx.cdim, ctx.numel = reduction, _class_dim(input), input.numel()
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(grad)
+
+
+def _skd_setup(ctx, inputs, output):
+    _save_row_grad(ctx, inputs[0], inputs[5], output[1])
 
 
 def _skd_backward(ctx, g, _g_grad):
@@ -894,11 +899,7 @@ def _(input, target, weight, ignore_index, reduction, want_grad):
 
 
 def _nll_setup(ctx, inputs, output):
-    input, _, _, _, reduction, _ = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-    ctx.reduction, ctx.cdim, ctx.numel = reduction, _class_dim(input), input.numel()
-    ctx.save_for_backward(output[1])
+    _save_row_grad(ctx, inputs[0], inputs[4], output[1])
 
 
 def _nll_backward(ctx, g, _g_grad):
