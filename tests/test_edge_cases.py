@@ -279,6 +279,33 @@ def test_rows_at_any_row_stride_are_read_in_place(dtype):
     np.testing.assert_array_equal(big[:8, 1000:], rest)  # the columns beside it untouched
 
 
+def test_row_strided_inputs_share_the_contiguous_kernels():
+    """A column slice (``logits[:, :-1]``) or every other row runs the machine code of
+    the C-contiguous call of the same dtype: no second compile of the same driver."""
+    from xent_fast._cpu import backend as be
+
+    rng = np.random.default_rng(12)
+    big = rng.standard_normal((12, 41)).astype(np.float32)
+    c = np.ascontiguousarray(big[::2, :40])
+    t = rng.integers(0, 40, 6)
+    calls = [lambda a: xf.logsumexp(a), lambda a: xf.log_softmax(a),
+             lambda a: xf.softmax_cross_entropy(a, t, return_grad=True),
+             lambda a: xf.softmax_kl_divergence(a, c, return_grad=True),
+             lambda a: xf.evaluate(a, t).cross_entropy]
+    for call in calls:
+        call(c)  # compiles (or loads) the kernels of C-contiguous rows
+        before = dict(be._dispatchers)
+        overloads = {k: len(d.overloads) for k, d in before.items()}
+        for x in (big[:6, :40], big[::2, :40]):
+            assert not x.flags.c_contiguous
+            got, want = call(x), call(np.ascontiguousarray(x))
+            for a, b in zip(got if isinstance(got, tuple) else [got],
+                            want if isinstance(want, tuple) else [want]):
+                assert_close(a, b, 1e-6, atol=1e-7)
+        assert dict(be._dispatchers) == before
+        assert {k: len(d.overloads) for k, d in be._dispatchers.items()} == overloads
+
+
 def test_inputs_are_never_modified():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((5, 3))
