@@ -106,6 +106,34 @@ def test_entropy_as_scipy_stats(axis, base):
         xs.entropy([0.5, -0.5, 1.0])
 
 
+def test_entropy_axis_none_undefined_distributions_and_scalars():
+    """axis=None (one distribution of every element), keepdims; a distribution that
+    cannot be renormalised (all zeros, an infinite entry) is NaN as in SciPy, and does
+    not spoil its neighbours; an empty axis is 0; one number is one distribution."""
+    rng = np.random.default_rng(6)
+    pk = rng.random((4, 5))
+    qk = rng.random((4, 5))
+    pk[:, 1] = 0.0
+    pk[2, 3] = INF
+    qk[:, 2] = 0.0
+    for axis in (None, 0, 1, -1):
+        for keepdims in (False, True):
+            same(xs.entropy(pk, axis=axis, keepdims=keepdims),
+                 stats.entropy(pk, axis=axis, keepdims=keepdims))
+            same(xs.entropy(pk, qk, axis=axis, base=2, keepdims=keepdims),
+                 stats.entropy(pk, qk, axis=axis, base=2, keepdims=keepdims))
+    assert np.isnan(xs.entropy(pk)[1]) and np.isfinite(xs.entropy(pk)[0])
+    assert np.isnan(xs.entropy([1.0, 2.0], [0.0, 0.0]))
+    same(xs.entropy(np.zeros((0, 3))), stats.entropy(np.zeros((0, 3))))
+    same(xs.entropy(np.zeros((3, 0)), axis=1), stats.entropy(np.zeros((3, 0)), axis=1))
+    same(xs.entropy(3.0), stats.entropy(3.0))
+    same(xs.entropy(3.0, keepdims=True), stats.entropy(3.0, keepdims=True))
+    with pytest.raises(ValueError, match=r"qk\[\(1, 0\)\] = nan"):
+        xs.entropy(pk[:, :2], np.array([[0.5, 0.5], [np.nan, 1.0], [1, 1], [1, 1]]), axis=1)
+    with pytest.raises(ValueError, match=r"pk\[\(0,\)\] = -0.5"):
+        xs.entropy([-0.5, 1.5])
+
+
 def test_errors():
     with pytest.raises(np.exceptions.AxisError):
         xs.logsumexp(np.zeros((2, 3)), axis=2)

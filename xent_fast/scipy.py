@@ -24,7 +24,7 @@ import operator
 
 import numpy as np
 
-from . import _api
+from . import _api, _inputs
 from ._cpu.arrays import host
 
 __all__ = ["logsumexp", "softmax", "log_softmax", "entropy"]
@@ -138,20 +138,61 @@ def log_softmax(x, axis=None, *, backend="auto"):
 
 def entropy(pk, qk=None, base=None, axis=0, *, keepdims=False, backend="auto"):
     """``scipy.stats.entropy``: ``pk`` (and ``qk``) renormalised to sum to 1 along
-    ``axis`` (default 0), then ``-sum(pk log pk)``, or with ``qk`` the KL divergence
-    ``sum(pk log(pk / qk))``; ``base`` the logarithm's base (default e)."""
-    p = host(pk)
-    p = p.astype(np.result_type(p.dtype, np.float64 if p.dtype.kind in "biu" else p.dtype))
-    if qk is not None:
-        q = host(qk)
-        q = q.astype(np.result_type(q.dtype, np.float64 if q.dtype.kind in "biu" else q.dtype))
+    ``axis`` (default 0; ``None``: all elements, one distribution), then
+    ``-sum(pk log pk)``, or with ``qk`` the KL divergence ``sum(pk log(pk / qk))``;
+    ``base`` the logarithm's base (default e).  A distribution that cannot be
+    renormalised (all zeros, or an infinite entry) gives NaN, as in SciPy."""
+    p = _probabilities(pk, "pk")
+    q = None if qk is None else _probabilities(qk, "qk")
+    if q is not None:
         p, q = np.broadcast_arrays(p, q)
-    ax = operator.index(axis) % max(p.ndim, 1) if p.ndim else 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = p / np.sum(p, axis=ax, keepdims=True)
-        if qk is not None:
-            q = q / np.sum(q, axis=ax, keepdims=True)
-    res = (_api.entropy(p, axis=ax, base=base, backend=backend) if qk is None
-           else _api.kl_divergence(p, q, axis=ax, base=base, backend=backend))
-    res = np.asarray(res)
-    return np.expand_dims(res, ax)[()] if keepdims else res[()]
+    if p.ndim == 0:  # one number: a distribution of one element, as SciPy takes it
+        p = p.reshape(1)
+        q = None if q is None else q.reshape(1)
+    shape = p.shape
+    if axis is None:
+        p = p.reshape(-1)
+        q = None if q is None else q.reshape(-1)
+        ax = 0
+    else:
+        ax = operator.index(axis) % max(p.ndim, 1) if p.ndim else 0
+    p, undefined = _renormalised(p, ax)
+    if q is not None:
+        q, q_undefined = _renormalised(q, ax)
+        undefined = undefined | q_undefined
+    res = np.asarray(_api.entropy(p, axis=ax, base=base, backend=backend) if q is None
+                     else _api.kl_divergence(p, q, axis=ax, base=base, backend=backend))
+    undefined = np.squeeze(undefined, axis=ax) if undefined.ndim else undefined
+    if undefined.any():
+        res = np.where(undefined, np.nan, res).astype(res.dtype, copy=False)
+    if keepdims:
+        res = np.ones((1,) * len(shape), res.dtype) * res if axis is None \
+            else np.expand_dims(res, ax)
+    return res[()]
+
+
+def _probabilities(a, name):
+    """A ``scipy.stats.entropy`` input as floats (integers as float64), checked as given:
+    a negative or NaN entry is a ``ValueError`` naming it (SciPy returns NaN or -inf)."""
+    a = host(a)
+    a = a.astype(np.result_type(a.dtype, np.float64 if a.dtype.kind in "biu" else a.dtype))
+    if a.dtype.kind == "c":
+        raise TypeError(f"{name} must be real, got complex dtype {a.dtype}")
+    bad = ~(a >= 0)
+    if bad.any():
+        pos = np.unravel_index(int(np.argmax(bad)), a.shape) if a.ndim else ()
+        raise _inputs.not_probability(name, tuple(int(i) for i in pos), a[pos])
+    return a
+
+
+def _renormalised(a, ax):
+    """``a`` divided by its sums along ``ax``; where a sum is 0 or infinite the
+    distribution is undefined: (zeros there, the mask of those sums)."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        s = np.sum(a, axis=ax, keepdims=True)
+        # (an empty axis sums to 0 and is no distribution: its entropy is 0, as SciPy's)
+        undefined = ~(np.isfinite(s) & (s > 0)) & (a.shape[ax] > 0 if a.ndim else True)
+        a = a / s
+    if undefined.any():
+        a = np.where(undefined, 0, a).astype(a.dtype, copy=False)
+    return a, undefined
