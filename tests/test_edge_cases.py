@@ -492,3 +492,25 @@ def test_nan_in_a_row_of_minus_inf_is_nan(backend, c, sign):
     loss, g = xf.softmax_cross_entropy(x, t, reduction="none", return_grad=True,
                                        backend=backend)
     assert np.isnan(loss).all() and np.isnan(g).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", [3, 600])
+def test_softmax_of_a_row_with_plus_inf_is_nan(backend, c):
+    """A +inf entry makes softmax inf/inf: NaN across its row, as SciPy and PyTorch give
+    (not NaN there and 0 beside it); all -inf rows are NaN too, the others untouched.
+    logsumexp of such a row is +inf."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((5, c))
+    x[0, 1] = np.inf
+    x[1, :] = -np.inf
+    x[2, [0, c - 1]] = np.inf
+    x[3, 2] = -np.inf
+    for f in ("softmax", "log_softmax"):
+        got = getattr(xf, f)(x, backend=backend)
+        assert np.isnan(got[:3]).all(), f
+        assert not np.isnan(got[3:]).any(), f
+        assert_close(got, getattr(R, f)(x), 1e-12, atol=1e-300, what=f)
+        assert_close(getattr(xf, f)(x.astype(np.float32), backend=backend),
+                     getattr(R, f)(x), 1e-5, atol=1e-30, what=f)
+    np.testing.assert_array_equal(xf.logsumexp(x, backend=backend)[:3], [np.inf, -np.inf, np.inf])

@@ -59,7 +59,8 @@ def _softmax_common(x, axis, log, backend):
 def softmax(x, axis=-1, *, backend="auto"):
     """``exp(x - logsumexp(x))`` along ``axis``.
 
-    ``-inf`` entries give 0; a row of all ``-inf`` gives NaN (as SciPy).
+    ``-inf`` entries give 0; a row of all ``-inf``, or with a ``+inf`` entry, gives NaN
+    throughout (0/0 and inf/inf, as SciPy and PyTorch).
     """
     return _softmax_common(x, axis, False, backend)
 
@@ -67,7 +68,8 @@ def softmax(x, axis=-1, *, backend="auto"):
 def log_softmax(x, axis=-1, *, backend="auto"):
     """``x - logsumexp(x)`` along ``axis``.
 
-    ``-inf`` entries give ``-inf``; a row of all ``-inf`` gives NaN (as SciPy).
+    ``-inf`` entries give ``-inf``; a row of all ``-inf``, or with a ``+inf`` entry,
+    gives NaN throughout (as SciPy and PyTorch).
     """
     return _softmax_common(x, axis, True, backend)
 

@@ -68,7 +68,13 @@ def _log_softmax_last(x):
 
 
 def log_softmax(x, axis=-1):
-    return np.moveaxis(_log_softmax_last(_last(x, axis)), -1, axis)
+    """All -inf rows are NaN throughout (0/0), and so are rows with a +inf entry
+    (inf/inf), as in SciPy and PyTorch."""
+    xl = _last(x, axis)
+    out = _log_softmax_last(xl)
+    if xl.shape[-1]:
+        out = np.where(np.max(xl, axis=-1, keepdims=True) == np.inf, np.nan, out)
+    return np.moveaxis(out, -1, axis)
 
 
 def softmax(x, axis=-1):

@@ -38,7 +38,9 @@ def row_softmax(x, out, log):
     """
     m, s = row_max_sumexp(x)
     if m == -np.inf or m == np.inf:
-        c = cast_like(lse_from(x, m, 0.0), out)
+        # All -inf: 0/0, NaN throughout (as SciPy).  A +inf entry: inf/inf, so NaN
+        # throughout too (as SciPy and PyTorch), not NaN there and 0 beside it.
+        c = cast_like(np.nan if m == np.inf else lse_from(x, m, 0.0), out)
         for j in range(x.shape[0]):
             out[j] = x[j] - c if log else fexp(x[j] - c)
         return

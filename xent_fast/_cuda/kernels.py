@@ -217,7 +217,7 @@ def kernels(v, f64):
             if conc:
                 ls = FT(log_split(kc, rest))
         inv = FT(1.0 / s) if not special else FT(0.0)
-        c = FT(lse)
+        c = FT(math.nan) if m == math.inf else FT(lse)  # a +inf entry: NaN throughout
         for j in range(lane, nv, ts):
             kk = nv - 1 - j
             load_vec(row, kk, raw, 0)
