@@ -141,3 +141,25 @@ def test_errors():
         xs.logsumexp(np.zeros((2, 3)), axis=(0, 0))
     with pytest.raises(ValueError):
         xs.logsumexp(np.zeros((2, 3)), b=np.zeros(4))
+
+
+def test_logsumexp_of_complex_input_as_scipy():
+    """Complex a (or b): the principal log of sum(b e^a), shifted by the largest real
+    part; with return_sign the log of the modulus and a unit phase; dtypes kept."""
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((3, 4)) + 3j * rng.standard_normal((3, 4))
+    b = rng.standard_normal((3, 4))
+    for kw in ({}, {"axis": 1}, {"axis": 0, "keepdims": True}, {"axis": 1, "b": b},
+               {"axis": 1, "b": b + 1j}, {"axis": (0, 1)}):
+        for sign in (False, True):
+            got = xs.logsumexp(a, return_sign=sign, **kw)
+            want = sp.logsumexp(a, return_sign=sign, **kw)
+            for g, w in zip(got if sign else [got], want if sign else [want]):
+                assert np.asarray(g).dtype == np.asarray(w).dtype
+                same(g, w)
+    same(xs.logsumexp(a * 300, axis=1), sp.logsumexp(a * 300, axis=1))  # shifted
+    for x in (np.array([1 + 0j, 1 + np.pi * 1j]), np.array([-np.inf + 0j, -np.inf + 1j]),
+              np.array([], complex), a.astype(np.complex64)):
+        got, want = xs.logsumexp(x), sp.logsumexp(x)
+        assert np.asarray(got).dtype == np.asarray(want).dtype
+        same(got, want, rtol=1e-6)

@@ -17,7 +17,7 @@ both round ``x - lse``, to 1e-14 absolute).
 
 Where this differs from SciPy: a negative or NaN probability given to ``entropy`` is a
 ``ValueError`` naming its position (SciPy returns NaN or ``inf``); complex input is a
-``TypeError``.
+``TypeError`` except to ``logsumexp``, which computes complex rows in NumPy.
 """
 
 import operator
@@ -76,6 +76,12 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, backen
     axes = _axes(axis, a.ndim)
     rows, kept = _rows(a, axes)
     empty = rows.shape[-1] == 0
+    if rows.dtype.kind == "c" or (b is not None and bb.dtype.kind == "c"):
+        out, sign = _complex(rows, None if b is None else _rows(bb, axes)[0], return_sign)
+        out = _unrows(out, a.shape, axes, keepdims)
+        if return_sign:
+            return out[()], _unrows(sign, a.shape, axes, keepdims)[()]
+        return out[()]
     if b is None:
         out = np.asarray(_api.logsumexp(rows, axis=-1, backend=backend))
         sign = np.where(np.isnan(out), np.nan, np.where(out == -np.inf, 0.0, 1.0))
@@ -112,6 +118,30 @@ def _weighted(rows, b):
         out = np.where((m == -np.inf) & ~np.isnan(s), -np.inf, out)
         sign = np.where(np.isnan(out), np.nan, np.where(out == -np.inf, 0.0, np.sign(s)))
     return out.astype(dt, copy=False), sign
+
+
+def _complex(rows, b, return_sign):
+    """Complex rows (in NumPy): ``log(sum(b e^a))`` with the principal logarithm, shifted
+    by the largest real part; with ``return_sign`` (log of the modulus, unit phase), as
+    SciPy's.  Elements whose ``b`` is 0 do not count."""
+    dt = np.result_type(rows.dtype, np.complex64 if b is None else b.dtype, np.complex64)
+    a = rows.astype(dt, copy=False)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        if b is not None:
+            b = b.astype(dt, copy=False)
+            a = np.where(b == 0, -np.inf, a)
+        re = a.real
+        m = np.max(re, axis=-1, initial=-np.inf) if a.shape[-1] else np.full(a.shape[:-1], -np.inf)
+        m_fin = np.where(np.isfinite(m), m, 0.0).astype(re.dtype)
+        e = np.exp(a - m_fin[..., None])
+        s = np.sum(e if b is None else b * e, axis=-1)
+        if return_sign:
+            mag = np.abs(s)
+            out = np.log(mag) + m_fin
+            sign = np.where(mag == 0, s, s / mag) if a.shape[-1] else np.full(s.shape, -1 + 0j)
+            return out.astype(re.dtype, copy=False), sign.astype(dt, copy=False)
+        out = np.log(s) + m_fin
+    return out.astype(dt, copy=False), None
 
 
 def _dist(fn, x, axis, backend):
