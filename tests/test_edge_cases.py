@@ -197,6 +197,15 @@ def test_errors_name_the_argument():
         xf.logsumexp(x, axis=2)
     with pytest.raises(ValueError, match="base"):
         xf.entropy([0.5, 0.5], base=1)
+    with pytest.raises(TypeError, match="axis must be an integer, got 1.5"):
+        xf.logsumexp(x, axis=1.5)
+    # nested lists of unequal lengths: named, not NumPy's message alone
+    with pytest.raises(ValueError, match="logits is not a rectangular array"):
+        xf.softmax_cross_entropy([[1.0, 2.0], [3.0]], np.array([0, 1]))
+    with pytest.raises(ValueError, match="targets is not a rectangular array"):
+        xf.softmax_cross_entropy(x, [[1], [0, 1], [1]])
+    with pytest.raises(ValueError, match="weight is not a rectangular array"):
+        xf.binary_cross_entropy_with_logits(x, x, weight=[[1.0], [1.0, 2.0]])
 
 
 def test_integer_and_bool_logits_become_float64():

@@ -179,7 +179,7 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
         _inputs.check_inverse(o.cap, "softcap", x.out_dtype)
     ax = _inputs.class_axis(x.shape, axis, "logits")
     c = x.shape[ax]
-    tshape, tdtype = be.describe(targets)
+    tshape, tdtype = be.describe(targets, "targets")
     kind = _inputs.ce_target_kind(tdtype, tshape, _inputs.batch_shape(x.shape, ax), x.shape)
     ignore = _inputs.ignore_index_option(ignore_index) if kind == "index" else None
     w = _inputs.class_weight(be.to_host(weight), c)
@@ -287,7 +287,7 @@ def softmax_js_divergence(logits, target_logits, *, beta=0.5, temperature=1.0, a
     ax = _inputs.class_axis(x.shape, axis, "logits")
     ignore = None
     if targets is not None:
-        tshape, tdtype = be.describe(targets)
+        tshape, tdtype = be.describe(targets, "targets")
         _inputs.check_index_targets(tdtype, tshape, _inputs.batch_shape(x.shape, ax))
         ignore = _inputs.ignore_index_option(ignore_index)
     _check_grad_out(be, grad_out, x)
@@ -302,7 +302,7 @@ _MISSING = {"renormalize": 0, "residual": 1}
 def _sparse(backend, logits, indices, values, axis, iname, vname):
     be, x, threads = _prepare(backend, logits, "logits", indices, values)
     ax = _inputs.class_axis(x.shape, axis, "logits")
-    ishape, idt = be.describe(indices)
+    ishape, idt = be.describe(indices, iname)
     if np.dtype(idt).kind not in "iu":
         raise TypeError(f"{iname} must be integer class indices, got dtype {np.dtype(idt)}")
     v = x.companion(values, vname)
@@ -379,7 +379,7 @@ def _binary_inputs(backend, x, targets, xname, weights):
     _inputs.same_shape(fx.shape, fy.shape, f"targets must have the {xname}' shape")
     for name, w in weights.items():
         if w is not None:
-            _inputs.broadcast_weight(*be.describe(w), fx.shape, name)
+            _inputs.broadcast_weight(*be.describe(w, name), fx.shape, name)
     return be, fx, fy, threads
 
 
@@ -434,7 +434,7 @@ def nll_loss(log_probs, targets, *, weight=None, ignore_index=-100, axis=-1, red
     want_grad = bool(return_grad) or grad_out is not None
     be, x, threads = _prepare(backend, log_probs, "log_probs", targets)
     ax = _inputs.class_axis(x.shape, axis, "log_probs")
-    tshape, tdtype = be.describe(targets)
+    tshape, tdtype = be.describe(targets, "targets")
     _inputs.check_index_targets(tdtype, tshape, _inputs.batch_shape(x.shape, ax))
     ignore = _inputs.ignore_index_option(ignore_index)
     w = _inputs.class_weight(be.to_host(weight), x.shape[ax])

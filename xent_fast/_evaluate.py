@@ -370,7 +370,7 @@ def evaluate(logits, targets, *, axis=-1, ignore_index=-100, topk=(1, 5), n_bins
     x = be.operand(logits, "logits")
     ax = _inputs.class_axis(x.shape, axis, "logits")
     batch = _inputs.batch_shape(x.shape, ax)
-    tshape, tdtype = be.describe(targets)
+    tshape, tdtype = be.describe(targets, "targets")
     _inputs.check_index_targets(tdtype, tshape, batch)
     ignore = _inputs.ignore_index_option(ignore_index)
     st, tf = be.eval_stats(x, targets, axis=ax, ignore_index=ignore,

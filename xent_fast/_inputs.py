@@ -78,12 +78,25 @@ def compute_dtype(dtype):
     return np.dtype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)
 
 
+def rectangular(value, name):
+    """``np.asarray(value)``; nested sequences of unequal lengths are a ValueError that
+    names ``name`` (NumPy's own names no argument)."""
+    try:
+        return np.asarray(value)
+    except ValueError as e:
+        raise ValueError(f"{name} is not a rectangular array ({e})") from None
+
+
 # ---------------------------------------------------------------------------- axes and shapes
 def class_axis(shape, axis, name):
     """The class axis ``axis`` of an array of ``shape``, normalised."""
     if len(shape) == 0:
         raise ValueError(f"{name} must have at least one dimension (the class axis)")
-    return normalize_axis_index(operator.index(axis), len(shape), msg_prefix="axis")
+    try:
+        ax = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer, got {axis!r}") from None
+    return normalize_axis_index(ax, len(shape), msg_prefix="axis")
 
 
 def batch_shape(shape, ax):

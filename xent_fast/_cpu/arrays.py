@@ -11,7 +11,7 @@ import numpy as np
 from .. import _inputs
 
 
-def host(value):
+def host(value, name="input"):
     """An input as a NumPy array: PyTorch CPU tensors through a view of their memory
     (``requires_grad`` ones too; bfloat16 through its bits where ml_dtypes is
     installed, else widened to float32), anything else through ``np.asarray``."""
@@ -19,7 +19,7 @@ def host(value):
         return value
     if (type(value).__module__ or "").startswith("torch") and hasattr(value, "detach"):
         return _torch_host(value)
-    return np.asarray(value)
+    return _inputs.rectangular(value, name)
 
 
 def _torch_host(t):
@@ -53,7 +53,7 @@ class HostFloat:
         if _inputs.is_gpu_array(value):
             raise TypeError(f"{name} is a GPU array: use backend='cuda' (or 'auto'), or copy "
                             "it to the host for the CPU backends")
-        a = host(value)
+        a = host(value, name)
         self.source = a
         self.hk, kernel_dtype, self.out_dtype = _inputs.float_policy(a.dtype, name)
         if self.hk == 0 and a.dtype != kernel_dtype:
@@ -85,9 +85,9 @@ class HostFloat:
         return other
 
 
-def describe(value):
+def describe(value, name="input"):
     """(shape, dtype) of a host input, as the checks of ``_inputs`` take them."""
-    a = host(value)
+    a = host(value, name)
     return a.shape, a.dtype
 
 

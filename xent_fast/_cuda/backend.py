@@ -25,12 +25,12 @@ def operand(value, name):
     return Dev(value, name)
 
 
-def describe(value):
+def describe(value, name="input"):
     """(shape, dtype) of an input, without moving it."""
     if is_device_array(value):
         d = Dev(value, "array", allow_int=True)
         return d.shape, ("bfloat16" if d.bf16 else d.dtype)
-    a = np.asarray(value)
+    a = _inputs.rectangular(value, name)
     return a.shape, a.dtype
 
 
