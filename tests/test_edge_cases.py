@@ -111,7 +111,7 @@ def test_all_ignored_batch(backend):
     none, g = xf.softmax_cross_entropy(x, t, reduction="none", return_grad=True,
                                        backend=backend)
     assert none.tolist() == [0.0] * 4 and (g == 0).all()
-    assert np.isnan(xf.softmax_cross_entropy(np.zeros((0, 5)), np.zeros(0, int),
+    assert np.isnan(xf.softmax_cross_entropy(np.zeros((0, 20)), np.zeros(0, int),
                                              backend=backend))
 
 
@@ -487,7 +487,7 @@ def test_bce_with_logits_grad_does_not_cancel_for_negative_logits(shape, weighte
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("c", [5, 600, 3000])
+@pytest.mark.parametrize("c", [3, 600, 3000])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_nan_in_a_row_of_minus_inf_is_nan(backend, c, sign):
     """A NaN (either sign bit) in a row of -inf: NaN, never the empty row's -inf / +inf,
