@@ -122,16 +122,19 @@ def _elements(params):
 
 def _simulated(params):
     """Whether a CUDA case runs under the simulator: small shapes only (a real GPU runs
-    them all); and at a block a row (1000 classes and more), every option set in float32
-    but only the plain and the all-options ones in the other dtypes: the dtype changes
-    the loads and stores, the same in every option set (3-4 s a case here).  The same
-    for the 100-class cases, which other dtypes cover at 33 classes."""
+    them all).  Every option set runs in float32 and, below 1000 classes, in float64 (the
+    other compute dtype); half precision (float32 arithmetic behind other loads and
+    stores), and float64 at a block a row, run the plain and the all-options sets only:
+    the dtype changes the loads and stores, the same in every option set (0.5-4 s a case
+    here).  The same for the in-place test's 100-class case, which other dtypes cover
+    at 33 classes."""
     if (_elements(params) or 0) > SIM_MAX_ELEMENTS:
         return False
     opts = params.get("opts")
-    f32 = np.dtype(params.get("dtype", np.float32)) == np.float32
-    if params.get("c", 0) >= 1000 and isinstance(opts, dict) and 0 < len(opts) < 4:
-        return f32
+    dt = np.dtype(params.get("dtype", np.float32))
+    f32 = dt == np.float32
+    if isinstance(opts, dict) and 0 < len(opts) < 4:
+        return f32 or (dt == np.float64 and params.get("c", 0) < 1000)
     # the in-place gradient test at 100 classes (a partial last vector on the CPU): on
     # CUDA the 33-class case already ends its rows mid-team in every dtype (8-10 s a case)
     if params.get("c") == 100 and "dtype" in params and "opts" not in params:

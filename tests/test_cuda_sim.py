@@ -28,7 +28,8 @@ _CUDA_FILES = ("test_against_reference.py", "test_edge_cases.py", "test_trust.py
                "test_distillation.py", "test_peer_losses.py", "cuda")
 # CPU test files that run after the simulator in its process when the whole suite runs
 OFFLOAD = ("test_runtime.py", "test_startup.py", "test_dask.py", "test_torch.py",
-           "test_linear.py", "test_readme.py", "test_stream.py")
+           "test_linear.py", "test_readme.py", "test_stream.py", "test_cli.py",
+           "test_bench.py")
 _MARK = "=== xent_fast run: "
 _RUNNER = """
 import json, subprocess, sys
