@@ -72,6 +72,46 @@ def test_cached_kernels_load_without_readying_the_compiler(tmp_path):
     assert warm == ["False False True", "True", "True"]
 
 
+def test_cache_entries_keep_only_the_names_of_the_linking_module(tmp_path):
+    """A cached driver carries its machine code and, where Numba keeps the function's
+    LLVM module for inlining elsewhere, only empty functions of the names it defines
+    (what loading reads it for); a new process loads and runs it, serially and on
+    threads.  A payload of another shape is cached unchanged."""
+    from xent_fast._cpu.backend import _symbols_only
+
+    assert _symbols_only(("x", 1)) == ("x", 1)
+    lib = ("name", "bitcode", b"...")
+    assert _symbols_only((lib, 2, 3)) == (lib, 2, 3)
+    out = _run("""
+        import numpy as np, xent_fast as xf, llvmlite.binding as ll
+        from xent_fast._cpu import backend
+        x = np.linspace(-3, 3, 4096 * 40).reshape(4096, 40)
+        xf.logsumexp(x[:2], backend="cpu")
+        xf.logsumexp(x, backend="parallel")
+        for (name, par, sig), disp in sorted(backend._dispatchers.items(), key=str):
+            cres = disp.overloads[sig]
+            lib = disp._cache._impl.reduce(cres)[0]
+            mod = ll.parse_bitcode(lib[2][1])
+            full = cres.library._get_module_for_linking()
+            want = sorted(f.name for f in full.functions if not f.is_declaration)
+            got = sorted(f.name for f in mod.functions if not f.is_declaration)
+            blocks = max(len(list(f.blocks)) for f in mod.functions)
+            print(lib[1], got == want and len(want) > 0, blocks)
+        print(float(xf.logsumexp(x, backend="parallel")[7]), float(xf.logsumexp(x[:2])[1]))
+    """, {"NUMBA_CACHE_DIR": str(tmp_path)})
+    assert out[:-1] == ["object True 1", "object True 1"]
+    again = _run("""
+        import numpy as np, xent_fast as xf
+        from xent_fast._cpu import backend
+        x = np.linspace(-3, 3, 4096 * 40).reshape(4096, 40)
+        print(float(xf.logsumexp(x, backend="parallel")[7]), float(xf.logsumexp(x[:2])[1]))
+        print(sum(len(d.overloads) for d in backend._dispatchers.values()),
+              all(d._cache_hits for d in backend._dispatchers.values()))
+    """, {"NUMBA_CACHE_DIR": str(tmp_path)})
+    assert again[0] == out[-1]  # loaded, not compiled, and the same numbers
+    assert again[1] == "2 True"
+
+
 def test_a_forward_call_compiles_no_gradient_and_threads_reuse_the_row_code():
     out = _run("""
         import numpy as np, xent_fast as xf
