@@ -176,6 +176,35 @@ def test_half_precision_as_accurate_as_pytorch(dtype):
     assert e_ours <= max(e_theirs, g_exact.abs().max().item() * 2.0 ** -7)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_as_pytorch_requires_them(dtype):
+    """PyTorch asks a half-precision model for weights of its dtype: they are taken
+    (bfloat16 ones were a TypeError), for the class weights of cross_entropy and
+    nll_loss and the elementwise ones of the binary losses."""
+    x = logits((16, 300), dtype)
+    t = index_targets((16,), 300)
+    w = (torch.rand(300, generator=torch.Generator().manual_seed(1)) + 0.5).to(dtype)
+    y = torch.rand(16, 300, generator=torch.Generator().manual_seed(2)).to(dtype)
+    ew = torch.rand(16, 1, generator=torch.Generator().manual_seed(3)).to(dtype)
+    pw = (torch.rand(300, generator=torch.Generator().manual_seed(4)) * 2).to(dtype)
+    lp = torch.log_softmax(x.float(), -1).to(dtype)
+    p = torch.sigmoid(x.float()).to(dtype)
+    pairs = [
+        (xt.cross_entropy(x, t, weight=w), F.cross_entropy(x.float(), t, weight=w.float())),
+        (xt.cross_entropy(x, y, weight=w), F.cross_entropy(x.float(), y.float(), weight=w.float())),
+        (xt.nll_loss(lp, t, weight=w), F.nll_loss(lp.float(), t, weight=w.float())),
+        (xt.binary_cross_entropy_with_logits(x, y, weight=ew, pos_weight=pw),
+         F.binary_cross_entropy_with_logits(x.float(), y.float(), weight=ew.float(),
+                                            pos_weight=pw.float())),
+        (xt.binary_cross_entropy(p, y, weight=ew),
+         F.binary_cross_entropy(p.float(), y.float(), weight=ew.float())),
+    ]
+    rel = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    for got, want in pairs:
+        assert got.dtype == dtype
+        assert abs(got.item() - want.item()) <= rel * abs(want.item())
+
+
 def test_bfloat16_read_through_its_bits_without_a_copy(monkeypatch):
     """A bfloat16 CPU tensor reaches the kernels as a view of its own memory."""
     from xent_fast import _api

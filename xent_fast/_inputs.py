@@ -321,18 +321,28 @@ def class_weight(weight, c, name="weight"):
     if weight is None:
         return None
     w = np.asarray(weight)
-    if w.dtype.kind not in "biuf":
+    if not _real_weight(w.dtype):
         raise TypeError(f"{name} must be a real array, got dtype {w.dtype}")
+    if w.dtype.kind not in "biuf":  # bfloat16 (what PyTorch asks of a bfloat16 model)
+        w = w.astype(np.float32)
     if w.shape != (c,):
         raise ValueError(f"{name} must have shape ({c},) (one weight per class), "
                          f"got {w.shape}")
     return w
 
 
+def _real_weight(dtype):
+    """Can weights be of ``dtype`` (a NumPy dtype, or a device library's "bfloat16")?"""
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        return True
+    dt = np.dtype(dtype)
+    return dt.kind in "biuf" or is_bfloat16(dt)
+
+
 def broadcast_weight(wshape, wdtype, shape, name):
     """An elementwise weight of ``wshape`` must broadcast to the input ``shape``."""
-    if np.dtype(wdtype).kind not in "biuf":
-        raise TypeError(f"{name} must be a real array, got dtype {np.dtype(wdtype)}")
+    if not _real_weight(wdtype):
+        raise TypeError(f"{name} must be a real array, got dtype {dtype_name(wdtype)}")
     try:
         b = np.broadcast_shapes(tuple(wshape), tuple(shape))
     except ValueError:
