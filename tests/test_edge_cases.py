@@ -523,3 +523,33 @@ def test_softmax_of_a_row_with_plus_inf_is_nan(backend, c):
         assert_close(getattr(xf, f)(x.astype(np.float32), backend=backend),
                      getattr(R, f)(x), 1e-5, atol=1e-30, what=f)
     np.testing.assert_array_equal(xf.logsumexp(x, backend=backend)[:3], [np.inf, -np.inf, np.inf])
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_broadcast_weights_of_the_binary_losses(backend, dtype):
+    """Weights and pos_weights broadcast over the input (per class, per row, one number,
+    in full), over rows longer than one task of the elementwise kernels (16384
+    columns): each task reads its own slice of them."""
+    rng = np.random.default_rng(13)
+    shape = (3, 20000)
+    x = (rng.standard_normal(shape) * 4).astype(dtype)
+    y = rng.random(shape).astype(dtype)
+    p = (1 / (1 + np.exp(-x.astype(np.float64)))).astype(dtype)
+    rt = 1e-12 if dtype == np.float64 else 1e-5
+    for ws in [(20000,), (3, 1), (1, 1), shape, (1, 20000)]:
+        w = rng.random(ws) + 0.5
+        pw = rng.random(shape[-1:]) * 3
+        for kw in ({"weight": w}, {"pos_weight": pw}, {"weight": w, "pos_weight": pw}):
+            kwd = {k: v.astype(dtype) for k, v in kw.items()}
+            got, g = xf.binary_cross_entropy_with_logits(x, y, reduction="none",
+                                                         return_grad=True, backend=backend,
+                                                         **kwd)
+            want, wg = R.binary_cross_entropy_with_logits(x, y, reduction="none",
+                                                          return_grad=True, **kwd)
+            assert_close(got, want, rt, atol=rt, what=f"{ws} {list(kw)}")
+            assert_close(g, wg, rt, atol=rt, what=f"grad {ws} {list(kw)}")
+        got = xf.binary_cross_entropy(p, y, weight=w.astype(dtype), reduction="none",
+                                      backend=backend)
+        want = R.binary_cross_entropy(p, y, weight=w.astype(dtype), reduction="none")
+        assert_close(got, want, rt, atol=rt, what=f"bce {ws}")

@@ -644,8 +644,8 @@ def pointwise(x, y, *, mode, alpha, gamma, reduction, den, want_grad, grad_out, 
     keep = reduction == "none"
     out, partial, _ = _elementwise_buffers(x2.shape, keep, x.out_dtype)
     run(_grad_variant("pointwise", want_grad), threads, x2, x.hk, y2, y.hk, mode,
-        float(alpha), float(gamma), gscale, g2, x.hk, keep, _ELEMENTWISE_BLOCK, out, partial,
-        _nblocks(partial.size, threads))
+        float(alpha), float(gamma), 0, gscale, g2, x.hk, keep, _ELEMENTWISE_BLOCK, out,
+        partial, _nblocks(partial.size, threads))
     if finish is not None:
         finish()
     if keep:

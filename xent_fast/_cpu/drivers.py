@@ -20,7 +20,7 @@ from .eval_rows import eval_row, row_topk
 from .reduce import row_logsumexp
 from .row_access import (block_bounds, grad_row, half_work_row, load_row, row_at,
                          store_grad_row, task_bounds, work_row)
-from .rows import (bce_logits_row, bce_row, ce_index_row, ce_prob_row, dist_row, first_bad_prob,
+from .rows import (_unit_slice, bce_logits_row, bce_row, ce_index_row, ce_prob_row, dist_row, first_bad_prob,
                    jsd_row, kl_logits_row, pointwise_row, row_softmax, sparse_kd_row, row_sum, softcap_grad_row, softcap_row)
 
 
@@ -278,15 +278,18 @@ def bce(p, phk, y, yhk, w, has_w, keep, colblock, out, partial, bad, nblocks, b)
                 break
         bad[task] = k
         orow = out[i, lo:hi] if keep else ow
-        bce_row(pr, yr, w[i, lo:hi] if has_w else w[0, :0], has_w, orow)
+        bce_row(pr, yr, _unit_slice(w, i, lo, hi, has_w), has_w, orow)
         partial[task] = row_sum(orow)
 
 
-def make_bce_logits(want_grad):
-    """The bce_logits driver with ``want_grad`` a compile-time constant."""
+def _make_elementwise(task_row, name, want_grad):
+    """An elementwise driver: tasks of ``colblock`` columns of a row, each read (widened
+    from half precision where it is stored so), handed with its row ``i`` and columns
+    ``lo:hi`` to ``task_row`` (rows.bce_logits_row, rows.pointwise_row) with the options
+    ``o1 .. o4``, and summed into ``partial``; ``want_grad`` a compile-time constant."""
 
-    def bce_logits(x, hk, y, yhk, w, has_w, pw, has_pw, gscale, g, ghk, keep, colblock,
-                   out, partial, nblocks, b):
+    def drv(x, hk, y, yhk, o1, o2, o3, o4, gscale, g, ghk, keep, colblock, out, partial,
+            nblocks, b):
         n, c = x.shape
         ncb = max(1, (c + colblock - 1) // colblock)
         t_lo, t_hi = block_bounds(b, nblocks, n * ncb)
@@ -298,46 +301,29 @@ def make_bce_logits(want_grad):
             xr = load_row(x[i, lo:hi], xw, hk)
             yr = load_row(y[i, lo:hi], yw, yhk)
             orow = out[i, lo:hi] if keep else ow
-            wr = w[i, lo:hi] if has_w else w[0, :0]
-            pr = pw[i, lo:hi] if has_pw else pw[0, :0]
             if want_grad:
                 gw = half_work_row(g, hi - lo)
                 gr = grad_row(g[i, lo:hi], gw)
-                bce_logits_row(xr, yr, wr, has_w, pr, has_pw, orow, gr, True, gscale)
+                task_row(xr, yr, i, lo, hi, o1, o2, o3, o4, orow, gr, True, gscale)
                 store_grad_row(g[i, lo:hi], gr, ghk)
             else:
-                bce_logits_row(xr, yr, wr, has_w, pr, has_pw, orow, ow, False, gscale)
+                task_row(xr, yr, i, lo, hi, o1, o2, o3, o4, orow, ow, False, gscale)
             partial[task] = row_sum(orow)
-    return _variant(bce_logits, want_grad)
 
+    drv.__name__ = drv.__qualname__ = name
+    return _variant(drv, want_grad)
+
+
+def make_bce_logits(want_grad):
+    """The bce_logits driver: options ``w, has_w, pw, has_pw``."""
+    return _make_elementwise(bce_logits_row, "bce_logits", want_grad)
 
 
 def make_pointwise(want_grad):
-    """The driver of rows.pointwise_row (focal loss, kl_div) with ``want_grad`` a
-    compile-time constant: tasks of ``colblock`` columns, as the bce_logits driver."""
+    """The driver of rows.pointwise_row (focal loss, kl_div): options ``mode, alpha,
+    gamma`` and an unused fourth."""
+    return _make_elementwise(pointwise_row, "pointwise", want_grad)
 
-    def pointwise(x, hk, y, yhk, mode, alpha, gamma, gscale, g, ghk, keep, colblock, out,
-                  partial, nblocks, b):
-        n, c = x.shape
-        ncb = max(1, (c + colblock - 1) // colblock)
-        t_lo, t_hi = block_bounds(b, nblocks, n * ncb)
-        for task in range(t_lo, t_hi):
-            i, lo, hi = task_bounds(task, ncb, colblock, c)
-            xw = half_work_row(x, hi - lo)
-            yw = half_work_row(y, hi - lo)
-            ow = work_row(x, hi - lo if not keep else 0)
-            xr = load_row(x[i, lo:hi], xw, hk)
-            yr = load_row(y[i, lo:hi], yw, yhk)
-            orow = out[i, lo:hi] if keep else ow
-            if want_grad:
-                gw = half_work_row(g, hi - lo)
-                gr = grad_row(g[i, lo:hi], gw)
-                pointwise_row(xr, yr, mode, alpha, gamma, orow, gr, True, gscale)
-                store_grad_row(g[i, lo:hi], gr, ghk)
-            else:
-                pointwise_row(xr, yr, mode, alpha, gamma, orow, ow, False, gscale)
-            partial[task] = row_sum(orow)
-    return _variant(pointwise, want_grad)
 
 def targets(t, c, ignore, w, has_w):
     """(index of the first target that is neither a class nor ``ignore``, or -1;

@@ -913,9 +913,11 @@ def _bce_logits_fast_ov(x, y, out, gr, want_grad, gscale):
 
 
 @njit(**JIT)
-def pointwise_row(x, y, mode, alpha, gamma, out, gr, want_grad, gscale):
+def pointwise_row(x, y, i, lo, hi, mode, alpha, gamma, _unused, out, gr, want_grad,
+                  gscale):
     """Elementwise losses of ``x`` against ``y`` into ``out`` (and ``gscale`` times their
-    gradient w.r.t. ``x`` into ``gr``):
+    gradient w.r.t. ``x`` into ``gr``); ``i, lo, hi`` (where ``x`` lies in its input) and
+    the fourth option are unused, the elementwise drivers' common signature:
 
     mode 0, torchvision's sigmoid focal loss of logits x and targets y:
         a_t (1 - p_t)**gamma ce,  ce = max(x, 0) - x y + log1p(exp(-|x|)),
@@ -962,13 +964,39 @@ def pointwise_row(x, y, mode, alpha, gamma, out, gr, want_grad, gscale):
                 gr[j] = -g * pt
 
 
+def _unit_slice(a2, i, lo, hi, on):
+    """``a2[i, lo:hi]`` as a unit-stride row (empty unless ``on``): itself where ``a2`` is
+    C-contiguous, else a copy.  Weights broadcast over the input (a per-class weight
+    or pos_weight: zero strides) gave a strided row, over which the loss loop stayed
+    scalar: 10x slower than with the weights in full."""
+
+
+@overload(_unit_slice, jit_options=INLINE)
+def _unit_slice_ov(a2, i, lo, hi, on):
+    if a2.layout == "C":
+        return lambda a2, i, lo, hi, on: a2[i, lo:hi] if on else a2[0, :0]
+
+    def copy(a2, i, lo, hi, on):
+        out = np.empty(hi - lo if on else 0, a2.dtype)
+        if on:
+            src = a2[i, lo:hi]
+            for j in range(hi - lo):
+                out[j] = src[j]
+        return out
+    return copy
+
+
 @njit(**JIT)
-def bce_logits_row(x, y, w, has_w, pw, has_pw, out, gr, want_grad, gscale):
+def bce_logits_row(x, y, i, lo, hi, w2, has_w, pw2, has_pw, out, gr, want_grad, gscale):
     """(1-y) x + l (log1p(exp(-|x|)) + max(-x, 0)), l = 1 + (pw-1) y, times w.
 
     This is PyTorch's stable form; without pos_weight it equals max(x,0) - x y +
-    log1p(exp(-|x|)).  Gradient: w ((1-y) - l sigmoid(-x)).
+    log1p(exp(-|x|)).  Gradient: w ((1-y) - l sigmoid(-x)).  ``x``, ``y`` are columns
+    ``lo:hi`` of row ``i``; ``w2``, ``pw2`` the weights (and pos_weights) of the whole
+    input, 2-D, maybe with zero strides, read where ``has_w`` (``has_pw``).
     """
+    w = _unit_slice(w2, i, lo, hi, has_w)
+    pw = _unit_slice(pw2, i, lo, hi, has_pw)
     done = 0
     if not has_w and not has_pw and x.shape[0] >= 16:
         done = _bce_logits_fast(x, y, out, gr, want_grad, gscale)
