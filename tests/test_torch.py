@@ -92,6 +92,15 @@ def test_cross_entropy_equals_pytorch(shape, kind, weighted, ignore, reduction, 
     assert torch.equal(x.detach(), before)  # the input is never written
 
 
+def test_ignore_index_with_probability_targets_is_an_error_as_in_pytorch():
+    x = logits((4, C))
+    p = torch.softmax(logits((4, C), seed=1), 1)
+    for f in (F.cross_entropy, xt.cross_entropy):
+        with pytest.raises(RuntimeError, match="ignore_index is not supported"):
+            f(x, p, ignore_index=3)
+    close(xt.cross_entropy(x, p, ignore_index=-100), F.cross_entropy(x, p))
+
+
 def test_module_matches_pytorch_module():
     w = torch.linspace(0.5, 2.0, C, dtype=torch.float64)
     ours = xt.CrossEntropyLoss(weight=w, ignore_index=1, label_smoothing=0.1)

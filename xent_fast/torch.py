@@ -403,6 +403,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     reduction = _reduction_arg(size_average, reduce, reduction)
     _check_input(input)
     _check_on(input, target=target, weight=weight)
+    if isinstance(target, Tensor) and target.is_floating_point() and ignore_index != -100:
+        # as PyTorch: a probability target has no class index to ignore
+        raise RuntimeError("ignore_index is not supported for floating point target "
+                           f"(ignore_index={ignore_index})")
     cap = 0.0 if softcap is None else softcap
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
