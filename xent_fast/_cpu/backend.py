@@ -148,7 +148,8 @@ def _light_cache_load(disp):
     lookup is used where its cache class lacks the methods used, and for an entry that
     fails to load this way (so that a Numba release that needs more than its runtime
     to load machine code costs time, never the cache: an entry that fails there too is
-    corrupt, and the caller rebuilds it).
+    corrupt, and the caller rebuilds it).  Entries are written lighter too (see
+    :func:`_symbols_only`).
     """
     cache = getattr(disp, "_cache", None)
     guard = getattr(cache, "_guard_against_spurious_io_errors", None)
