@@ -182,7 +182,7 @@ def softmax_cross_entropy(logits, targets, *, axis=-1, weight=None, ignore_index
     tshape, tdtype = be.describe(targets, "targets")
     kind = _inputs.ce_target_kind(tdtype, tshape, _inputs.batch_shape(x.shape, ax), x.shape)
     ignore = _inputs.ignore_index_option(ignore_index) if kind == "index" else None
-    w = _inputs.class_weight(be.to_host(weight), c)
+    w = _inputs.class_weight(be.to_host(weight, "weight"), c)
     _check_grad_out(be, grad_out, x)
     if return_z_loss:  # before a grad_out=logits overwrites them
         zt = _z_term(be, logits, x, targets, kind, ignore, ax, o, threads)
@@ -437,7 +437,7 @@ def nll_loss(log_probs, targets, *, weight=None, ignore_index=-100, axis=-1, red
     tshape, tdtype = be.describe(targets, "targets")
     _inputs.check_index_targets(tdtype, tshape, _inputs.batch_shape(x.shape, ax))
     ignore = _inputs.ignore_index_option(ignore_index)
-    w = _inputs.class_weight(be.to_host(weight), x.shape[ax])
+    w = _inputs.class_weight(be.to_host(weight, "weight"), x.shape[ax])
     _check_grad_out(be, grad_out, x)
     return be.nll_loss(x, targets, axis=ax, weight=w, ignore_index=ignore, reduction=reduction,
                        want_grad=want_grad, grad_out=grad_out, threads=threads)

@@ -131,7 +131,7 @@ def _complex(rows, b, return_sign):
             b = b.astype(dt, copy=False)
             a = np.where(b == 0, -np.inf, a)
         re = a.real
-        m = np.max(re, axis=-1, initial=-np.inf) if a.shape[-1] else np.full(a.shape[:-1], -np.inf)
+        m = np.max(re, axis=-1, initial=-np.inf)
         m_fin = np.where(np.isfinite(m), m, 0.0).astype(re.dtype)
         e = np.exp(a - m_fin[..., None])
         s = np.sum(e if b is None else b * e, axis=-1)
@@ -185,7 +185,7 @@ def entropy(pk, qk=None, base=None, axis=0, *, keepdims=False, backend="auto"):
         q = None if q is None else q.reshape(-1)
         ax = 0
     else:
-        ax = operator.index(axis) % max(p.ndim, 1) if p.ndim else 0
+        ax = operator.index(axis) % p.ndim
     p, undefined = _renormalised(p, ax)
     if q is not None:
         q, q_undefined = _renormalised(q, ax)
@@ -204,13 +204,13 @@ def entropy(pk, qk=None, base=None, axis=0, *, keepdims=False, backend="auto"):
 def _probabilities(a, name):
     """A ``scipy.stats.entropy`` input as floats (integers as float64), checked as given:
     a negative or NaN entry is a ``ValueError`` naming it (SciPy returns NaN or -inf)."""
-    a = host(a)
+    a = host(a, name)
     a = a.astype(np.result_type(a.dtype, np.float64 if a.dtype.kind in "biu" else a.dtype))
     if a.dtype.kind == "c":
         raise TypeError(f"{name} must be real, got complex dtype {a.dtype}")
     bad = ~(a >= 0)
     if bad.any():
-        pos = np.unravel_index(int(np.argmax(bad)), a.shape) if a.ndim else ()
+        pos = np.unravel_index(int(np.argmax(bad)), a.shape)
         raise _inputs.not_probability(name, tuple(int(i) for i in pos), a[pos])
     return a
 
@@ -221,7 +221,7 @@ def _renormalised(a, ax):
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         s = np.sum(a, axis=ax, keepdims=True)
         # (an empty axis sums to 0 and is no distribution: its entropy is 0, as SciPy's)
-        undefined = ~(np.isfinite(s) & (s > 0)) & (a.shape[ax] > 0 if a.ndim else True)
+        undefined = ~(np.isfinite(s) & (s > 0)) & (a.shape[ax] > 0)
         a = a / s
     if undefined.any():
         a = np.where(undefined, 0, a).astype(a.dtype, copy=False)

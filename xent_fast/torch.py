@@ -253,11 +253,16 @@ def _pair_fake(input, loss_shape, want_grad):
 
 
 # ---------------------------------------------------------------------------- cross-entropy
+def _ce_kwargs(input, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    """The front end's options of a cross-entropy operator's arguments (softcap 0: none)."""
+    return dict(axis=_class_dim(input), weight=_array(weight, "weight"),
+                ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                softcap=softcap if softcap > 0 else None, reduction=reduction)
+
+
 def _ce_call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
              softcap, grad):
-    kw = dict(axis=_class_dim(input), weight=_array(weight, "weight"),
-              ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-              softcap=softcap if softcap > 0 else None, reduction=reduction)
+    kw = _ce_kwargs(input, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     x, t = _array(input, "input"), _array(target, "target")
     if grad is None:
         return _tensor(_api.softmax_cross_entropy(x, t, **kw), input)
@@ -265,9 +270,13 @@ def _ce_call(input, target, weight, ignore_index, reduction, label_smoothing, z_
     return _tensor(loss, input)
 
 
+def _row_loss_shape(input, reduction):
+    """The shape of a row loss of ``input``: a loss a row for "none", else a scalar."""
+    return _batch_shape(input) if reduction == "none" else ()
+
+
 def _ce_fake_loss(input, reduction):
-    shape = _batch_shape(input) if reduction == "none" else ()
-    return input.new_empty(shape)
+    return input.new_empty(_row_loss_shape(input, reduction))
 
 
 @torch.library.custom_op(f"{_NS}::cross_entropy", mutates_args=())
@@ -285,8 +294,7 @@ def _ce_op(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index
 @_ce_op.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
       want_grad):
-    return (_ce_fake_loss(input, reduction),
-            _grad_buffer(input) if want_grad else _no_grad_buffer(input))
+    return _pair_fake(input, _row_loss_shape(input, reduction), want_grad)
 
 
 def _ce_setup(ctx, inputs, output):
@@ -348,9 +356,7 @@ def _z_term_op(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_i
                reduction: str, label_smoothing: float, z_loss: float,
                softcap: float) -> Tensor:
     """The z-loss term of cross_entropy alone, reduced as it enters the loss."""
-    kw = dict(axis=_class_dim(input), weight=_array(weight, "weight"),
-              ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-              softcap=softcap if softcap > 0 else None, reduction=reduction)
+    kw = _ce_kwargs(input, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     _, z = _api.softmax_cross_entropy(_array(input, "input"), _array(target, "target"),
                                       return_z_loss=True, **kw)
     return _tensor(z, input)
@@ -447,8 +453,7 @@ def _kl_op(input: Tensor, target_logits: Tensor, temperature: float, reduction: 
 
 @_kl_op.register_fake
 def _(input, target_logits, temperature, reduction, want_grad):
-    shape = _batch_shape(input) if reduction == "none" else ()
-    return _pair_fake(input, shape, want_grad)
+    return _pair_fake(input, _row_loss_shape(input, reduction), want_grad)
 
 
 def _kl_setup(ctx, inputs, output):
@@ -531,8 +536,7 @@ def _jsd_op(input: Tensor, target_logits: Tensor, target: Optional[Tensor], beta
 
 @_jsd_op.register_fake
 def _(input, target_logits, target, beta, temperature, ignore_index, reduction, want_grad):
-    shape = _batch_shape(input) if reduction == "none" else ()
-    return _pair_fake(input, shape, want_grad)
+    return _pair_fake(input, _row_loss_shape(input, reduction), want_grad)
 
 
 def _jsd_setup(ctx, inputs, output):
@@ -632,8 +636,7 @@ def _skd_op(input: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor,
 
 @_skd_op.register_fake
 def _(input, teacher_indices, teacher_logprobs, temperature, missing, reduction, want_grad):
-    shape = _batch_shape(input) if reduction == "none" else ()
-    return _pair_fake(input, shape, want_grad)
+    return _pair_fake(input, _row_loss_shape(input, reduction), want_grad)
 
 
 def _save_row_grad(ctx, input, reduction, grad):
@@ -899,7 +902,7 @@ def _nll_op(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_inde
 
 @_nll_op.register_fake
 def _(input, target, weight, ignore_index, reduction, want_grad):
-    return _pair_fake(input, _batch_shape(input) if reduction == "none" else (), want_grad)
+    return _pair_fake(input, _row_loss_shape(input, reduction), want_grad)
 
 
 def _nll_setup(ctx, inputs, output):

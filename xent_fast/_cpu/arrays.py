@@ -91,9 +91,9 @@ def describe(value, name="input"):
     return a.shape, a.dtype
 
 
-def to_host(value):
+def to_host(value, name="input"):
     """A small input (class weights) as a NumPy array."""
-    return None if value is None else host(value)
+    return None if value is None else host(value, name)
 
 
 def class_rows(a, ax):

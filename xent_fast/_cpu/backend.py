@@ -67,6 +67,11 @@ def _driver(name):
     return entry
 
 
+def _family(name):
+    """A driver's name without its gradient variant's suffix."""
+    return name[:-5] if name.endswith("_grad") else name
+
+
 def _blocked(func):
     """Does the driver do one block of rows (its last arguments ``nblocks, b``)?"""
     code = func.__code__
@@ -82,7 +87,7 @@ def _dispatcher(name, parallel, sig):
     (see _warmup) never rewrite one index file and drop each other's entry.  The loop
     calls a driver by address, so a driver and its gradient variant (the same argument
     types) share one build of it."""
-    family = name[:-5] if name.endswith("_grad") else name
+    family = _family(name)
     key = (family if parallel else name, parallel, sig)
     disp = _dispatchers.get(key)
     if disp is None:
@@ -261,7 +266,7 @@ def _signature(name, args, parallel):
     as one tuple."""
     func, outs = _driver(name)
     names = func.__code__.co_varnames[:func.__code__.co_argcount]
-    rows_only = (name[:-5] if name.endswith("_grad") else name) in _ROW_DRIVERS
+    rows_only = _family(name) in _ROW_DRIVERS
     sig = tuple(_numba_type(a, n in outs, rows_only) for n, a in zip(names, args))
     if not _blocked(func):
         return sig

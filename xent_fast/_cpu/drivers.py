@@ -19,8 +19,8 @@ from numba.extending import intrinsic
 from .eval_rows import eval_row, row_topk
 from .reduce import row_logsumexp
 from .row_access import (block_bounds, grad_row, half_work_row, load_row, row_at,
-                         store_grad_row, task_bounds, work_row)
-from .rows import (_unit_slice, bce_logits_row, bce_row, ce_index_row, ce_prob_row, dist_row, first_bad_prob,
+                         store_grad_row, task_bounds, unit_slice, work_row)
+from .rows import (bce_logits_row, bce_row, ce_index_row, ce_prob_row, dist_row, first_bad_prob,
                    jsd_row, kl_logits_row, pointwise_row, row_softmax, sparse_kd_row, row_sum, softcap_grad_row, softcap_row)
 
 
@@ -278,7 +278,7 @@ def bce(p, phk, y, yhk, w, has_w, keep, colblock, out, partial, bad, nblocks, b)
                 break
         bad[task] = k
         orow = out[i, lo:hi] if keep else ow
-        bce_row(pr, yr, _unit_slice(w, i, lo, hi, has_w), has_w, orow)
+        bce_row(pr, yr, unit_slice(w, i, lo, hi, has_w), has_w, orow)
         partial[task] = row_sum(orow)
 
 

@@ -97,6 +97,28 @@ def _unit_row(row):
     return lambda row: _as_unit_stride(row)
 
 
+def unit_slice(a2, i, lo, hi, on):
+    """``a2[i, lo:hi]`` as a unit-stride row (empty unless ``on``): itself where ``a2`` is
+    C-contiguous, else a copy.  Weights broadcast over the input (a per-class weight
+    or pos_weight: zero strides) gave a strided row, over which the loss loop stayed
+    scalar: 10x slower than with the weights in full."""
+
+
+@overload(unit_slice, jit_options=JIT)
+def _unit_slice(a2, i, lo, hi, on):
+    if a2.layout == "C":
+        return lambda a2, i, lo, hi, on: a2[i, lo:hi] if on else a2[0, :0]
+
+    def copy(a2, i, lo, hi, on):
+        out = np.empty(hi - lo if on else 0, a2.dtype)
+        if on:
+            src = a2[i, lo:hi]
+            for j in range(hi - lo):
+                out[j] = src[j]
+        return out
+    return copy
+
+
 def load_row(xrow, work, hk):
     """The row as compute-dtype floats: itself, or widened into ``work``."""
 

@@ -23,6 +23,7 @@ from .formulas import (bce_logits_grad, bce_logits_loss, ce_grad_scale, ce_index
                        ce_index_loss, ce_index_mass, ce_prob_loss, kl_finish,
                        kl_finish_logs, kl_grad_scales, log_split, nll_from)
 from .jit import INLINE, JIT
+from .row_access import unit_slice
 from .reduce import (AHEAD, CHUNK, CONCENTRATED, SIMD_CHUNK, SIMD_ONE_PASS_MIN,
                      less_one, log_mass_split, log_mass_split_exps, lse_from,
                      row_exp_store, row_max, row_max_sumexp, row_split_exps, row_split_scaled,
@@ -964,28 +965,6 @@ def pointwise_row(x, y, i, lo, hi, mode, alpha, gamma, _unused, out, gr, want_gr
                 gr[j] = -g * pt
 
 
-def _unit_slice(a2, i, lo, hi, on):
-    """``a2[i, lo:hi]`` as a unit-stride row (empty unless ``on``): itself where ``a2`` is
-    C-contiguous, else a copy.  Weights broadcast over the input (a per-class weight
-    or pos_weight: zero strides) gave a strided row, over which the loss loop stayed
-    scalar: 10x slower than with the weights in full."""
-
-
-@overload(_unit_slice, jit_options=INLINE)
-def _unit_slice_ov(a2, i, lo, hi, on):
-    if a2.layout == "C":
-        return lambda a2, i, lo, hi, on: a2[i, lo:hi] if on else a2[0, :0]
-
-    def copy(a2, i, lo, hi, on):
-        out = np.empty(hi - lo if on else 0, a2.dtype)
-        if on:
-            src = a2[i, lo:hi]
-            for j in range(hi - lo):
-                out[j] = src[j]
-        return out
-    return copy
-
-
 @njit(**JIT)
 def bce_logits_row(x, y, i, lo, hi, w2, has_w, pw2, has_pw, out, gr, want_grad, gscale):
     """(1-y) x + l (log1p(exp(-|x|)) + max(-x, 0)), l = 1 + (pw-1) y, times w.
@@ -995,8 +974,8 @@ def bce_logits_row(x, y, i, lo, hi, w2, has_w, pw2, has_pw, out, gr, want_grad, 
     ``lo:hi`` of row ``i``; ``w2``, ``pw2`` the weights (and pos_weights) of the whole
     input, 2-D, maybe with zero strides, read where ``has_w`` (``has_pw``).
     """
-    w = _unit_slice(w2, i, lo, hi, has_w)
-    pw = _unit_slice(pw2, i, lo, hi, has_pw)
+    w = unit_slice(w2, i, lo, hi, has_w)
+    pw = unit_slice(pw2, i, lo, hi, has_pw)
     done = 0
     if not has_w and not has_pw and x.shape[0] >= 16:
         done = _bce_logits_fast(x, y, out, gr, want_grad, gscale)

@@ -335,7 +335,7 @@ def vec_width(dev, rows3, c):
     return v if dev.aligned(16) else 1
 
 
-def to_host(obj):
+def to_host(obj, name="input"):
     """A small device array (a weight vector) as a NumPy array."""
     if obj is None:
         return None
@@ -348,7 +348,7 @@ def to_host(obj):
     if lib is not None:
         d = Dev(obj, "array", allow_int=True)
         return d.view(d.shape, d.desc["strides"]).copy_to_host()
-    return np.asarray(obj)
+    return _inputs.rectangular(obj, name)
 
 
 def device_weights(weight, c, dtype):
