@@ -320,6 +320,37 @@ def test_uint64_target_wrapping_onto_ignore_index_in_evaluate(backend):
     assert_close(got.cross_entropy, want["cross_entropy"], tol(F64), what="evaluate loss")
 
 
+@pytest.mark.parametrize("ignore", [-100, 3, 40])
+def test_the_numpy_and_compiled_target_scans_agree(ignore, rng):
+    """Small target arrays are scanned by NumPy, large ones by a compiled pass: both
+    give the first bad target and the same "mean" denominator, weighted or not."""
+    from xent_fast._cpu import backend as cpu
+
+    c = 37
+    w = rng.random(c).astype(np.float32)
+    for n in (0, 1, 5, 1000, cpu._COMPILED_SCAN_MIN):
+        for case in ("clean", "ignored", "bad", "negative"):
+            t = rng.integers(0, c, n).astype(np.int64)
+            if n and case != "clean":
+                t[rng.random(n) < 0.3] = ignore
+            if n > 1 and case in ("bad", "negative"):
+                t[n // 2] = c if case == "bad" else -1 - (ignore == -1)
+                t[n - 1] = c + 5
+            for has_w, weights in ((False, np.ones(1)), (True, w)):
+                args = (t, c, ignore, weights, has_w)
+                got = cpu.scan_targets(*args)
+                want = cpu.run("targets", False, *args)
+                assert got[0] == want[0], (n, case, has_w)
+                if want[0] < 0:
+                    assert got[1] == pytest.approx(want[1], rel=1e-12, abs=0), (n, case)
+                    kept = t[t != ignore]
+                    exact = np.sum(w[kept], dtype=np.float64) if has_w else kept.size
+                    assert got[1] == pytest.approx(exact, rel=1e-12, abs=0)
+                else:
+                    assert t[want[0]] != ignore and not 0 <= t[want[0]] < c
+                    assert np.all((t[:want[0]] == ignore) | ((0 <= t[:want[0]]) & (t[:want[0]] < c)))
+
+
 # --------------------------------------------- few-classes kernel: ignored garbage rows
 # The gradient of an ignored row was 0 * exp(NaN) = NaN when its logits were all -inf or
 # held a NaN; it is exactly 0.

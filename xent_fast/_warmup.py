@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from . import _ops
+from . import _dispatch, _ops
 
 _DTYPES = {"float32": np.float32, "float64": np.float64}
 # Wide enough for the general kernels: index targets over at most SMALL_CLASSES (16)
@@ -148,12 +148,26 @@ def _warm(kinds, dtypes, backends, grad=True):
                 op.call(xf, d, backend=be)
                 if op.grad and grad:
                     op.call(xf, d, backend=be, return_grad=True)
+            if be == backends[0]:
+                for scan in _target_scans(kinds, dt):
+                    _dispatch.cpu().warm_target_scan(scan)
             for c in small:  # plain, and weighted or smoothed: two kernels a count
                 x = np.zeros((_WARM_ROWS, c), dt)
                 t = np.arange(_WARM_ROWS) % c
                 for kw in ({}, {"label_smoothing": 0.1}):
                     for want in (False, True)[:1 + grad]:
                         xf.softmax_cross_entropy(x, t, backend=be, return_grad=want, **kw)
+
+
+def _target_scans(kinds, dt):
+    """The weight dtypes of the compiled target scans that the operations of ``kinds``
+    run on ``dt`` inputs of 2^15 targets or more (fewer are scanned by NumPy)."""
+    scans = []
+    if "ce" in kinds:
+        scans.append(dt)  # the class weights in the logits' dtype
+    if {"nll", "evaluate"} & set(kinds) and np.dtype(np.float64) not in scans:
+        scans.append(np.dtype(np.float64))
+    return scans
 
 
 def _groups(kinds=None):

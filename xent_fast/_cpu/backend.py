@@ -27,7 +27,7 @@ from . import arrays as _arrays
 from .arrays import HostFloat, class_rows, elementwise_rows, grad_target, host, reduce_rows
 from . import drivers
 from .few_classes import SMALL_CLASSES, make_ce_small, small_name
-from .jit import KERNEL, load_numba_math
+from .jit import KERNEL, collector_paused, load_numba_math
 
 # Before anything can start Numba's thread pool: every path to a kernel imports this module.
 _threads.configure()
@@ -282,15 +282,16 @@ def _key(args):
 
 def _compile(disp, sig):
     """Compile ``sig``, recovering from a corrupt on-disk cache by rebuilding it."""
-    try:
-        disp.compile(sig)
-    except TypingError:
-        raise
-    except Exception:  # unreadable cache file: drop the cache and compile afresh
-        cache = getattr(disp, "_cache", None)
-        if cache is not None:
-            _remove_cache_files(cache)
-        disp.compile(sig)
+    with collector_paused():
+        try:
+            disp.compile(sig)
+        except TypingError:
+            raise
+        except Exception:  # unreadable cache file: drop the cache and compile afresh
+            cache = getattr(disp, "_cache", None)
+            if cache is not None:
+                _remove_cache_files(cache)
+            disp.compile(sig)
     return disp.overloads[sig].entry_point
 
 
@@ -448,12 +449,44 @@ def dist(p, q, *, axis, mode, scale, threads):
     return res[()] if res.ndim == 0 else res
 
 
+# Below this many targets they are scanned by NumPy, above by a compiled pass (one read,
+# no temporaries: 0.2-0.7 ms for 2^20 targets where NumPy takes 0.2-4.9 ms).  Small
+# batches then never wait for that pass to compile, a first call's 0.4 s.
+_COMPILED_SCAN_MIN = 1 << 15
+
+
+def scan_targets(tf, c, ignore, w, has_w):
+    """(index of the first of the flat int64 targets ``tf`` that is neither a class in
+    [0, c) nor ``ignore``, or -1; the summed weight ``w`` of the kept targets (their count
+    without ``has_w``), the "mean" denominator)."""
+    if tf.shape[0] >= _COMPILED_SCAN_MIN:
+        return run("targets", False, tf, c, ignore, w, has_w)
+    if tf.shape[0] and 0 <= tf.min() and tf.max() < c and not 0 <= ignore < c:
+        kept = None  # every target a class, none ignored
+    else:
+        kept = tf != ignore
+        bad = kept & ((tf < 0) | (tf >= c))
+        if bad.any():
+            return int(bad.argmax()), 0.0
+    if not has_w:
+        return -1, float(tf.shape[0] if kept is None else np.count_nonzero(kept))
+    if kept is None:
+        return -1, float(np.sum(w[tf], dtype=np.float64))
+    return -1, float(np.sum(w[tf[kept]], dtype=np.float64))
+
+
+def warm_target_scan(dtype):
+    """Compile (or load) the compiled target scan for class weights of ``dtype``."""
+    run("targets", False, np.zeros(1, np.int64), 1, -100, _NO_WEIGHT[np.dtype(dtype).char],
+        False)
+
+
 def check_targets(t, c, ignore, origin=None):
     """Integer host targets as a flat int64 array and the mean's denominator (the
     count of kept targets); an IndexError naming the first that is neither a class
     in [0, c) nor ``ignore``."""
     tf = _inputs.index_targets(t, c, ignore, origin)
-    i, den = run("targets", False, tf, c, ignore, _NO_WEIGHT["d"], False)
+    i, den = scan_targets(tf, c, ignore, _NO_WEIGHT["d"], False)
     if i >= 0:
         raise _inputs.bad_target(t.shape, i, tf[i], c, ignore, origin)
     return tf
@@ -469,8 +502,7 @@ def softmax_cross_entropy(x, targets, *, axis, kind, weight, ignore_index, label
         t = host(targets)
         ignore = ignore_index
         tf = _inputs.index_targets(t, c, ignore)
-        # one compiled pass: the first bad target, and the mean's denominator
-        i, den = run("targets", False, tf, c, ignore, w, has_w)
+        i, den = scan_targets(tf, c, ignore, w, has_w)
         if i >= 0:
             raise _inputs.bad_target(t.shape, i, tf[i], c, ignore)
     else:
