@@ -25,7 +25,7 @@ import os
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic, models, overload, register_model
+from numba.extending import intrinsic, models, register_model
 
 
 def _host_has_avx512():
@@ -359,14 +359,17 @@ def usable(arr):
     return ENABLED and _float_arr(arr)
 
 
-def lanes_of(arr):
+@intrinsic
+def lanes_of(typingctx, arr):
     """The lanes of a vector of ``arr``'s dtype (16 for float32, 8 for float64)."""
+    if not (isinstance(arr, types.Array) and isinstance(arr.dtype, types.Number)):
+        return None
+    lanes = 64 // (arr.dtype.bitwidth // 8)
 
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.intp, lanes)
 
-@overload(lanes_of, jit_options=dict(nogil=True, inline="always"))
-def _lanes_of(arr):
-    n = 64 // (arr.dtype.bitwidth // 8)
-    return lambda arr: n
+    return types.intp(arr), codegen
 
 
 @intrinsic

@@ -17,6 +17,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .eval_rows import eval_row, row_topk
+from .mathfns import imax, imin
 from .reduce import row_logsumexp
 from .row_access import (block_bounds, grad_row, half_work_row, load_row, row_at,
                          store_grad_row, task_bounds, unit_slice, work_row)
@@ -261,7 +262,7 @@ def eval_stats(x, hk, t, lo, count, st, top, nblocks, b):
 
 def bce(p, phk, y, yhk, w, has_w, keep, colblock, out, partial, bad, nblocks, b):
     n, c = p.shape
-    ncb = max(1, (c + colblock - 1) // colblock)
+    ncb = imax(1, (c + colblock - 1) // colblock)
     t_lo, t_hi = block_bounds(b, nblocks, n * ncb)
     for task in range(t_lo, t_hi):
         i, lo, hi = task_bounds(task, ncb, colblock, c)
@@ -291,7 +292,7 @@ def _make_elementwise(task_row, name, want_grad):
     def drv(x, hk, y, yhk, o1, o2, o3, o4, gscale, g, ghk, keep, colblock, out, partial,
             nblocks, b):
         n, c = x.shape
-        ncb = max(1, (c + colblock - 1) // colblock)
+        ncb = imax(1, (c + colblock - 1) // colblock)
         t_lo, t_hi = block_bounds(b, nblocks, n * ncb)
         for task in range(t_lo, t_hi):
             i, lo, hi = task_bounds(task, ncb, colblock, c)
@@ -336,7 +337,7 @@ def targets(t, c, ignore, w, has_w):
         bad = kept and (ti < 0 or ti >= c)
         nbad += bad
         if has_w:
-            den += w[min(max(ti, 0), c - 1)] if kept else 0.0
+            den += w[imin(imax(ti, 0), c - 1)] if kept else 0.0
         else:
             den += 1.0 if kept else 0.0
     if nbad:

@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit
 
 from .jit import INLINE, JIT
-from .mathfns import cast_like, fexp
+from .mathfns import cast_like, fexp, imin
 from .reduce import MAX_CHUNK, seg_max
 
 # Field order of a row's statistics (the driver writes them into a float64 row).
@@ -101,7 +101,7 @@ def eval_row(x, t, lo, count, st):
     best = 0
     nan = False
     for clo in range(0, n, MAX_CHUNK):
-        seg = x[clo:min(clo + MAX_CHUNK, n)]
+        seg = x[clo:imin(clo + MAX_CHUNK, n)]
         cm = seg_max(seg, m)
         if cm != cm:  # a positive NaN: the rest of the row cannot change the answer
             nan = True
@@ -138,7 +138,7 @@ def eval_row(x, t, lo, count, st):
         return
     # the first index of the max lies in the chunk where the max last grew
     am = best
-    seg = x[best:min(best + MAX_CHUNK, n)]
+    seg = x[best:imin(best + MAX_CHUNK, n)]
     for j in range(seg.shape[0]):
         if seg[j] == m:
             am = best + j
@@ -166,7 +166,7 @@ def row_topk(x, out):
     thr = cast_like(-np.inf, x)
     n = x.shape[0]
     for lo in range(0, n, _TOPK_BLOCK):
-        seg = x[lo:min(lo + _TOPK_BLOCK, n)]
+        seg = x[lo:imin(lo + _TOPK_BLOCK, n)]
         bm = seg_max(seg, cast_like(-np.inf, x))
         if not (bm > thr) and bm == bm:
             continue

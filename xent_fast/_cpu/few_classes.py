@@ -6,7 +6,7 @@ from numba import njit
 
 from . import avx512 as _simd
 from .jit import INLINE, KERNEL
-from .mathfns import cast_like, fexp, flog1p, float_key, fmax
+from .mathfns import cast_like, fexp, flog1p, float_key, fmax, imin
 from .reduce import AHEAD, less_one, nll_from
 from .row_access import block_bounds
 from .rows import ce_index_row
@@ -142,7 +142,7 @@ def make_ce_small(C, general, want_grad):
         badv = np.empty(_SB, np.int64)
         gbad = np.empty((_SB, C if want_grad else 0), xf.dtype)
         for r0 in range(0, hi - lo, _SB):
-            nv = min(_SB, hi - lo - r0)
+            nv = imin(_SB, hi - lo - r0)
             xs = xb[r0 * C:(r0 + nv) * C]
             for r in range(nv):
                 tv[r] = tb[r0 + r]

@@ -63,44 +63,85 @@ def fmax(typingctx, a, b):
     return a(a, b), codegen
 
 
+def _int_pick(pred, doc):
+    @intrinsic
+    def pick(typingctx, a, b):
+        if not (isinstance(a, types.Integer) and isinstance(b, types.Integer)):
+            return None
+        ty = typingctx.unify_types(types.unliteral(a), types.unliteral(b))
+        if not isinstance(ty, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            x, y = (context.cast(builder, v, t, ty) for v, t in zip(args, sig.args))
+            cmp = builder.icmp_signed if ty.signed else builder.icmp_unsigned
+            return builder.select(cmp(pred, x, y), x, y)
+
+        return ty(a, b), codegen
+
+    pick.__doc__ = doc
+    return pick
+
+
+# The builtins min and max compile a function of their own per type signature.
+imin = _int_pick("<", "The smaller of two integers (emitted inline, as min() is not).")
+imax = _int_pick(">", "The larger of two integers (emitted inline, as max() is not).")
+
+
 # ---------------------------------------------------------------------------- ordered keys
-def float_key(x):
-    """An integer that orders like the float ``x`` (IEEE bits, negatives flipped).
+# These and cast_like are intrinsics, not overloads: an overload is compiled as a
+# function of its own (Numba's whole pipeline and an LLVM module, 40-90 ms for one
+# line, per type), an intrinsic is a few instructions emitted where it is called.
+_I64 = ir.IntType(64)
+
+
+def _float_bits(x):
+    return x.bitwidth if x in (types.float32, types.float64) else None
+
+
+def _flip_negatives(builder, b, bits):
+    """b ^ ((b >> (bits - 1)) & (2^(bits-1) - 1)) on an int64: an involution that maps a
+    float's IEEE bits (sign-extended) to an integer of the same order."""
+    sign = builder.ashr(b, ir.Constant(_I64, bits - 1))
+    return builder.xor(b, builder.and_(sign, ir.Constant(_I64, (1 << (bits - 1)) - 1)))
+
+
+@intrinsic
+def float_key(typingctx, x):
+    """An integer (int64) that orders like the float ``x`` (IEEE bits, negatives flipped).
 
     Integer max reductions vectorise without any fast-math flag and cost one compare a
     lane; llvm.maxnum's NaN handling made short-row maxima 5-10x slower.  A positive
     NaN orders above +inf, so a row max still comes out NaN for such rows.
     """
-    return x
+    bits = _float_bits(x)
+    if bits is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        b = builder.bitcast(args[0], ir.IntType(bits))
+        if bits < 64:
+            b = builder.sext(b, _I64)
+        return _flip_negatives(builder, b, bits)
+
+    return types.int64(x), codegen
 
 
-@overload(float_key, jit_options=_JIT)
-def _float_key_overload(x):
-    if x == types.float32:
-        def impl(x):
-            b = np.int64(f32_as_i32(x))
-            return b ^ ((b >> 31) & 0x7FFFFFFF)
-        return impl
-    if x == types.float64:
-        def impl(x):
-            b = f64_as_i64(x)
-            return b ^ ((b >> 63) & 0x7FFFFFFFFFFFFFFF)
-        return impl
-    return None
-
-
-def key_float(k, like):
+@intrinsic
+def key_float(typingctx, k, like):
     """The float (of ``like``'s type) whose :func:`float_key` is ``k``."""
-    return like
+    bits = _float_bits(like)
+    if bits is None or not isinstance(k, types.Integer):
+        return None
 
+    def codegen(context, builder, sig, args):
+        b = _flip_negatives(builder, context.cast(builder, args[0], sig.args[0], types.int64),
+                            bits)
+        if bits < 64:
+            b = builder.trunc(b, ir.IntType(bits))
+        return builder.bitcast(b, context.get_value_type(sig.return_type))
 
-@overload(key_float, jit_options=_JIT)
-def _key_float_overload(k, like):
-    if like == types.float32:
-        return lambda k, like: i32_as_f32(np.int32(k ^ ((k >> 31) & 0x7FFFFFFF)))
-    if like == types.float64:
-        return lambda k, like: i64_as_f64(k ^ ((k >> 63) & 0x7FFFFFFFFFFFFFFF))
-    return None
+    return like(k, like), codegen
 
 
 # ---------------------------------------------------------------------------- exp
@@ -278,19 +319,21 @@ def _flog_overload(x):
     return None
 
 
-def cast_like(v, arr):
+@intrinsic
+def cast_like(typingctx, v, arr):
     """v converted to the element type of the array (or scalar) ``arr``.
 
     Numba widens float32 op int-or-float literal to float64; constants go through this
     to stay in the row's precision.
     """
-    return v
+    dt = types.unliteral(getattr(arr, "dtype", arr))
+    if not (isinstance(v, (types.Number, types.Boolean)) and isinstance(dt, types.Number)):
+        return None
 
+    def codegen(context, builder, sig, args):
+        return context.cast(builder, args[0], sig.args[0], sig.return_type)
 
-@overload(cast_like, jit_options=_JIT)
-def _cast_like_overload(v, arr):
-    dt = getattr(arr, "dtype", arr)
-    return lambda v, arr: dt(v)
+    return dt(types.unliteral(v), arr), codegen
 
 
 @njit(**_JIT)

@@ -13,7 +13,7 @@ from numba import njit
 from numba.extending import overload
 
 from . import avx512 as _simd
-from .mathfns import cast_like, fexp, float_key, key_float
+from .mathfns import cast_like, fexp, float_key, imin, key_float
 from .formulas import nll_from as _nll_from
 from .jit import EXACT_JIT, INLINE, JIT, ORDERED_JIT
 
@@ -183,7 +183,7 @@ def _row_max_sumexp_scalar(x):
         return m, float(_seg_sumexp(x, m))
     total = 0.0
     for lo in range(0, n, MAX_CHUNK):
-        seg = x[lo:min(lo + MAX_CHUNK, n)]
+        seg = x[lo:imin(lo + MAX_CHUNK, n)]
         cm = seg_max(seg, m)
         if cm != cm:  # a NaN ordered above +inf: the row's answer is NaN
             return cm, np.nan
@@ -234,7 +234,7 @@ def row_max_sumexp_simd(x):
     ahead = AHEAD * lanes
     two = 2 * lanes
     for lo in range(0, nv, step):
-        hi = min(lo + step, nv)
+        hi = imin(lo + step, nv)
         # Two accumulators each for the max and the sum: one chain of dependent
         # max or add instructions left half the pipes idle.
         cm = M
@@ -298,7 +298,7 @@ def row_exp_store(x, m, out):
         return float(_seg_exp_store(x, m, out))
     total = 0.0
     for lo in range(0, n, CHUNK):
-        hi = min(lo + CHUNK, n)
+        hi = imin(lo + CHUNK, n)
         total += _seg_exp_store(x[lo:hi], m, out[lo:hi])
     return total
 
@@ -360,7 +360,7 @@ def log_mass_split(x, m):
     n = x.shape[0]
     rest = 0.0
     for lo in range(0, n, CHUNK):
-        rest += _seg_rest(x[lo:min(lo + CHUNK, n)], m)
+        rest += _seg_rest(x[lo:imin(lo + CHUNK, n)], m)
     return math.log1p(rest)
 
 
@@ -372,7 +372,7 @@ def log_mass_split_exps(e):
     one = cast_like(1.0, e)
     zero = one - one
     for lo in range(0, n, CHUNK):
-        seg = e[lo:min(lo + CHUNK, n)]
+        seg = e[lo:imin(lo + CHUNK, n)]
         s = zero
         for j in range(seg.shape[0]):
             v = seg[j]
@@ -433,7 +433,7 @@ def row_split_exps(e):
     k = 0
     rest = 0.0
     for lo in range(0, n, CHUNK):
-        seg = e[lo:min(lo + CHUNK, n)]
+        seg = e[lo:imin(lo + CHUNK, n)]
         s = zero
         for j in range(seg.shape[0]):
             v = seg[j]
@@ -454,7 +454,7 @@ def row_split_scaled(x, m, it):
     k = 0
     rest = 0.0
     for lo in range(0, n, CHUNK):
-        seg = x[lo:min(lo + CHUNK, n)]
+        seg = x[lo:imin(lo + CHUNK, n)]
         s = zero
         for j in range(seg.shape[0]):
             d = shift_scale(seg[j], m, it)
@@ -476,7 +476,7 @@ def row_split_times(x, m, it):
     k = 0
     rest = 0.0
     for lo in range(0, n, CHUNK):
-        seg = x[lo:min(lo + CHUNK, n)]
+        seg = x[lo:imin(lo + CHUNK, n)]
         s = zero
         for j in range(seg.shape[0]):
             v = seg[j] * it

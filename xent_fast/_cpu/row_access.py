@@ -10,53 +10,94 @@ half format a uint16 array holds: 1 for float16, 2 for bfloat16 (0 for none).
 import numpy as np
 from numba import njit, types
 from numba.core import cgutils
-from numba.core.imputils import impl_ret_borrowed
+from numba.core.imputils import impl_ret_borrowed, impl_ret_new_ref
 from numba.extending import intrinsic, overload
 
 from .jit import JIT
-from .mathfns import bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits
+from .mathfns import bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits, imin
 
 HK_NONE, HK_F16, HK_BF16 = 0, 1, 2
 
 
-def work_row(x, n):
-    """An uninitialised row of ``n`` values in the compute dtype of ``x``."""
+# work_row, half_work_row and unit_row are intrinsics: as overloads each was compiled
+# as a function of its own per type (Numba's whole pipeline and an LLVM module for a
+# line), and np.empty three more (its overload, the array allocator and its
+# trampoline), a quarter second of a cold first call.
+def _new_row(context, builder, dtype, n):
+    """A new 'C' row of ``n`` (an intp value) uninitialised ``dtype`` values, as np.empty
+    allocates it, with a MemoryError where the allocation fails."""
+    from numba.np.arrayobj import populate_array
+
+    arrty = types.Array(dtype, 1, "C")
+    ary = context.make_array(arrty)(context, builder)
+    itemsize = context.get_constant(types.intp,
+                                    context.get_abi_sizeof(context.get_data_type(dtype)))
+    meminfo = context.nrt.meminfo_alloc_aligned(
+        builder, builder.mul(n, itemsize), context.get_preferred_array_alignment(dtype))
+    with cgutils.if_unlikely(builder, cgutils.is_null(builder, meminfo)):
+        context.call_conv.return_user_exc(builder, MemoryError, ("cannot allocate a work row",))
+    data = context.nrt.meminfo_data(builder, meminfo)
+    populate_array(ary, data=builder.bitcast(data, ary.data.type), shape=[n],
+                   strides=[itemsize], itemsize=itemsize, meminfo=meminfo)
+    return impl_ret_new_ref(context, builder, arrty, ary._getvalue())
 
 
-@overload(work_row, jit_options=JIT)
-def _work_row(x, n):
-    dt = types.float32 if x.dtype in (types.uint16, types.float32) else types.float64
-    return lambda x, n: np.empty(n, dt)
-
-
-def half_work_row(x, n):
-    """A work row of ``n`` float32 values when ``x`` holds half floats, else an empty one."""
-
-
-@overload(half_work_row, jit_options=JIT)
-def _half_work_row(x, n):
-    if x.dtype == types.uint16:
-        return lambda x, n: np.empty(n, np.float32)
-    dt = x.dtype
-    return lambda x, n: np.empty(0, dt)
+def _row_request(x, n):
+    return isinstance(x, types.Array) and isinstance(n, types.Integer)
 
 
 @intrinsic
-def _as_unit_stride(typingctx, row):
-    """The same 1-D row typed as contiguous: the API passes rows of any row stride but
-    unit element stride, and loops over an 'A'-layout row do not vectorise."""
+def work_row(typingctx, x, n):
+    """An uninitialised row of ``n`` values in the compute dtype of ``x``."""
+    if not _row_request(x, n):
+        return None
+    dt = types.float32 if x.dtype in (types.uint16, types.float32) else types.float64
+
+    def codegen(context, builder, sig, args):
+        return _new_row(context, builder, dt,
+                        context.cast(builder, args[1], sig.args[1], types.intp))
+
+    return types.Array(dt, 1, "C")(x, n), codegen
+
+
+@intrinsic
+def half_work_row(typingctx, x, n):
+    """A work row of ``n`` float32 values when ``x`` holds half floats, else an empty one
+    of ``x``'s dtype."""
+    if not _row_request(x, n):
+        return None
+    half = x.dtype == types.uint16
+    dt = types.float32 if half else x.dtype
+
+    def codegen(context, builder, sig, args):
+        n = (context.cast(builder, args[1], sig.args[1], types.intp) if half
+             else context.get_constant(types.intp, 0))
+        return _new_row(context, builder, dt, n)
+
+    return types.Array(dt, 1, "C")(x, n), codegen
+
+
+@intrinsic
+def unit_row(typingctx, row):
+    """A 1-D row of a kernel array (unit element stride by the API's contract) typed as
+    'C': the API passes rows of any row stride but unit element stride, and loops over
+    an 'A'-layout row do not vectorise."""
     if not isinstance(row, types.Array) or row.ndim != 1:
         return None
     ret = row.copy(layout="C")
 
     def codegen(context, builder, sig, args):
-        src = context.make_array(sig.args[0])(context, builder, args[0])
-        dst = context.make_array(ret)(context, builder)
-        for field in ("meminfo", "parent", "nitems", "itemsize", "data", "shape", "strides"):
-            setattr(dst, field, getattr(src, field))
-        return impl_ret_borrowed(context, builder, ret, dst._getvalue())
+        return _as_c(context, builder, sig.args[0], ret, args[0])
 
     return ret(row), codegen
+
+
+def _as_c(context, builder, fromty, toty, row):
+    src = context.make_array(fromty)(context, builder, row)
+    dst = context.make_array(toty)(context, builder)
+    for field in ("meminfo", "parent", "nitems", "itemsize", "data", "shape", "strides"):
+        setattr(dst, field, getattr(src, field))
+    return impl_ret_borrowed(context, builder, toty, dst._getvalue())
 
 
 @intrinsic
@@ -86,17 +127,6 @@ def row_at(typingctx, x, i):
     return ret(x, i), codegen
 
 
-def unit_row(row):
-    """A row of a kernel array (unit element stride by the API's contract) as 'C'."""
-
-
-@overload(unit_row, jit_options=JIT)
-def _unit_row(row):
-    if row.layout == "C":
-        return lambda row: row
-    return lambda row: _as_unit_stride(row)
-
-
 def unit_slice(a2, i, lo, hi, on):
     """``a2[i, lo:hi]`` as a unit-stride row (empty unless ``on``): itself where ``a2`` is
     C-contiguous, else a copy.  Weights broadcast over the input (a per-class weight
@@ -119,55 +149,90 @@ def _unit_slice(a2, i, lo, hi, on):
     return copy
 
 
-def load_row(xrow, work, hk):
-    """The row as compute-dtype floats: itself, or widened into ``work``."""
+# load_row, grad_row and store_grad_row are intrinsics too: for float rows they are
+# no code at all (a retyped or the same row, nothing to store); only half rows compile
+# their widening and narrowing loops, as functions of their own.
+def _widen(xrow, work, hk):
+    xrow = unit_row(xrow)
+    n = xrow.shape[0]
+    out = work[:n]
+    if hk == HK_F16:
+        for j in range(n):
+            out[j] = f16_bits_to_f32(xrow[j])
+    else:
+        for j in range(n):
+            out[j] = bf16_bits_to_f32(xrow[j])
+    return out
 
 
-@overload(load_row, jit_options=JIT)
-def _load_row(xrow, work, hk):
-    if xrow.dtype == types.uint16:
-        def impl(xrow, work, hk):
-            xrow = unit_row(xrow)
-            n = xrow.shape[0]
-            out = work[:n]
-            if hk == HK_F16:
-                for j in range(n):
-                    out[j] = f16_bits_to_f32(xrow[j])
-            else:
-                for j in range(n):
-                    out[j] = bf16_bits_to_f32(xrow[j])
-            return out
-        return impl
-    return lambda xrow, work, hk: unit_row(xrow)
+def _narrow(grow, gr, hk):
+    if hk == HK_F16:
+        for j in range(grow.shape[0]):
+            grow[j] = f32_to_f16_bits(gr[j])
+    else:
+        for j in range(grow.shape[0]):
+            grow[j] = f32_to_bf16_bits(gr[j])
 
 
-def grad_row(grow, work):
+def _row_args(row, work):
+    return (isinstance(row, types.Array) and row.ndim == 1 and isinstance(work, types.Array)
+            and work.ndim == 1 and work.layout == "C")
+
+
+@intrinsic
+def load_row(typingctx, xrow, work, hk):
+    """The row as compute-dtype floats: itself (typed 'C'), or widened into ``work``."""
+    if not (_row_args(xrow, work) and isinstance(hk, types.Integer)):
+        return None
+    half = xrow.dtype == types.uint16
+    ret = work if half else xrow.copy(layout="C")
+
+    def codegen(context, builder, sig, args):
+        if half:
+            return context.compile_internal(builder, _widen, sig, args)
+        return _as_c(context, builder, sig.args[0], ret, args[0])
+
+    return ret(xrow, work, hk), codegen
+
+
+@intrinsic
+def grad_row(typingctx, grow, work):
     """Where to compute a gradient row: in place, or in a float32 work row for halves."""
+    if not _row_args(grow, work):
+        return None
+    half = grow.dtype == types.uint16
+    ret = work if half else grow
+
+    def codegen(context, builder, sig, args):
+        if not half:
+            return impl_ret_borrowed(context, builder, ret, args[0])
+        from numba.np.arrayobj import populate_array  # as in row_at
+
+        g = context.make_array(sig.args[0])(context, builder, args[0])
+        w = context.make_array(sig.args[1])(context, builder, args[1])
+        out = context.make_array(ret)(context, builder)
+        n, room = (cgutils.unpack_tuple(builder, a.shape, 1)[0] for a in (g, w))
+        n = builder.select(builder.icmp_signed("<", n, room), n, room)  # as work[:n]
+        populate_array(out, data=w.data, shape=[n], strides=[w.itemsize], itemsize=w.itemsize,
+                       meminfo=w.meminfo)
+        return impl_ret_borrowed(context, builder, ret, out._getvalue())
+
+    return ret(grow, work), codegen
 
 
-@overload(grad_row, jit_options=JIT)
-def _grad_row(grow, work):
-    if grow.dtype == types.uint16:
-        return lambda grow, work: work[:grow.shape[0]]
-    return lambda grow, work: grow
-
-
-def store_grad_row(grow, gr, hk):
+@intrinsic
+def store_grad_row(typingctx, grow, gr, hk):
     """Narrow a float32 gradient row into half storage (no-op for float storage)."""
+    if not (_row_args(grow, gr) and isinstance(hk, types.Integer)):
+        return None
+    half = grow.dtype == types.uint16
 
+    def codegen(context, builder, sig, args):
+        if half:
+            context.compile_internal(builder, _narrow, sig, args)
+        return context.get_dummy_value()
 
-@overload(store_grad_row, jit_options=JIT)
-def _store_grad_row(grow, gr, hk):
-    if grow.dtype == types.uint16:
-        def impl(grow, gr, hk):
-            if hk == HK_F16:
-                for j in range(grow.shape[0]):
-                    grow[j] = f32_to_f16_bits(gr[j])
-            else:
-                for j in range(grow.shape[0]):
-                    grow[j] = f32_to_bf16_bits(gr[j])
-        return impl
-    return lambda grow, gr, hk: None
+    return types.none(grow, gr, hk), codegen
 
 
 @njit(**JIT)
@@ -179,4 +244,4 @@ def block_bounds(b, nblocks, n):
 def task_bounds(task, ncb, colblock, c):
     """Row and column range of elementwise task ``task`` (``ncb`` column blocks a row)."""
     lo = (task % ncb) * colblock
-    return task // ncb, lo, min(lo + colblock, c)
+    return task // ncb, lo, imin(lo + colblock, c)

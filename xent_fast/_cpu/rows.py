@@ -18,7 +18,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from . import avx512 as _simd
-from .mathfns import cast_like, fexp, flog, flog1p, fmax
+from .mathfns import cast_like, fexp, flog, flog1p, fmax, imin
 from .formulas import (bce_logits_grad, bce_logits_loss, ce_grad_scale, ce_index_grad_terms,
                        ce_index_loss, ce_index_mass, ce_prob_loss, kl_finish,
                        kl_finish_logs, kl_grad_scales, log_split, nll_from)
@@ -64,7 +64,7 @@ def _row_dot_about(w, has_w, y, pivot):
     n = y.shape[0]
     total = 0.0
     for lo in range(0, n, CHUNK):
-        hi = min(lo + CHUNK, n)
+        hi = imin(lo + CHUNK, n)
         sy = y[lo:hi]
         s = 0.0
         if has_w:
@@ -232,7 +232,7 @@ def row_sum(y):
     n = y.shape[0]
     total = 0.0
     for lo in range(0, n, CHUNK):
-        seg = y[lo:min(lo + CHUNK, n)]
+        seg = y[lo:imin(lo + CHUNK, n)]
         s = cast_like(0.0, seg)
         for j in range(seg.shape[0]):
             s += seg[j]
@@ -273,7 +273,7 @@ def ce_prob_row(y, p, w, has_w, eps, z, gr, want_grad, gscale):
     a_tot = 0.0
     ay = 0.0
     for lo in range(0, C, CHUNK):
-        hi = min(lo + CHUNK, C)
+        hi = imin(lo + CHUNK, C)
         sy = y[lo:hi]
         sp = p[lo:hi]
         sa = zero
@@ -406,7 +406,7 @@ def _kl_one_pass_simd(x, xt, it):
     step = SIMD_CHUNK * lanes
     ahead = AHEAD * lanes
     for lo in range(0, nv, step):
-        hi = min(lo + step, nv)
+        hi = imin(lo + step, nv)
         tail = hi == nv and nv < n  # the last lanes, as a vector ending at n
         cs = Ms
         ct = Mt
@@ -518,7 +518,7 @@ def kl_logits_row(x, xt, inv_t, gr, want_grad, gscale):
     ss = 0.0
     d = 0.0
     for lo in range(0, C, CHUNK):
-        hi = min(lo + CHUNK, C)
+        hi = imin(lo + CHUNK, C)
         sx = x[lo:hi]
         sxt = xt[lo:hi]
         a = zero
@@ -580,7 +580,7 @@ def _jsd_exps(x, mx, xt, mxt, it, e, f):
     ss = 0.0
     st = 0.0
     for lo in range(0, C, CHUNK):
-        hi = min(lo + CHUNK, C)
+        hi = imin(lo + CHUNK, C)
         sx = x[lo:hi]
         sxt = xt[lo:hi]
         se = e[lo:hi]
@@ -616,7 +616,7 @@ def _jsd_terms(x, mx, lq0, iq, xt, mxt, lp0, ip, it, bc, lb, l1b, mode, e, f, wa
     ta = 0.0
     tb = 0.0
     for lo in range(0, C, CHUNK):
-        hi = min(lo + CHUNK, C)
+        hi = imin(lo + CHUNK, C)
         sx = x[lo:hi]
         sxt = xt[lo:hi]
         se = e[lo:hi]
@@ -721,7 +721,7 @@ def _scaled_sumexp(x, mx, it):
     C = x.shape[0]
     s = 0.0
     for lo in range(0, C, CHUNK):
-        sx = x[lo:min(lo + CHUNK, C)]
+        sx = x[lo:imin(lo + CHUNK, C)]
         a = cast_like(0.0, x)
         for j in range(sx.shape[0]):
             a += fexp(shift_scale(sx[j], mx, it))
@@ -831,7 +831,7 @@ def dist_row(p, q, mode):
     two = cast_like(2.0, p)
     one = cast_like(1.0, p)
     for lo in range(0, n, CHUNK):
-        hi = min(lo + CHUNK, n)
+        hi = imin(lo + CHUNK, n)
         sp = p[lo:hi]
         sq = q[lo:hi]
         s = zero
