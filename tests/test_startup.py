@@ -72,6 +72,35 @@ def test_cached_kernels_load_without_readying_the_compiler(tmp_path):
     assert warm == ["False False True", "True", "True"]
 
 
+def test_every_operation_loads_from_the_cache_in_a_new_process(tmp_path):
+    """Each public operation (loss and gradient) compiled in one process is loaded, not
+    compiled again, in the next: the elementwise drivers, whose closures hold a jitted
+    row function, were keyed by a pickle that changed with every process."""
+    probe = """
+        import numpy as np, xent_fast as xf
+        from numba.core import event
+        from xent_fast import _ops
+        compiled = []
+        class Listen(event.Listener):
+            def on_start(self, ev):
+                compiled.append(ev.data["dispatcher"].py_func.__qualname__)
+            def on_end(self, ev):
+                pass
+        event.register("numba:compile", Listen())
+        for op in _ops.OPS:
+            d = op.make_inputs(3, 40)
+            op.call(xf, d, backend="cpu")
+            if op.grad:
+                op.call(xf, d, backend="cpu", return_grad=True)
+        print(len(compiled) > 0, sorted({n for n in compiled if "_serial_" in n}))
+    """
+    env = {"NUMBA_CACHE_DIR": str(tmp_path)}
+    cold = _run(probe, env)
+    assert cold[-1].startswith("True [") and "bce_logits" in cold[-1]
+    warm = _run(probe, env)
+    assert warm[-1] == "False []"
+
+
 def test_cache_entries_keep_only_the_names_of_the_linking_module(tmp_path):
     """A cached driver carries its machine code and, where Numba keeps the function's
     LLVM module for inlining elsewhere, only empty functions of the names it defines

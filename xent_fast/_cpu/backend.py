@@ -180,11 +180,40 @@ def _light_cache_load(disp):
         return found
 
     cache.load_overload = load_overload
+    _stable_index_key(cache)
     impl = getattr(cache, "_impl", None)
     if impl is not None and hasattr(impl, "reduce"):
         numba_reduce = impl.reduce
         impl.reduce = lambda cres: _symbols_only(numba_reduce(cres))
     return disp
+
+
+def _stable_index_key(cache):
+    """Key ``cache``'s entries by the names of the jitted functions in the driver's
+    closure, not by their pickles.
+
+    Numba keys an entry by the driver's bytecode and a pickle of its closure; a jitted
+    function's pickle carries an id drawn afresh in every process, so a driver built
+    around one (the elementwise drivers take their row function so) was never found
+    again: compiled in every process, 1.2 s of each warm start.  The cache names carry
+    the digest of every kernel source, so the name of a jitted function stands for its
+    code.  Other closures keep Numba's key.
+    """
+    from numba.core.dispatcher import Dispatcher
+
+    func = getattr(cache, "_py_func", None)
+    cells = getattr(func, "__closure__", None) or ()
+    values = [cell.cell_contents for cell in cells]
+    if not any(isinstance(v, Dispatcher) for v in values) or not hasattr(cache, "_index_key"):
+        return
+    names = repr(tuple((v.py_func.__module__, v.py_func.__qualname__)
+                       if isinstance(v, Dispatcher) else v for v in values)).encode()
+
+    def index_key(sig, codegen):
+        return (sig, codegen.magic_tuple(), (hashlib.sha256(func.__code__.co_code).hexdigest(),
+                                             hashlib.sha256(names).hexdigest()))
+
+    cache._index_key = index_key
 
 
 def _symbols_only(data):
