@@ -192,6 +192,44 @@ def test_one_line_helpers_are_emitted_inline_not_compiled_apart(tmp_path):
         assert helper not in compiled, (helper, compiled)
 
 
+def test_only_a_gradient_large_enough_to_stream_compiles_the_streaming_path(tmp_path):
+    """A gradient below drivers._STREAM_BYTES runs the variant without the streaming
+    path (nor the one-pass forward it follows); a larger one the variant with it, and
+    both give the same numbers (to rounding: the streamed rows' exps are computed once
+    more, from the one-pass max)."""
+    out = _run("""
+        import numpy as np, xent_fast as xf
+        from numba.core import event
+        from xent_fast._cpu import backend, drivers
+        compiled = []
+        class Listen(event.Listener):
+            def on_start(self, ev):
+                compiled.append(ev.data["dispatcher"].py_func.__qualname__)
+            def on_end(self, ev):
+                pass
+        event.register("numba:compile", Listen())
+        c = 1000
+        n = drivers._STREAM_BYTES // (4 * c) + 1
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((n, c), dtype=np.float32)
+        t = rng.integers(0, c, n)
+        l1, g1 = xf.softmax_cross_entropy(x[:8], t[:8], return_grad=True, backend="cpu")
+        print(sorted({k[0] for k in backend._dispatchers}),
+              any("stream" in f or "sumexp" in f for f in compiled))
+        l2, g2 = xf.softmax_cross_entropy(x, t, return_grad=True, reduction="sum",
+                                          backend="cpu")
+        print(sorted({k[0] for k in backend._dispatchers}),
+              any("_ce_grad_stream" in f for f in compiled))
+        l3, g3 = xf.softmax_cross_entropy(x[:8], t[:8], return_grad=True, reduction="sum",
+                                          backend="cpu")
+        print(np.allclose(g2[:8], g3, rtol=1e-5, atol=1e-9), abs(float(l2) - float(xf.softmax_cross_entropy(
+            x, t, reduction="sum", backend="cpu"))) <= 1e-6 * abs(float(l2)))
+    """, {"NUMBA_CACHE_DIR": str(tmp_path)})
+    assert out[0] == "['ce_index_grad'] False"
+    assert out[1] == "['ce_index_grad', 'ce_index_grad_stream'] True"
+    assert out[2] == "True True"
+
+
 def test_a_compile_leaves_the_garbage_collector_as_it_found_it():
     out = _run("""
         import gc
@@ -315,6 +353,22 @@ def test_warmup_of_named_functions_covers_their_kernels_only():
         print(made, names, backend.kernels_ready() == made, again)
     """)
     assert out == ["1 ['bce'] True 0"]
+    # a loss's warmup covers the kernels of large calls too: the compiled target scan
+    # and the gradient that streams, which a small first call does not build
+    out = _run("""
+        import numpy as np, xent_fast as xf
+        from xent_fast._cpu import backend
+        xf.warmup(["float32"], ["cpu"], 1, functions=["softmax_cross_entropy"])
+        names = sorted({k[0] for k in backend._entry_points})
+        ready = backend.kernels_ready()
+        c = 1000
+        n = (1 << 25) // (4 * c) + 1
+        x = np.zeros((n, c), np.float32)
+        xf.softmax_cross_entropy(x, np.arange(n) % c, return_grad=True, backend="cpu")
+        print(names, backend.kernels_ready() == ready)
+    """)
+    assert out == ["['ce_index', 'ce_index_grad', 'ce_index_grad_stream', 'ce_prob', "
+                   "'ce_prob_grad', 'targets'] True"]
 
 
 def test_warmup_builds_the_few_classes_kernels_of_the_counts_named():

@@ -148,6 +148,9 @@ def _warm(kinds, dtypes, backends, grad=True):
                 op.call(xf, d, backend=be)
                 if op.grad and grad:
                     op.call(xf, d, backend=be, return_grad=True)
+                if op.kind == "ce" and grad:  # and the variant of gradients that stream
+                    with _dispatch.cpu().streaming_forced():
+                        op.call(xf, d, backend=be, return_grad=True)
             if be == backends[0]:
                 for scan in _target_scans(kinds, dt):
                     _dispatch.cpu().warm_target_scan(scan)

@@ -9,6 +9,7 @@ for both.  Inputs are typed read-only whatever their flag, so one machine-code v
 serves writable and read-only arrays.
 """
 
+import contextlib
 import hashlib
 import math
 import os
@@ -51,6 +52,8 @@ for _name, _outs in (("ce_index", {"g", "loss"}), ("ce_prob", {"g", "loss"}),
     for _grad in (False, True):
         _DRIVERS[_name + ("_grad" if _grad else "")] = (
             getattr(drivers, "make_" + _name)(_grad), _outs)
+# The gradient that streams out (large ones only): the variant with the streaming path.
+_DRIVERS["ce_index_grad_stream"] = (drivers.make_ce_index(True, True), {"g", "loss"})
 
 _lock = threading.Lock()
 _dispatchers = {}
@@ -69,7 +72,10 @@ def _driver(name):
 
 def _family(name):
     """A driver's name without its gradient variant's suffix."""
-    return name[:-5] if name.endswith("_grad") else name
+    for suffix in ("_grad", "_grad_stream"):
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return name
 
 
 def _blocked(func):
@@ -504,6 +510,21 @@ def scan_targets(tf, c, ignore, w, has_w):
     return -1, float(np.sum(w[tf[kept]], dtype=np.float64))
 
 
+_streaming_forced = False
+
+
+@contextlib.contextmanager
+def streaming_forced():
+    """Index-target gradients run the streaming variant of their driver, whatever their
+    size (for warmup: a small call then builds the kernel a large one runs)."""
+    global _streaming_forced
+    _streaming_forced = True
+    try:
+        yield
+    finally:
+        _streaming_forced = False
+
+
 def warm_target_scan(dtype):
     """Compile (or load) the compiled target scan for class weights of ``dtype``."""
     run("targets", False, np.zeros(1, np.int64), 1, -100, _NO_WEIGHT[np.dtype(dtype).char],
@@ -561,8 +582,11 @@ def softmax_cross_entropy(x, targets, *, axis, kind, weight, ignore_index, label
         run(small_name(c, general, want_grad), threads, rows, tf, w, wsum, eps, z, ignore,
             gscale, g2, loss, nb)
     elif kind == "index":
-        run(_grad_variant("ce_index", want_grad), threads, rows, x.hk, tf, w, has_w, wsum, eps,
-            z, cap, ignore, gscale, g2, x.hk, loss, nb)
+        name = _grad_variant("ce_index", want_grad)
+        if want_grad and (_streaming_forced or drivers.streams(cap, x.hk, g2)):
+            name += "_stream"
+        run(name, threads, rows, x.hk, tf, w, has_w, wsum, eps, z, cap, ignore, gscale, g2,
+            x.hk, loss, nb)
     else:
         run(_grad_variant("ce_prob", want_grad), threads, rows, x.hk, trows, t.hk, w, has_w,
             eps, z, cap, gscale, g2, x.hk, loss, nb)

@@ -59,15 +59,15 @@ def parallel_blocks(kernel, args):
         call_block(kernel, args, np.int64(b))
 
 
-def _variant(drv, want_grad):
+def _variant(drv, want_grad, stream=False):
     """Name a driver built by a ``make_*`` factory after its variant.
 
     Drivers that can write a gradient are built twice, with ``want_grad`` a constant
     of the closure: Numba then drops the branch that is not taken before typing it, so
     that a forward call never compiles the gradient code, and the cache keeps the two
-    apart by name."""
-    if want_grad:
-        drv.__name__ = drv.__qualname__ = drv.__name__ + "_grad"
+    apart by name.  ``stream``: the variant for gradients large enough to stream."""
+    suffix = ("_grad" if want_grad else "") + ("_stream" if stream else "")
+    drv.__name__ = drv.__qualname__ = drv.__name__ + suffix
     return drv
 
 
@@ -103,16 +103,22 @@ def dist(p, phk, q, qhk, mode, out, bad, nblocks, b):
         out[i] = dist_row(pr, qr, mode) if k < 0 else np.nan
 
 
-def make_ce_index(want_grad):
-    """The ce_index driver with ``want_grad`` a compile-time constant."""
+def streams(cap, ghk, g):
+    """Does a gradient ``g`` go out with non-temporal stores (see rows._ce_grad_stream)?
+    Only where it is the output itself and larger than the caches: a smaller one is
+    better left in cache for whatever reads it next."""
+    return cap == 0 and ghk == 0 and g.size * g.itemsize >= _STREAM_BYTES
+
+
+def make_ce_index(want_grad, stream=False):
+    """The ce_index driver with ``want_grad`` a compile-time constant.  ``stream``: the
+    gradient variant that may stream (the backend runs it where :func:`streams`); the
+    others do not compile the streaming path (nor the one-pass forward it follows)."""
 
     def ce_index(x, hk, t, w, has_w, wsum, eps, z, cap, ignore, gscale, g, ghk, loss,
                  nblocks, b):
         n, c = x.shape
-        # Non-temporal gradient stores (see rows._ce_grad_stream) only where the gradient
-        # is the output itself and larger than the caches: a smaller one is better left in
-        # cache for whatever reads it next.
-        stream = cap == 0 and ghk == 0 and g.size * g.itemsize >= _STREAM_BYTES
+        big = stream and cap == 0 and ghk == 0 and g.size * g.itemsize >= _STREAM_BYTES
         lo, hi = block_bounds(b, nblocks, n)
         work = work_row(x, c) if cap > 0 else half_work_row(x, c)
         gwork = half_work_row(g, c if want_grad else 0)
@@ -132,14 +138,18 @@ def make_ce_index(want_grad):
                 y = work
             if want_grad:
                 gr = grad_row(row_at(g, i), gwork)
-                loss[i] = ce_index_row(y, ti, w, has_w, wsum, eps, z, gr, True, gscale,
-                                       stream)
+                if stream:
+                    loss[i] = ce_index_row(y, ti, w, has_w, wsum, eps, z, gr, True, gscale,
+                                           big)
+                else:
+                    loss[i] = ce_index_row(y, ti, w, has_w, wsum, eps, z, gr, True, gscale,
+                                           False)
                 if cap > 0:
                     softcap_grad_row(y, cap, gr)
                 store_grad_row(row_at(g, i), gr, ghk)
             else:
                 loss[i] = ce_index_row(y, ti, w, has_w, wsum, eps, z, gwork, False, gscale)
-    return _variant(ce_index, want_grad)
+    return _variant(ce_index, want_grad, stream)
 
 
 def make_ce_prob(want_grad):

@@ -186,8 +186,15 @@ def ce_index_row(y, t, w, has_w, wsum, eps, z, gr, want_grad, gscale, stream=Fal
         wy = _row_dot_about(w, has_w, y, pivot)
     # ``stream``: ``gr`` is the caller's output row, not read again here; then the
     # gradient is written in one pass after a one-pass forward (see _ce_grad_stream).
-    fast = stream and want_grad and not has_w and _streams(y, gr) and C >= 64
-    m, s, ls, lse = _row_max_lse(y, gr, want_grad and not fast)
+    # (a literal False ``stream`` drops the streaming code before typing: see
+    # drivers.make_ce_index)
+    fast = False
+    if stream:
+        fast = want_grad and not has_w and _streams(y, gr) and C >= 64
+    if fast:
+        m, s, ls, lse = _row_max_lse(y, gr, False)
+    else:
+        m, s, ls, lse = _row_max_lse(y, gr, want_grad)
     # lse - y_t as log(s) - (y_t - m): exact even where lse and y_t are ~1e38
     fm = float(m)
     finite = m != np.inf and m != -np.inf
