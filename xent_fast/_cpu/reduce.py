@@ -207,7 +207,7 @@ def _row_max_sumexp_scalar(x):
 # -inf element needs no test (it adds exp(-inf) = 0); only an all -inf row ends with
 # a zero sum, and a NaN anywhere makes the sum NaN.
 SIMD_CHUNK = 16
-SIMD_ONE_PASS_MIN = 256  # below: a max pass, then the exps from L1
+SIMD_ONE_PASS_MIN = 256  # below: a max pass, then the exps from L1 (<= MAX_CHUNK)
 # The vector loops that stream rows from memory prefetch this many vectors (8 KB)
 # ahead: the hardware prefetcher alone left them waiting on memory between chunks.
 # logsumexp 4096 x 32000 float32: 18.6 -> 14.6 ms on one core, 11.8 -> 10.9 ms on 2
@@ -221,10 +221,21 @@ def vrescale(S, M, cm):
 
 
 @njit(**INLINE)
+def _short_max_sumexp_simd(x):
+    """_row_max_sumexp_scalar for a row of one chunk (n <= MAX_CHUNK) where the vector
+    loops apply: the same operations, without the chunked branch nor the overload
+    that picks the vector sum (each was compiled apart for every forward kernel)."""
+    m = seg_max(x, cast_like(-np.inf, x))
+    if m == np.inf or m == -np.inf:
+        return m, 0.0
+    return m, float(_seg_sumexp_simd(x, m))
+
+
+@njit(**INLINE)
 def row_max_sumexp_simd(x):
     n = x.shape[0]
     if n < SIMD_ONE_PASS_MIN:  # a short row: its max pass leaves it in L1
-        return _row_max_sumexp_scalar(x)
+        return _short_max_sumexp_simd(x)
     lanes = _simd.lanes_of(x)
     zero = cast_like(0.0, x)
     M = _simd.vlowest(zero)
