@@ -17,7 +17,11 @@ ORDERED_FLAGS = {"nsz", "arcp", "contract", "afn"}
 # ... nor "contract" where a fused multiply-add changes the result (x * it - m * it).
 EXACT_FLAGS = {"nsz", "arcp", "afn"}
 # The batched drivers (drivers.py, few_classes.py), which backend.py compiles and caches.
-KERNEL = dict(nogil=True, error_model="numpy", fastmath=LOOP_FLAGS, boundscheck=False)
+# No C-callable (cfunc) wrapper: Python calls a driver through its CPython wrapper, the
+# threaded loop by its native address (see drivers.call_block); building, optimising and
+# emitting a cfunc wrapper for each driver and helper was work for nothing.
+KERNEL = dict(nogil=True, error_model="numpy", fastmath=LOOP_FLAGS, boundscheck=False,
+              no_cfunc_wrapper=True)
 # Row helpers are inlined at Numba's level into the driver that calls them, so that a
 # driver is one function: one pass of typing over the variant it is (branches on its
 # constants are dropped first: a forward driver never types gradient code), one LLVM

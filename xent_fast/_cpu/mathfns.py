@@ -20,7 +20,8 @@ from .jit import ORDERED_FLAGS
 
 # No "reassoc" here: re-association refolds the Cody-Waite range reduction and costs
 # an order of magnitude in accuracy.  The callers' loops carry reassoc for their sums.
-_JIT = dict(nogil=True, error_model="numpy", fastmath=ORDERED_FLAGS)
+_JIT = dict(nogil=True, error_model="numpy", fastmath=ORDERED_FLAGS,
+            no_cfunc_wrapper=True)  # see jit.KERNEL
 
 
 # ---------------------------------------------------------------------------- intrinsics
