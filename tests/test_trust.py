@@ -348,7 +348,8 @@ def test_the_numpy_and_compiled_target_scans_agree(ignore, rng):
                     assert got[1] == pytest.approx(exact, rel=1e-12, abs=0)
                 else:
                     assert t[want[0]] != ignore and not 0 <= t[want[0]] < c
-                    assert np.all((t[:want[0]] == ignore) | ((0 <= t[:want[0]]) & (t[:want[0]] < c)))
+                    head = t[:want[0]]
+                    assert np.all((head == ignore) | ((0 <= head) & (head < c)))
 
 
 # --------------------------------------------- few-classes kernel: ignored garbage rows

@@ -24,7 +24,8 @@ _DTYPES = {"float32": np.float32, "float64": np.float64}
 # classes take kernels built for the exact class count, compiled on first use.
 _WARM_CLASSES = 64
 _WARM_ROWS = 2
-# Operations (by _ops kind) that share a driver with another: they are warmed together.
+# Operations (by _ops kind) that share a driver, or most of its helpers, with another:
+# they are warmed together.
 _SHARES_DRIVER = {"log_softmax": "softmax", "cross_entropy": "entropy",
                   "kl_divergence": "entropy", "evaluate": "ce"}
 # Rough compile seconds of an operation per dtype (loss and gradient), to balance the

@@ -39,7 +39,8 @@ _threads.configure()
 _DRIVERS = {
     "targets": (drivers.targets, set()),
     "logsumexp": (drivers.logsumexp, {"out"}),
-    "softmax": (drivers.softmax, {"out"}),
+    "softmax": (drivers.make_softmax(False), {"out"}),
+    "log_softmax": (drivers.make_softmax(True), {"out"}),
     "dist": (drivers.dist, {"out", "bad"}),
     "bce": (drivers.bce, {"out", "partial", "bad"}),
     "eval_stats": (drivers.eval_stats, {"st", "top"}),
@@ -278,8 +279,8 @@ def _warn_no_cache(err):
 # machine code, where each compiled the whole driver again (a second cold compile of
 # 3-9 s for the same code).  The elementwise drivers slice their arrays and the
 # few-classes ones reshape them: they keep the exact layout.
-_ROW_DRIVERS = frozenset({"logsumexp", "softmax", "dist", "eval_stats", "ce_index",
-                          "ce_prob", "kl_logits", "jsd", "sparse_kd"})
+_ROW_DRIVERS = frozenset({"logsumexp", "softmax", "log_softmax", "dist", "eval_stats",
+                          "ce_index", "ce_prob", "kl_logits", "jsd", "sparse_kd"})
 
 
 def _numba_type(value, writable, rows_only=False):
@@ -459,7 +460,8 @@ def logsumexp(x, *, axis, keepdims, threads):
 def softmax(x, *, axis, log, threads):
     rows, batch = class_rows(x.arr, axis)
     out = np.empty(rows.shape, x.out_dtype)
-    run("softmax", threads, rows, x.hk, bool(log), out, _nblocks(rows.shape[0], threads))
+    run("log_softmax" if log else "softmax", threads, rows, x.hk, out,
+        _nblocks(rows.shape[0], threads))
     return np.moveaxis(out.reshape(batch + (rows.shape[1],)), -1, axis)
 
 

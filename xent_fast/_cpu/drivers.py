@@ -79,12 +79,20 @@ def logsumexp(x, hk, out, nblocks, b):
         out[i] = row_logsumexp(load_row(row_at(x, i), work, hk))
 
 
-def softmax(x, hk, log, out, nblocks, b):
-    n, c = x.shape
-    lo, hi = block_bounds(b, nblocks, n)
-    work = half_work_row(x, c)
-    for i in range(lo, hi):
-        row_softmax(load_row(row_at(x, i), work, hk), row_at(out, i), log)
+def make_softmax(log):
+    """The softmax driver, or with ``log`` the log_softmax one: a compile-time constant,
+    so that each compiles only its own way of finishing a row."""
+
+    def softmax(x, hk, out, nblocks, b):
+        n, c = x.shape
+        lo, hi = block_bounds(b, nblocks, n)
+        work = half_work_row(x, c)
+        for i in range(lo, hi):
+            row_softmax(load_row(row_at(x, i), work, hk), row_at(out, i), log)
+
+    if log:
+        softmax.__name__ = softmax.__qualname__ = "log_softmax"
+    return softmax
 
 
 def dist(p, phk, q, qhk, mode, out, bad, nblocks, b):
