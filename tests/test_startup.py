@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(code, extra_env=None):
     env = dict(os.environ, **(extra_env or {}))
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests"),
+                                         env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
@@ -44,6 +45,24 @@ def test_the_package_attributes_load_on_first_use():
     assert out[1] == "xent_fast._stream EvalState True"
     assert out[2] == "True"
     assert out[3] == "module 'xent_fast' has no attribute 'no_such_function'"
+
+
+def _compiled_functions():
+    """A list that the qualified names of the functions Numba compiles from now on are
+    appended to (for the probes run by _run)."""
+    from numba.core import event
+
+    names = []
+
+    class Listen(event.Listener):
+        def on_start(self, ev):
+            names.append(ev.data["dispatcher"].py_func.__qualname__)
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", Listen())
+    return names
 
 
 _CACHE_PROBE = """
@@ -78,15 +97,9 @@ def test_every_operation_loads_from_the_cache_in_a_new_process(tmp_path):
     row function, were keyed by a pickle that changed with every process."""
     probe = """
         import numpy as np, xent_fast as xf
-        from numba.core import event
+        from test_startup import _compiled_functions
         from xent_fast import _ops
-        compiled = []
-        class Listen(event.Listener):
-            def on_start(self, ev):
-                compiled.append(ev.data["dispatcher"].py_func.__qualname__)
-            def on_end(self, ev):
-                pass
-        event.register("numba:compile", Listen())
+        compiled = _compiled_functions()
         for op in _ops.OPS:
             d = op.make_inputs(3, 40)
             op.call(xf, d, backend="cpu")
@@ -170,14 +183,8 @@ def test_one_line_helpers_are_emitted_inline_not_compiled_apart(tmp_path):
     the same-pass gradient variant's row accessors."""
     out = _run("""
         import numpy as np, xent_fast as xf
-        from numba.core import event
-        names = []
-        class Listen(event.Listener):
-            def on_start(self, ev):
-                names.append(ev.data["dispatcher"].py_func.__qualname__)
-            def on_end(self, ev):
-                pass
-        event.register("numba:compile", Listen())
+        from test_startup import _compiled_functions
+        names = _compiled_functions()
         for dt in (np.float32, np.float64, np.float16):
             x = np.linspace(-1, 1, 6 * 40).astype(dt).reshape(6, 40)
             xf.softmax_cross_entropy(x, np.arange(6) % 40, return_grad=True)
@@ -199,15 +206,9 @@ def test_only_a_gradient_large_enough_to_stream_compiles_the_streaming_path(tmp_
     more, from the one-pass max)."""
     out = _run("""
         import numpy as np, xent_fast as xf
-        from numba.core import event
+        from test_startup import _compiled_functions
         from xent_fast._cpu import backend, drivers
-        compiled = []
-        class Listen(event.Listener):
-            def on_start(self, ev):
-                compiled.append(ev.data["dispatcher"].py_func.__qualname__)
-            def on_end(self, ev):
-                pass
-        event.register("numba:compile", Listen())
+        compiled = _compiled_functions()
         c = 1000
         n = drivers._STREAM_BYTES // (4 * c) + 1
         rng = np.random.default_rng(0)
