@@ -46,8 +46,8 @@ def warmup(dtypes=("float32", "float64"), backends=("cpu", "parallel"), processe
     cross-entropy kernels, which are built per class count (2 to 16): name the counts
     you use in ``classes`` (``classes=[10]`` for ten classes) to build theirs too (with
     and without class weights or label smoothing, which are two kernels there).
-    The first call in a fresh environment compiles (seconds per kernel; all of them
-    take 40-70 s on 2 cores) in up to ``processes`` worker processes at once
+    The first call in a fresh environment compiles (1-3 s per kernel; all of them
+    take 25-40 s on 2 cores) in up to ``processes`` worker processes at once
     (default: one a CPU; 1 compiles here only); later processes load the machine code
     from Numba's cache (``NUMBA_CACHE_DIR`` or the package's ``__pycache__``) in
     milliseconds.  Name only what you call to compile less: a training loop's
