@@ -21,8 +21,6 @@ copy bandwidth measured first is the yardstick.  No network is needed.
 
 import argparse
 import json
-import math
-import os
 import platform
 import sys
 import time
