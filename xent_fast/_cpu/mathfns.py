@@ -14,7 +14,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 from .jit import ORDERED_FLAGS
 
@@ -225,13 +225,35 @@ def _exp64(x):
     return 0.0 if x < _EXPLO_64 else y * scale
 
 
-@overload(fexp, jit_options=_JIT)
-def _fexp_overload(x):
-    if x == types.float32:
-        return lambda x: _exp32(x)
-    if x == types.float64:
-        return lambda x: _exp64(x)
-    return None
+def _by_float_type(name, f32, f64, doc):
+    """An intrinsic that calls ``f32`` or ``f64`` (jitted) by its argument's type: a
+    call of the one picked, where an overload forwarding to it was a function of its
+    own to compile (the pipeline, an LLVM module and machine code for one line)."""
+    impls = {types.float32: f32, types.float64: f64}
+
+    @intrinsic
+    def call(typingctx, x):
+        disp = impls.get(x)
+        if disp is None:
+            return None
+        fnty = typingctx.resolve_value_type(disp)
+        sig = typingctx.resolve_function_type(fnty, (x,), {})
+        if sig is None:
+            return None
+
+        def codegen(context, builder, _sig, args):
+            impl = context.get_function(fnty, sig)
+            context.add_linking_libs(getattr(impl, "libs", ()))
+            return impl(builder, args)
+
+        return sig.return_type(x), codegen
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = doc
+    return call
+
+
+fexp = _by_float_type("fexp", _exp32, _exp64, fexp.__doc__)
 
 
 # ---------------------------------------------------------------------------- log
@@ -311,13 +333,7 @@ def _log64(x):
     return y
 
 
-@overload(flog, jit_options=_JIT)
-def _flog_overload(x):
-    if x == types.float32:
-        return lambda x: _log32(x)
-    if x == types.float64:
-        return lambda x: _log64(x)
-    return None
+flog = _by_float_type("flog", _log32, _log64, flog.__doc__)
 
 
 @intrinsic
