@@ -517,8 +517,9 @@ _streaming_forced = False
 
 @contextlib.contextmanager
 def streaming_forced():
-    """Index-target gradients run the streaming variant of their driver, whatever their
-    size (for warmup: a small call then builds the kernel a large one runs)."""
+    """Index-target gradients that may stream run the streaming variant of their driver,
+    whatever their size (for warmup: a small call then builds the kernel a large one
+    runs)."""
     global _streaming_forced
     _streaming_forced = True
     try:
@@ -585,7 +586,7 @@ def softmax_cross_entropy(x, targets, *, axis, kind, weight, ignore_index, label
             gscale, g2, loss, nb)
     elif kind == "index":
         name = _grad_variant("ce_index", want_grad)
-        if want_grad and (_streaming_forced or drivers.streams(cap, x.hk, g2)):
+        if want_grad and drivers.streams(cap, x.hk, g2, _streaming_forced):
             name += "_stream"
         run(name, threads, rows, x.hk, tf, w, has_w, wsum, eps, z, cap, ignore, gscale, g2,
             x.hk, loss, nb)

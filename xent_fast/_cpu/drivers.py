@@ -111,22 +111,22 @@ def dist(p, phk, q, qhk, mode, out, bad, nblocks, b):
         out[i] = dist_row(pr, qr, mode) if k < 0 else np.nan
 
 
-def streams(cap, ghk, g):
+def streams(cap, ghk, g, forced=False):
     """Does a gradient ``g`` go out with non-temporal stores (see rows._ce_grad_stream)?
-    Only where it is the output itself and larger than the caches: a smaller one is
-    better left in cache for whatever reads it next."""
-    return cap == 0 and ghk == 0 and g.size * g.itemsize >= _STREAM_BYTES
+    Only where it is the output itself and larger than the caches (or ``forced``): a
+    smaller one is better left in cache for whatever reads it next."""
+    return cap == 0 and ghk == 0 and (forced or g.size * g.itemsize >= _STREAM_BYTES)
 
 
 def make_ce_index(want_grad, stream=False):
     """The ce_index driver with ``want_grad`` a compile-time constant.  ``stream``: the
-    gradient variant that may stream (the backend runs it where :func:`streams`); the
-    others do not compile the streaming path (nor the one-pass forward it follows)."""
+    gradient variant that streams (the backend runs it where :func:`streams`), also a
+    constant, so that the others do not compile the streaming path (nor the one-pass
+    forward it follows)."""
 
     def ce_index(x, hk, t, w, has_w, wsum, eps, z, cap, ignore, gscale, g, ghk, loss,
                  nblocks, b):
         n, c = x.shape
-        big = stream and cap == 0 and ghk == 0 and g.size * g.itemsize >= _STREAM_BYTES
         lo, hi = block_bounds(b, nblocks, n)
         work = work_row(x, c) if cap > 0 else half_work_row(x, c)
         gwork = half_work_row(g, c if want_grad else 0)
@@ -146,12 +146,8 @@ def make_ce_index(want_grad, stream=False):
                 y = work
             if want_grad:
                 gr = grad_row(row_at(g, i), gwork)
-                if stream:
-                    loss[i] = ce_index_row(y, ti, w, has_w, wsum, eps, z, gr, True, gscale,
-                                           big)
-                else:
-                    loss[i] = ce_index_row(y, ti, w, has_w, wsum, eps, z, gr, True, gscale,
-                                           False)
+                loss[i] = ce_index_row(y, ti, w, has_w, wsum, eps, z, gr, True, gscale,
+                                       stream)
                 if cap > 0:
                     softcap_grad_row(y, cap, gr)
                 store_grad_row(row_at(g, i), gr, ghk)

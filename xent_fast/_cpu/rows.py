@@ -186,7 +186,7 @@ def ce_index_row(y, t, w, has_w, wsum, eps, z, gr, want_grad, gscale, stream=Fal
         wy = _row_dot_about(w, has_w, y, pivot)
     # ``stream``: ``gr`` is the caller's output row, not read again here; then the
     # gradient is written in one pass after a one-pass forward (see _ce_grad_stream).
-    # (a literal False ``stream`` drops the streaming code before typing: see
+    # (a constant False ``stream`` drops the streaming code before typing: see
     # drivers.make_ce_index)
     fast = False
     if stream:
