@@ -9,6 +9,7 @@ import contextlib
 import copy
 import gc
 import sys
+import weakref
 
 LOOP_FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # Helpers whose operation order is part of their accuracy (Cody-Waite range reduction,
@@ -90,7 +91,9 @@ class _SharedScopeCopy:
 
     def __init__(self, ir):
         self._block = ir.Block
-        self._last = (None, None, None)  # (IR copy being filled, scope, its copy)
+        # weak references to (the IR copy being filled, the scope, its copy): nothing
+        # is kept alive once the inliner has done with them
+        self._last = (_dead, _dead, _dead)
 
     def __getattr__(self, name):
         return getattr(copy, name)
@@ -99,12 +102,16 @@ class _SharedScopeCopy:
         if memo is None and type(x) is self._block:
             owner = sys._getframe(1).f_locals.get("kernel_copy")
             if owner is not None:
-                last_owner, scope, scope_copy = self._last
-                if last_owner is not owner or scope is not x.scope:
+                last_owner, scope, scope_copy = (ref() for ref in self._last)
+                if last_owner is not owner or scope is not x.scope or scope_copy is None:
                     scope, scope_copy = x.scope, copy.deepcopy(x.scope)
-                    self._last = (owner, scope, scope_copy)
+                    self._last = tuple(weakref.ref(o) for o in (owner, scope, scope_copy))
                 return copy.deepcopy(x, {id(scope): scope_copy})
         return copy.deepcopy(x, memo)
+
+
+def _dead():
+    return None
 
 
 def _share_scope_copies():
